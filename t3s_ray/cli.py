@@ -1,0 +1,62 @@
+"""The ``t3s`` command: parse arguments, load the config, call one stage. Nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import config as config_mod
+from .config import ConfigError
+from .data import DataError
+from .models import ModelRefError
+
+# Problems caused by the user's input: printed as one clear line, never as a traceback.
+USER_ERRORS = (ConfigError, DataError, ModelRefError, FileNotFoundError)
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="run config YAML file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a config key (repeatable), e.g. --set train.lr=2e-5")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="t3s", description="Continual LLM distillation with T3S token selection on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p_config = sub.add_parser("config", help="inspect configs")
+    config_sub = p_config.add_subparsers(dest="config_command", required=True)
+    p_show = config_sub.add_parser("show", help="print the resolved config as YAML")
+    _add_config_args(p_show)
+    config_sub.add_parser("reference", help="print the config reference (markdown) from the dataclass docs")
+
+    p_models = sub.add_parser("models", help="model assets")
+    models_sub = p_models.add_subparsers(dest="models_command", required=True)
+    p_prepare = models_sub.add_parser("prepare", help="materialise a model ref and print its folder")
+    p_prepare.add_argument("ref", help="builtin:NAME, a hub id or a local folder")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "config":
+            if args.config_command == "reference":
+                print(config_mod.reference_markdown())
+                return 0
+            cfg = config_mod.load(args.config, args.overrides)
+            print(cfg.to_yaml(), end="")
+            return 0
+        if args.command == "models":
+            from .models import resolve
+
+            print(resolve(args.ref))
+            return 0
+    except USER_ERRORS as e:
+        print(f"t3s: error: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

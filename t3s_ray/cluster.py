@@ -1,0 +1,63 @@
+"""Connecting to a Ray cluster, or starting an embedded local one, with the workers' runtime_env.
+
+Address resolution: ``ray.address`` in the config, else ``RAY_ADDRESS`` (set by ``ray job submit``
+and by ``ray start`` users), else an embedded local Ray sized to this machine. Every worker gets
+the thread counts, the builtin-model cache path and the Hugging Face offline flag of the driver
+through ``runtime_env.env_vars``, so a builtin model materialised by the driver is found by workers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Iterator
+
+from .config import RayConfig
+from .models import cache_dir
+
+# Variables forwarded from the driver's environment to every worker when they are set.
+_FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "HF_TOKEN", "VLLM_CPU_KVCACHE_SPACE",
+                  "VLLM_CPU_OMP_THREADS_BIND", "PIP_CONSTRAINT")
+
+
+def worker_env(cfg: RayConfig) -> dict[str, str]:
+    """Environment variables every Ray worker of a run gets."""
+    env = {name: os.environ[name] for name in _FORWARDED_ENV if name in os.environ}
+    threads = str(cfg.omp_num_threads)
+    env.update({"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false",
+                "T3S_CACHE": str(cache_dir()), "RAY_DEDUP_LOGS": os.environ.get("RAY_DEDUP_LOGS", "0")})
+    env.update(cfg.env_vars)
+    return env
+
+
+def runtime_env(cfg: RayConfig) -> dict[str, Any]:
+    return {"env_vars": worker_env(cfg)}
+
+
+def resolve_address(cfg: RayConfig) -> str | None:
+    return cfg.address or os.environ.get("RAY_ADDRESS") or None
+
+
+@contextlib.contextmanager
+def ray_session(cfg: RayConfig) -> Iterator[dict[str, Any]]:
+    """Use the Ray instance already initialised, or connect/start one for the duration of the block.
+
+    Yields a dict with ``address`` (None when embedded) and ``started`` (whether this call started it).
+    """
+    import ray
+
+    if ray.is_initialized():
+        yield {"address": resolve_address(cfg), "started": False}
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = resolve_address(cfg)
+    kwargs: dict[str, Any] = {"namespace": cfg.namespace, "runtime_env": runtime_env(cfg),
+                              "log_to_driver": True}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=cfg.num_cpus or os.cpu_count(), num_gpus=cfg.num_gpus, include_dashboard=False, **kwargs)
+    try:
+        yield {"address": address, "started": True}
+    finally:
+        ray.shutdown()

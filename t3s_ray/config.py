@@ -1,0 +1,864 @@
+"""Typed run configuration: one dataclass per stage, loaded from YAML with ``--set`` overrides.
+
+Every section is a dataclass whose docstring documents each field under ``Attributes:``; the
+README's config reference is generated from those docstrings (``python -m t3s_ray.config``), and a
+test fails when a field is undocumented.  The same dataclasses serve YAML files and command-line
+overrides, so a key means the same thing everywhere.
+
+Loading is strict: an unknown key, a wrong type or an out-of-range value raises ``ConfigError``
+naming the key path and the file, with the nearest valid key for typos.  A config may inherit from
+another file with a top-level ``base: other.yaml`` key (relative to the file); its own keys override.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the key path and file it concerns."""
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RayConfig:
+    """Where the stages run.
+
+    Attributes:
+        address: Ray cluster address (``auto``, ``ray://host:10001``, ``host:6379``). Empty: use the
+            ``RAY_ADDRESS`` environment variable, and with neither start an embedded local Ray.
+        num_cpus: CPUs of the embedded local Ray instance (empty: all of this machine's cores).
+        num_gpus: GPUs of the embedded local Ray instance (empty: Ray detects them).
+        omp_num_threads: OMP/MKL thread count passed to every Ray worker through ``runtime_env``.
+        env_vars: Extra environment variables for every Ray worker (``runtime_env.env_vars``).
+        namespace: Ray namespace, so named actors of different runs do not collide.
+    """
+
+    address: Optional[str] = None
+    num_cpus: Optional[int] = None
+    num_gpus: Optional[int] = None
+    omp_num_threads: int = 1
+    env_vars: dict[str, str] = field(default_factory=dict)
+    namespace: str = "t3s_ray"
+
+    def check(self) -> list[tuple[str, str]]:
+        errs = []
+        if self.num_cpus is not None and self.num_cpus < 1:
+            errs.append(("num_cpus", "must be >= 1"))
+        if self.num_gpus is not None and self.num_gpus < 0:
+            errs.append(("num_gpus", "must be >= 0"))
+        if self.omp_num_threads < 1:
+            errs.append(("omp_num_threads", "must be >= 1"))
+        return errs
+
+
+@dataclass
+class ModelConfig:
+    """A teacher model: what generates the traces.
+
+    Attributes:
+        ref: Model reference: a Hugging Face hub id, a local folder (for example a training
+            checkpoint's ``model/`` folder), or a builtin (``builtin:smollm2-135m-instruct``,
+            ``builtin:tiny-llama``, ``builtin:tiny-qwen3``, ``builtin:tiny-dllm``).
+        revision: Hub revision (branch, tag or commit) for hub ids.
+        dtype: Weights dtype when loading: ``auto``, ``float32``, ``bfloat16`` or ``float16``.
+        trust_remote_code: Run the model repository's own Python code. Off unless you trust the
+            repository (LLaDA needs it).
+    """
+
+    ref: str = "builtin:smollm2-135m-instruct"
+    revision: Optional[str] = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    trust_remote_code: bool = False
+
+    def check(self) -> list[tuple[str, str]]:
+        return [("ref", "must not be empty")] if not self.ref.strip() else []
+
+
+@dataclass
+class StudentConfig(ModelConfig):
+    """The student model being distilled.
+
+    Attributes:
+        ref: Model reference of the student's starting weights θ0 (hub id, local folder or
+            builtin, as for the teacher).
+        revision: Hub revision (branch, tag or commit) for hub ids.
+        dtype: Weights dtype when loading: ``auto``, ``float32``, ``bfloat16`` or ``float16``.
+        trust_remote_code: Run the model repository's own Python code (needed by LLaDA).
+        kind: ``ar`` for an autoregressive student, ``dllm`` for a masked-diffusion student
+            (forced-mask loss).
+        selector_ref: For ``kind: dllm``: the autoregressive model that shares the student's
+            tokenizer and computes the confidence change that picks forced tokens.
+        mask_token: For ``kind: dllm``: the mask token's text; empty uses the tokenizer's own.
+    """
+
+    ref: str = "builtin:smollm2-135m-instruct"
+    kind: Literal["ar", "dllm"] = "ar"
+    selector_ref: Optional[str] = None
+    mask_token: Optional[str] = None
+
+    def check(self) -> list[tuple[str, str]]:
+        errs = super().check()
+        if self.kind == "dllm" and not self.selector_ref:
+            errs.append(("selector_ref", "is required when kind is 'dllm' (an AR model with the same tokenizer)"))
+        return errs
+
+
+@dataclass
+class DataConfig:
+    """The prompt dataset (train prompts with gold answers).
+
+    Attributes:
+        source: ``builtin:arith`` (offline arithmetic word problems), a local ``.jsonl``,
+            ``.json`` or ``.parquet`` file, or a Hugging Face dataset id.
+        split: Split to read (hub datasets and ``builtin:arith``: ``train`` or ``test``).
+        subset: Hub dataset configuration name, if it has several.
+        id_field: Column holding a unique id per prompt (empty: the row number).
+        prompt_field: Column holding the prompt: text, or a list of chat messages.
+        answer_field: Column holding the gold answer (empty when there is none).
+        system_prompt: System message placed before each prompt when a chat template is used.
+        prompt_suffix: Text appended to every prompt (for example an answer-format instruction).
+        limit: Read at most this many prompts (empty: all).
+        builtin_size: Number of prompts per split of ``builtin:arith``.
+        builtin_seed: Seed of ``builtin:arith``.
+        max_seq_len: Longest tokenised (prompt + response) the student trains on; longer rows are
+            skipped and counted.
+    """
+
+    source: str = "builtin:arith"
+    split: str = "train"
+    subset: Optional[str] = None
+    id_field: Optional[str] = "id"
+    prompt_field: str = "prompt"
+    answer_field: Optional[str] = "answer"
+    system_prompt: Optional[str] = None
+    prompt_suffix: str = ""
+    limit: Optional[int] = None
+    builtin_size: int = 200
+    builtin_seed: int = 0
+    max_seq_len: int = 1024
+
+    def check(self) -> list[tuple[str, str]]:
+        errs = []
+        if not self.source.strip():
+            errs.append(("source", "must not be empty"))
+        if self.limit is not None and self.limit < 1:
+            errs.append(("limit", "must be >= 1"))
+        if self.builtin_size < 1:
+            errs.append(("builtin_size", "must be >= 1"))
+        if self.max_seq_len < 8:
+            errs.append(("max_seq_len", "must be >= 8"))
+        return errs
+
+
+@dataclass
+class TracesConfig:
+    """Stage 1: sampling, verifying and keeping teacher traces.
+
+    Attributes:
+        source: ``generate`` samples traces from the teacher; ``dataset`` imports traces that the
+            dataset already holds (column ``response_field``).
+        response_field: For ``source: dataset``: the column holding the trace text.
+        backend: ``vllm`` (vLLM engine actors through ``ray.data.llm``) or ``hf`` (transformers
+            ``generate`` in a Ray Data actor pool; runs anywhere).
+        concurrency: Number of engine actors the prompts are sharded over.
+        batch_size: Prompts per Ray Data batch sent to one engine actor.
+        samples_per_prompt: Traces sampled per prompt (the paper: 16).
+        temperature: Sampling temperature (the paper: 0.6).
+        top_p: Nucleus sampling threshold.
+        max_tokens: Maximum generated tokens per trace.
+        seed: Sampling seed (each prompt and sample derives its own from it).
+        chat_template: Format prompts with the teacher's chat template.
+        topk_logprobs: Also store the teacher's top-k log-probabilities per generated token
+            (0: off), for top-k distillation.
+        verifier: How a trace is checked against the gold answer: ``math``, ``exact``,
+            ``choice`` (A-D) or ``none``.
+        keep: Which verified traces are kept: ``one_correct_random`` (the paper's: one correct
+            trace per prompt, chosen with the seed), ``all_correct`` or ``all``.
+        max_model_len: Longest prompt + generation an engine accepts; longer prompts are written
+            to the errors file and counted.
+        engine_kwargs: Extra engine options passed through unchanged (vLLM:
+            ``tensor_parallel_size``, ``gpu_memory_utilization``, ...).
+        num_gpus_per_actor: GPUs per engine actor (0 on CPU machines).
+    """
+
+    source: Literal["generate", "dataset"] = "generate"
+    response_field: Optional[str] = None
+    backend: Literal["vllm", "hf"] = "hf"
+    concurrency: int = 1
+    batch_size: int = 16
+    samples_per_prompt: int = 16
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_tokens: int = 1024
+    seed: int = 0
+    chat_template: bool = True
+    topk_logprobs: int = 0
+    verifier: Literal["math", "exact", "choice", "none"] = "math"
+    keep: Literal["one_correct_random", "all_correct", "all"] = "one_correct_random"
+    max_model_len: int = 4096
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    num_gpus_per_actor: float = 0.0
+
+    def check(self) -> list[tuple[str, str]]:
+        errs = []
+        if self.source == "dataset" and not self.response_field:
+            errs.append(("response_field", "is required when source is 'dataset'"))
+        for name in ("concurrency", "batch_size", "samples_per_prompt", "max_tokens"):
+            if getattr(self, name) < 1:
+                errs.append((name, "must be >= 1"))
+        if self.temperature < 0:
+            errs.append(("temperature", "must be >= 0"))
+        if not 0 < self.top_p <= 1:
+            errs.append(("top_p", "must be in (0, 1]"))
+        if self.topk_logprobs < 0:
+            errs.append(("topk_logprobs", "must be >= 0"))
+        if self.max_model_len <= self.max_tokens:
+            errs.append(("max_model_len", f"must be larger than max_tokens ({self.max_tokens})"))
+        if self.num_gpus_per_actor < 0:
+            errs.append(("num_gpus_per_actor", "must be >= 0"))
+        return errs
+
+
+@dataclass
+class TrainConfig:
+    """Stage 2: student training on Ray Train.
+
+    Attributes:
+        num_workers: Ray Train workers (one per GPU on clusters).
+        use_gpu: Train on GPUs (NCCL); off trains on CPU (gloo).
+        strategy: ``ddp`` replicates the model on every worker; ``fsdp`` shards it
+            (FSDP2 ``fully_shard``) for students that do not fit one GPU.
+        batch_size: Sequences per optimizer step, summed over workers and accumulation.
+        micro_batch_size: Sequences per forward pass on one worker; ``batch_size`` must be a
+            multiple of ``micro_batch_size * num_workers`` (the rest is gradient accumulation).
+        max_steps: Optimizer steps to train (the paper: 50).
+        lr: Peak learning rate of AdamW (the paper: 1e-5).
+        weight_decay: AdamW weight decay.
+        adam_betas: AdamW betas.
+        schedule: Learning-rate schedule after warmup: ``constant`` or ``cosine``.
+        warmup_steps: Linear warmup steps.
+        grad_clip: Clip the global gradient norm to this value (0: off).
+        dtype: Training precision of the weights: ``float32`` or ``bfloat16``.
+        activation_checkpointing: Recompute activations in the backward pass to save memory.
+        loss_normalization: ``token_mean`` (mean over kept tokens), ``sum`` or ``seq_mean``.
+        confidence_chunk: Sequence positions per chunk when computing token log-probabilities,
+            so that batch x chunk x vocab is the largest fp32 tensor.
+        checkpoint_every: Save a checkpoint every this many steps (and at the end).
+        keep_last: Keep only this many latest checkpoints (0: keep all).
+        diagnostics_every: Measure the anchor/other gradient conflict every this many steps (0: off).
+        max_failures: Restart the workers this many times after a failure, from the latest checkpoint.
+        seed: Seed of data order, initialisation of anything random, and masks.
+    """
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    batch_size: int = 8
+    micro_batch_size: int = 4
+    max_steps: int = 50
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    activation_checkpointing: bool = False
+    loss_normalization: Literal["token_mean", "sum", "seq_mean"] = "token_mean"
+    confidence_chunk: int = 256
+    checkpoint_every: int = 10
+    keep_last: int = 2
+    diagnostics_every: int = 0
+    max_failures: int = 0
+    seed: int = 0
+
+    def check(self) -> list[tuple[str, str]]:
+        errs = []
+        for name in ("num_workers", "batch_size", "micro_batch_size", "max_steps", "confidence_chunk",
+                     "checkpoint_every"):
+            if getattr(self, name) < 1:
+                errs.append((name, "must be >= 1"))
+        for name in ("warmup_steps", "keep_last", "diagnostics_every", "max_failures", "weight_decay",
+                     "grad_clip"):
+            if getattr(self, name) < 0:
+                errs.append((name, "must be >= 0"))
+        if self.lr <= 0:
+            errs.append(("lr", "must be > 0"))
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            errs.append(("adam_betas", "must be two numbers in [0, 1)"))
+        per_step = self.micro_batch_size * self.num_workers
+        if self.batch_size >= 1 and per_step >= 1 and self.batch_size % per_step:
+            errs.append(("batch_size", f"must be a multiple of micro_batch_size * num_workers ({per_step})"))
+        return errs
+
+
+@dataclass
+class SelectionConfig:
+    """T3S token selection: which protocol runs and how anchors are chosen.
+
+    Attributes:
+        protocol: ``sft`` (no selection, the baseline), ``t3s_static`` (the paper's probe, score,
+            retrain), ``t3s_online`` (trajectory-aware selection in one run), ``inverse`` (train on
+            anchors only: the collapse diagnostic) or ``random`` (drop random tokens at the anchor
+            fraction).
+        rule: ``delta`` (anchors have Δc > tau) or ``top_frac`` (the top ``top_frac`` of each
+            sequence's tokens by Δc).
+        tau: Threshold on Δc = c(θ_probe) − c(θ0): AR anchors are Δc > tau (paper: 0); dLLM forced
+            tokens are Δc < −tau (paper: 0.2).
+        top_frac: Fraction of each sequence's tokens taken as anchors by ``rule: top_frac``.
+        max_anchor_frac: At most this fraction of a sequence's tokens are anchors (highest Δc kept).
+        refresh_interval: ``t3s_online``: reclassify tokens every this many steps.
+        refresh_source: ``t3s_online``: ``visits`` uses the confidences recorded by training
+            forward passes; ``scoring_pass`` runs an exact scoring pass with the current weights.
+        summary: How a token's trajectory becomes its Δc: ``latest`` (last visit minus c0) or
+            ``ema`` (an exponential moving average over visits, minus c0).
+        ema_alpha: Weight of the newest visit in the ``ema`` summary.
+        switch: ``t3s_online``: ``immediate`` masks from the first refresh on; ``bottleneck`` waits
+            until train accuracy has risen for ``probe.patience`` evaluations after its minimum.
+        rewind: ``t3s_online`` with ``switch: bottleneck``: restart the weights from θ0 at the switch.
+        store_shards: Number of ConfidenceStore actors (tokens are sharded by example id).
+        trajectory_len: Also keep the last this many visits of every token (0: only c0 and latest).
+        mask_lo: dLLM: lower bound of the per-sample random mask ratio σ.
+        mask_hi: dLLM: upper bound of the per-sample random mask ratio σ.
+        dllm_weighting: dLLM loss weighting: ``none`` or ``inv_t`` (1 / realised masked fraction).
+    """
+
+    protocol: Literal["sft", "t3s_static", "t3s_online", "inverse", "random"] = "t3s_static"
+    rule: Literal["delta", "top_frac"] = "delta"
+    tau: float = 0.0
+    top_frac: float = 0.2
+    max_anchor_frac: float = 1.0
+    refresh_interval: int = 10
+    refresh_source: Literal["visits", "scoring_pass"] = "visits"
+    summary: Literal["latest", "ema"] = "latest"
+    ema_alpha: float = 0.5
+    switch: Literal["immediate", "bottleneck"] = "immediate"
+    rewind: bool = False
+    store_shards: int = 1
+    trajectory_len: int = 0
+    mask_lo: float = 0.3
+    mask_hi: float = 0.8
+    dllm_weighting: Literal["none", "inv_t"] = "none"
+
+    def check(self) -> list[tuple[str, str]]:
+        errs = []
+        if self.tau < 0:
+            errs.append(("tau", "must be >= 0"))
+        if not 0 < self.top_frac <= 1:
+            errs.append(("top_frac", "must be in (0, 1]"))
+        if not 0 < self.max_anchor_frac <= 1:
+            errs.append(("max_anchor_frac", "must be in (0, 1]"))
+        if self.refresh_interval < 1:
+            errs.append(("refresh_interval", "must be >= 1"))
+        if not 0 < self.ema_alpha <= 1:
+            errs.append(("ema_alpha", "must be in (0, 1]"))
+        if self.store_shards < 1:
+            errs.append(("store_shards", "must be >= 1"))
+        if self.trajectory_len < 0:
+            errs.append(("trajectory_len", "must be >= 0"))
+        if not 0 <= self.mask_lo <= self.mask_hi <= 1:
+            errs.append(("mask_lo", f"must satisfy 0 <= mask_lo <= mask_hi <= 1 (mask_hi is {self.mask_hi})"))
+        if self.rewind and self.switch != "bottleneck":
+            errs.append(("rewind", "only applies with switch: bottleneck"))
+        return errs
+
+
+@dataclass
+class ProbeConfig:
+    """The probe that finds the imitation bottleneck by measuring train accuracy.
+
+    Attributes:
+        steps: Probe SFT steps from θ0 (``t3s_static``).
+        eval_every: Measure train accuracy every this many steps (checkpoints of the probe).
+        samples: Responses sampled per train prompt to measure train accuracy.
+        max_prompts: Measure train accuracy on at most this many train prompts (empty: all).
+        temperature: Sampling temperature of the accuracy measurement.
+        max_tokens: Maximum generated tokens per accuracy sample.
+        patience: ``switch: bottleneck``: evaluations of rising accuracy after the minimum before
+            masking is switched on.
+    """
+
+    steps: int = 50
+    eval_every: int = 5
+    samples: int = 4
+    max_prompts: Optional[int] = None
+    temperature: float = 0.6
+    max_tokens: int = 1024
+    patience: int = 1
+
+    def check(self) -> list[tuple[str, str]]:
+        errs = []
+        for name in ("steps", "eval_every", "samples", "max_tokens", "patience"):
+            if getattr(self, name) < 1:
+                errs.append((name, "must be >= 1"))
+        if self.max_prompts is not None and self.max_prompts < 1:
+            errs.append(("max_prompts", "must be >= 1"))
+        if self.temperature < 0:
+            errs.append(("temperature", "must be >= 0"))
+        return errs
+
+
+@dataclass
+class EvalConfig:
+    """Stage 3: benchmark evaluation of a model or checkpoint.
+
+    Attributes:
+        benchmarks: Benchmarks to run: preset names (``aime24``, ``aime25``, ``math500``,
+            ``gpqa_diamond``, ``builtin:arith``) or paths of benchmark YAML files.
+        samples: Samples per problem k (avg@k and pass@k; the paper: 16).
+        temperature: Sampling temperature.
+        top_p: Nucleus sampling threshold.
+        max_tokens: Maximum generated tokens per answer.
+        backend: ``vllm`` or ``hf`` generation (as in ``traces.backend``).
+        concurrency: Number of generation actors.
+        limit: Evaluate at most this many problems per benchmark (empty: all).
+        pass_k: Which pass@k values to report (each <= samples).
+    """
+
+    benchmarks: list[str] = field(default_factory=lambda: ["builtin:arith"])
+    samples: int = 4
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_tokens: int = 1024
+    backend: Literal["vllm", "hf"] = "hf"
+    concurrency: int = 1
+    limit: Optional[int] = None
+    pass_k: list[int] = field(default_factory=lambda: [1])
+
+    def check(self) -> list[tuple[str, str]]:
+        errs = []
+        for name in ("samples", "max_tokens", "concurrency"):
+            if getattr(self, name) < 1:
+                errs.append((name, "must be >= 1"))
+        if not self.benchmarks:
+            errs.append(("benchmarks", "must list at least one benchmark"))
+        if any(k < 1 or k > self.samples for k in self.pass_k):
+            errs.append(("pass_k", f"every k must be in [1, samples={self.samples}]"))
+        if self.limit is not None and self.limit < 1:
+            errs.append(("limit", "must be >= 1"))
+        return errs
+
+
+@dataclass
+class SweepConfig:
+    """Stage 4: Ray Tune sweep over config keys, scored by the benchmark evaluation.
+
+    Attributes:
+        space: Search space: a mapping from config key path (``selection.tau``) to a spec such as
+            ``{grid: [0, 0.1]}``, ``{choice: [...]}``, ``{uniform: [lo, hi]}``,
+            ``{loguniform: [lo, hi]}`` or ``{randint: [lo, hi]}``.
+        metric: Metric the trials report and the sweep maximises or minimises.
+        mode: ``max`` or ``min``.
+        num_samples: Samples drawn from the space (each grid point is repeated this many times).
+        max_concurrent_trials: Trials running at once.
+        search: ``random`` (random and grid search) or ``optuna``.
+        scheduler: ``fifo`` or ``asha`` (stops weak trials early; needs ``eval_every``).
+        eval_every: Report an intermediate benchmark score every this many training steps (0: only
+            at the end).
+        cpus_per_trial: CPUs reserved for each trial's driver.
+        gpus_per_trial: GPUs reserved for each trial's driver.
+    """
+
+    space: dict[str, dict[str, Any]] = field(default_factory=dict)
+    metric: str = "score"
+    mode: Literal["max", "min"] = "max"
+    num_samples: int = 1
+    max_concurrent_trials: int = 1
+    search: Literal["random", "optuna"] = "random"
+    scheduler: Literal["fifo", "asha"] = "fifo"
+    eval_every: int = 0
+    cpus_per_trial: float = 0.01
+    gpus_per_trial: float = 0.0
+
+    def check(self) -> list[tuple[str, str]]:
+        errs = []
+        for name in ("num_samples", "max_concurrent_trials"):
+            if getattr(self, name) < 1:
+                errs.append((name, "must be >= 1"))
+        if self.eval_every < 0:
+            errs.append(("eval_every", "must be >= 0"))
+        if self.scheduler == "asha" and not self.eval_every:
+            errs.append(("scheduler", "asha needs eval_every > 0 to stop trials early"))
+        kinds = {"grid", "choice", "uniform", "loguniform", "randint"}
+        for key, spec in self.space.items():
+            if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in kinds:
+                errs.append((f"space.{key}", f"must be one of {{{', '.join(sorted(kinds))}: ...}}"))
+        return errs
+
+
+@dataclass
+class RunConfig:
+    """A whole run: every stage's section.
+
+    Attributes:
+        name: Run name; outputs go to ``output_dir/name`` and rerunning the same name resumes.
+        output_dir: Folder that holds the runs' outputs.
+        seed: Global seed (stages derive their own seeds from it unless set).
+        ray: Where the stages run (cluster address or embedded local Ray).
+        teacher: The teacher model that generates traces.
+        student: The student model being distilled.
+        data: The prompt dataset with gold answers.
+        traces: Stage 1: teacher trace sampling and verification.
+        train: Stage 2: student training.
+        selection: T3S token selection protocol.
+        probe: Train-accuracy probe that finds the imitation bottleneck.
+        eval: Stage 3: benchmark evaluation.
+        sweep: Stage 4: Ray Tune sweep.
+        compare: Methods ``t3s run`` compares in its final table (``base``, ``sft``, ``t3s``,
+            ``inverse``, ``random``, ``rrt``).
+    """
+
+    name: str = "t3s-run"
+    output_dir: str = "runs"
+    seed: int = 0
+    ray: RayConfig = field(default_factory=RayConfig)
+    teacher: ModelConfig = field(default_factory=ModelConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    traces: TracesConfig = field(default_factory=TracesConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    compare: list[Literal["base", "sft", "t3s", "inverse", "random", "rrt"]] = field(
+        default_factory=lambda: ["base", "sft", "t3s"])
+
+    def check(self) -> list[tuple[str, str]]:
+        errs = []
+        if not self.name.strip() or not re.fullmatch(r"[A-Za-z0-9._-]+", self.name):
+            errs.append(("name", "must be non-empty and use only letters, digits, '.', '_' or '-'"))
+        if self.student.kind == "dllm" and self.selection.protocol == "t3s_online":
+            if self.selection.refresh_source != "scoring_pass":
+                errs.append(("selection.refresh_source",
+                             "a dLLM student has no teacher-forced confidence of its own: use scoring_pass"))
+        return errs
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def hash(self, *sections: str) -> str:
+        """Stable short hash of the given sections (all when none), to tell runs apart."""
+        d = self.to_dict()
+        if sections:
+            d = {s: d[s] for s in sections}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------------------------
+# Typed conversion from plain YAML data
+# --------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        inner = " or ".join(_type_name(a) for a in args)
+        return f"{inner} or null" if len(args) < len(typing.get_args(tp)) else inner
+    if origin in (list, dict):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in typing.get_args(tp))}]"
+    if tp is Any:
+        return "any value"
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping ({tp.__name__})"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, path: str, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it converted (dataclasses built)."""
+
+    def fail() -> ConfigError:
+        return ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__}){where}")
+
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise fail()
+        return _build(tp, value, path, where)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, path, where)
+            except ConfigError:
+                pass
+        raise fail()
+    if origin is Literal:
+        if value in typing.get_args(tp) and not isinstance(value, bool):
+            return value
+        raise fail()
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise fail()
+        return [_convert(v, item_tp, f"{path}[{i}]", where) for i, v in enumerate(value)]
+    if origin is dict:
+        key_tp, val_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise fail()
+        return {_convert(k, key_tp, path, where): _convert(v, val_tp, f"{path}.{k}", where)
+                for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise fail()
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise fail()
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # YAML 1.1 reads "1e-5" (no dot) as a string; accept any string Python parses as a float.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise fail()
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        # Keep numbers written where text is expected (an id "42") rather than refusing them.
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise fail()
+    raise TypeError(f"unsupported config annotation {tp!r} at {path}")
+
+
+def _fields(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _unknown_key(key: str, valid: list[str], path: str, where: str) -> ConfigError:
+    full = f"{path}.{key}" if path else key
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean '{(path + '.') if path else ''}{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+    return ConfigError(f"unknown key '{full}'{where}{hint}")
+
+
+def _build(cls: type, data: dict[str, Any], path: str, where: str) -> Any:
+    fields = _fields(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise _unknown_key(str(key), list(fields), path, where)
+        kwargs[key] = _convert(value, fields[key], f"{path}.{key}" if path else key, where)
+    return cls(**kwargs)
+
+
+def _check_all(obj: Any, path: str, where: str) -> None:
+    """Run every section's ``check()`` (deepest first) and raise the first problem found."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_all(value, f"{path}.{f.name}" if path else f.name, where)
+    for key, msg in obj.check():
+        full = f"{path}.{key}" if path else key
+        raise ConfigError(f"{full} {msg}{where}")
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML mapping, resolving ``base:`` inheritance (the file's own keys win)."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"base: cycle through {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"base: expected a file path, got {base!r} (in {path.name})")
+    return _deep_merge(_read_yaml((path.parent / base), seen + (path.resolve(),)), data)
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        # A section merges key by key; a sweep space or env mapping is replaced by the child's whole.
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("space", "env_vars", "engine_kwargs"):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b.c=value`` into a key path and a YAML-parsed value."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected KEY.PATH=VALUE")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {text!r}: empty key in {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each ``a.b.c=value`` in a plain config mapping. Unknown keys are caught when building."""
+    data = json.loads(json.dumps(data))  # deep copy of plain data
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for p in parts[:-1]:
+            child = node.get(p)
+            if child is None:
+                child = node[p] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: '{p}' is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def from_dict(data: dict[str, Any], source: str = "", overrides: list[str] | None = None) -> RunConfig:
+    """Build and validate a ``RunConfig`` from plain data (what YAML gives), then apply overrides.
+
+    A problem is reported against where it comes from: the file, or the ``--set`` that caused it.
+    """
+    where = f" in {source}" if source else ""
+    cfg = _build(RunConfig, data, "", where)
+    for text in overrides or []:
+        data = apply_overrides(data, [text])
+        where = f" in --set {text}"
+        cfg = _build(RunConfig, data, "", where)
+    if overrides:
+        where = f" in {source} with --set overrides" if source else " in --set overrides"
+    _check_all(cfg, "", where)
+    return cfg
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a run config from a YAML file (or the defaults when ``path`` is None), apply overrides."""
+    if path is None:
+        return from_dict({}, "", overrides)
+    path = Path(path)
+    return from_dict(_read_yaml(path), path.name, overrides)
+
+
+# --------------------------------------------------------------------------------------------
+# Documentation from docstrings
+# --------------------------------------------------------------------------------------------
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Parse the ``Attributes:`` block of a dataclass docstring into {field: description}."""
+    doc = cls.__doc__ or ""
+    out: dict[str, str] = {}
+    in_attrs, current = False, None
+    for line in doc.splitlines():
+        stripped = line.strip()
+        if stripped == "Attributes:":
+            in_attrs = True
+            continue
+        if not in_attrs:
+            continue
+        m = re.match(r"^\s{8}(\w+): (.*)$", line)
+        if m:
+            current = m.group(1)
+            out[current] = m.group(2).strip()
+        elif current and stripped:
+            out[current] += " " + stripped
+    return out
+
+
+SECTIONS: dict[str, type] = {f.name: t for f, t in zip(dataclasses.fields(RunConfig), _fields(RunConfig).values())
+                             if dataclasses.is_dataclass(t)}
+
+
+def reference_markdown() -> str:
+    """The config reference (a table per section) generated from the dataclass docstrings."""
+    lines = ["Generated from the dataclass docstrings in `t3s_ray/config.py` "
+             "(`python -m t3s_ray.config --update-readme` rewrites this part of the README).", ""]
+
+    def table(cls: type, title: str) -> None:
+        docs = field_docs(cls)
+        defaults = cls()
+        lines.append(f"### `{title}`" if title else "### top level")
+        lines.append("")
+        lines.append((cls.__doc__ or "").strip().splitlines()[0])
+        lines.append("")
+        lines.append("| key | type | default | meaning |")
+        lines.append("|---|---|---|---|")
+        for name, tp in _fields(cls).items():
+            if dataclasses.is_dataclass(tp):
+                default = "(section)"
+            else:
+                default = json.dumps(getattr(defaults, name))
+            tname = _type_name(tp).replace("|", "\\|")
+            lines.append(f"| `{name}` | {tname} | `{default}` | {docs.get(name, '').replace('|', '/')} |")
+        lines.append("")
+
+    table(RunConfig, "")
+    for name, cls in SECTIONS.items():
+        table(cls, name)
+    return "\n".join(lines)
+
+
+README_START = "<!-- config-reference:start -->"
+README_END = "<!-- config-reference:end -->"
+
+
+def readme_with_reference(readme: str) -> str:
+    """The README text with its config reference section regenerated."""
+    head, rest = readme.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    return f"{head}{README_START}\n{reference_markdown()}\n{README_END}{tail}"
+
+
+if __name__ == "__main__":
+    import sys
+
+    if "--update-readme" in sys.argv:
+        readme = Path(__file__).resolve().parents[1] / "README.md"
+        readme.write_text(readme_with_reference(readme.read_text()))
+    else:
+        print(reference_markdown())

