@@ -1,0 +1,236 @@
+"""Token confidence: teacher-forced log-probabilities of the trace's own tokens.
+
+``c_t(θ) = log p_θ(y_t | y_<t, x)`` is read off the log-softmax of the logits at position
+``t - 1``.  Every per-token tensor in this package is ``[B, T]`` and aligned with ``input_ids``:
+position ``t`` holds the quantity *for the token* ``input_ids[b, t]``, and is 0 wherever
+``target_mask`` is False (prompt, padding, position 0).
+
+Why the chunking: at V = 49k, T = 1024, B = 4 the fp32 logits and their log-softmax are 0.8 GB
+each, and in training autograd would keep them alive until the backward pass.  Here only the target
+positions are gathered (prompt and padding rows cost nothing) and their logits are formed and
+normalised ``chunk_size`` rows at a time, so the extra memory is ``O(chunk_size · V)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+__all__ = [
+    "gather_log_softmax",
+    "scatter_to_positions",
+    "token_confidence",
+    "token_logprobs_from_hidden",
+    "token_logprobs_from_logits",
+]
+
+# Config attributes of Hugging Face models whose lm head output is post-processed (Gemma's
+# final softcapping, Cohere's logit_scale, Granite's logits_scaling, ...).  For such models
+# ``hidden @ W.T`` is not the logits, so token_confidence uses the full forward instead.
+_LOGIT_POSTPROCESSING_CONFIG_KEYS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "logits_scaling",
+    "output_multiplier_scale",
+)
+
+
+def gather_log_softmax(
+    source: torch.Tensor,
+    positions: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    shift: bool = True,
+    chunk_size: int = 256,
+    project: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    checkpoint_chunks: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 log-softmax over the vocabulary, evaluated only at selected positions and labels.
+
+    This is the one place where vocabulary-sized tensors are formed; every loss and confidence
+    in the package goes through it.
+
+    Args:
+        source: ``[B, T, V]`` logits, or ``[B, T, H]`` hidden states when ``project`` maps rows
+            ``[n, H]`` to logits ``[n, V]``.
+        positions: ``[B, T]`` bool, the positions ``t`` to evaluate.
+        labels: ``[B, T]`` or ``[B, T, K]`` vocabulary ids; the values at ``positions`` are read.
+        shift: True (autoregressive) reads the distribution from source row ``t - 1``, the row
+            that predicts token ``t``; positions at ``t = 0`` are ignored.  False (diffusion
+            denoiser) reads row ``t`` itself.
+        chunk_size: number of selected positions (flattened sequence by sequence over the
+            batch) whose logits are formed at once.  Peak extra memory is a small
+            multiple (2-3) of ``chunk_size · V · 4`` bytes.
+        project: maps source rows to logits (an lm head); None means source already is logits.
+        checkpoint_chunks: recompute each chunk in backward (``torch.utils.checkpoint``) instead
+            of letting autograd keep every chunk's fp32 logits alive until backward.
+
+    Returns:
+        ``(logprobs, batch_index, position_index)``: ``logprobs`` is fp32 ``[N]`` (or ``[N, K]``)
+        for the N selected positions in row-major order, with their coordinates.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    positions = positions.bool()
+    if shift:
+        positions = positions.clone()
+        positions[:, 0] = False  # nothing predicts the first token
+    batch_index, position_index = positions.nonzero(as_tuple=True)
+    source_index = position_index - 1 if shift else position_index
+    selected_labels = labels[batch_index, position_index]
+
+    def chunk_logprobs(
+        source: torch.Tensor, rows_b: torch.Tensor, rows_t: torch.Tensor, rows_labels: torch.Tensor
+    ) -> torch.Tensor:
+        # The row gather happens inside the (possibly checkpointed) function so that autograd
+        # saves only a reference to `source`, never a copy of the gathered rows.
+        rows = source[rows_b, rows_t]
+        logits = (project(rows) if project is not None else rows).float()
+        log_normaliser = torch.logsumexp(logits, dim=-1, keepdim=True)
+        if rows_labels.dim() == 1:
+            return (logits.gather(-1, rows_labels[:, None]) - log_normaliser).squeeze(-1)
+        return logits.gather(-1, rows_labels) - log_normaliser
+
+    chunks = []
+    for start in range(0, batch_index.numel(), chunk_size):
+        chunk = slice(start, start + chunk_size)
+        args = (source, batch_index[chunk], source_index[chunk], selected_labels[chunk])
+        if checkpoint_chunks:
+            chunks.append(checkpoint(chunk_logprobs, *args, use_reentrant=False))
+        else:
+            chunks.append(chunk_logprobs(*args))
+    if chunks:
+        logprobs = torch.cat(chunks)
+    else:
+        # No selected position: an empty result that is still attached to `source`'s graph, so
+        # a loss built from it can be backpropagated (to zero gradients) without special cases.
+        logprobs = source.new_zeros(selected_labels.shape, dtype=torch.float32)
+        logprobs = logprobs + source.flatten()[:0].sum().float()
+    return logprobs, batch_index, position_index
+
+
+def scatter_to_positions(
+    values: torch.Tensor, batch_index: torch.Tensor, position_index: torch.Tensor, shape
+) -> torch.Tensor:
+    """Place per-position ``values`` ``[N]`` into a zero ``[B, T]`` fp32 tensor (differentiable)."""
+    out = torch.zeros(tuple(shape), dtype=torch.float32, device=values.device)
+    return out.index_put((batch_index, position_index), values.float())
+
+
+def _default_checkpointing(*tensors: torch.Tensor | None) -> bool:
+    """Checkpoint when a backward pass will follow: grad mode on and some input needs grad."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def token_logprobs_from_logits(
+    logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    target_mask: torch.Tensor,
+    chunk_size: int = 256,
+) -> torch.Tensor:
+    """``[B, T]`` fp32 log-probabilities of each target token from ``[B, T, V]`` logits.
+
+    Position ``t`` holds ``log_softmax(logits[b, t-1].float())[input_ids[b, t]]`` where
+    ``target_mask[b, t]``, else 0.  The log-softmax is formed in fp32 ``chunk_size`` target rows
+    at a time, so even for bf16 logits no ``B×T×V`` fp32 tensor is created.  Differentiable
+    w.r.t. ``logits``; with grad enabled each chunk is recomputed in backward rather than stored.
+    """
+    logprobs, batch_index, position_index = gather_log_softmax(
+        logits,
+        target_mask,
+        input_ids,
+        chunk_size=chunk_size,
+        checkpoint_chunks=_default_checkpointing(logits),
+    )
+    return scatter_to_positions(logprobs, batch_index, position_index, input_ids.shape)
+
+
+def token_logprobs_from_hidden(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    input_ids: torch.Tensor,
+    target_mask: torch.Tensor,
+    chunk_size: int = 256,
+    lm_head_bias: torch.Tensor | None = None,
+    checkpoint_chunks: bool | None = None,
+) -> torch.Tensor:
+    """``[B, T]`` fp32 target-token log-probabilities from last hidden states ``[B, T, H]``.
+
+    The lm head (``hidden @ lm_head_weight.T + lm_head_bias``) is applied only to the rows that
+    predict a target token, ``chunk_size`` rows at a time, so neither the ``B×T×V`` logits nor
+    their fp32 log-softmax ever exist whole.  The projection runs in the weights' dtype (as the
+    model's own forward does) and the normalisation in fp32.
+
+    This is differentiable and is what the training loss is built from (``CE_t = -logprob_t``).
+    ``checkpoint_chunks`` (default: grad enabled and some input requires grad) recomputes each
+    chunk's logits in backward, so autograd holds ``O(chunk_size · V)`` rather than ``O(N · V)``.
+    """
+    if checkpoint_chunks is None:
+        checkpoint_chunks = _default_checkpointing(hidden, lm_head_weight, lm_head_bias)
+    logprobs, batch_index, position_index = gather_log_softmax(
+        hidden,
+        target_mask,
+        input_ids,
+        chunk_size=chunk_size,
+        project=lambda rows: F.linear(rows, lm_head_weight, lm_head_bias),
+        checkpoint_chunks=checkpoint_chunks,
+    )
+    return scatter_to_positions(logprobs, batch_index, position_index, input_ids.shape)
+
+
+def _separable_lm_head(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """(decoder, lm_head) when logits are exactly ``lm_head(decoder(...).last_hidden_state)``."""
+    config = getattr(model, "config", None)
+    if any(getattr(config, key, None) not in (None, 1, 1.0) for key in _LOGIT_POSTPROCESSING_CONFIG_KEYS):
+        return None
+    lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(lm_head, torch.nn.Linear):
+        return None
+    decoder = None
+    if hasattr(model, "get_decoder"):
+        try:
+            decoder = model.get_decoder()
+        except (AttributeError, NotImplementedError):
+            decoder = None
+    if decoder is None or decoder is model:
+        decoder = getattr(model, "model", None)
+    if not isinstance(decoder, torch.nn.Module):
+        return None
+    return decoder, lm_head
+
+
+def token_confidence(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    target_mask: torch.Tensor,
+    chunk_size: int = 256,
+) -> torch.Tensor:
+    """``c_t(θ)``: ``[B, T]`` fp32 confidence of a Hugging Face causal LM in its current state.
+
+    Runs the decoder to get the last hidden states and applies the lm head chunk-wise through
+    :func:`token_logprobs_from_hidden`, so the model's full logits are never built.  Tied
+    embeddings need nothing special (the output embedding *is* the input embedding), and bf16
+    models are normalised in fp32.  Models whose logits are post-processed after the lm head
+    (final logit softcapping, logit scaling), or that expose no ``nn.Linear`` output embedding
+    and separable decoder, use the full forward and :func:`token_logprobs_from_logits`: still
+    correct and fp32-normalised in chunks, but the model's own logits are materialised.
+
+    Runs under the caller's grad mode: wrap in ``torch.no_grad()`` for scoring passes; with grad
+    enabled the result is differentiable and can feed the training loss directly.
+    """
+    input_ids = input_ids.to(model.device) if hasattr(model, "device") else input_ids
+    attention_mask = attention_mask.to(input_ids.device)
+    target_mask = target_mask.to(input_ids.device)
+    parts = _separable_lm_head(model)
+    if parts is None:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        return token_logprobs_from_logits(logits, input_ids, target_mask, chunk_size)
+    decoder, lm_head = parts
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    return token_logprobs_from_hidden(
+        hidden, lm_head.weight, input_ids, target_mask, chunk_size, lm_head_bias=lm_head.bias
+    )
