@@ -15,7 +15,9 @@ USER_ERRORS = (ConfigError, DataError, ModelRefError, FileNotFoundError)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="run config YAML file")
+    # `t3s traces CONFIG` and `python jobs/traces.py --config CONFIG` are the same call.
+    p.add_argument("config", nargs="?", help="run config YAML file")
+    p.add_argument("--config", dest="config_opt", metavar="CONFIG", help="run config YAML file (same as the positional)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override a config key (repeatable), e.g. --set train.lr=2e-5")
 
@@ -34,7 +36,30 @@ def build_parser() -> argparse.ArgumentParser:
     models_sub = p_models.add_subparsers(dest="models_command", required=True)
     p_prepare = models_sub.add_parser("prepare", help="materialise a model ref and print its folder")
     p_prepare.add_argument("ref", help="builtin:NAME, a hub id or a local folder")
+
+    for name, help_text in STAGES.items():
+        _add_config_args(sub.add_parser(name, help=help_text))
     return parser
+
+
+# Stage subcommands: name -> help. Each maps to `run_<name>` of the module of the same name.
+STAGES = {
+    "traces": "stage 1: sample, verify and keep teacher traces (resumable parquet)",
+}
+
+
+def _load_config(args: argparse.Namespace):
+    path = args.config or args.config_opt
+    if not path:
+        raise ConfigError(f"t3s {args.command}: a config file is required (t3s {args.command} CONFIG)")
+    return config_mod.load(path, args.overrides)
+
+
+def _run_stage(name: str, cfg) -> None:
+    if name == "traces":
+        from .traces import run_traces
+
+        run_traces(cfg)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,13 +69,15 @@ def main(argv: list[str] | None = None) -> int:
             if args.config_command == "reference":
                 print(config_mod.reference_markdown())
                 return 0
-            cfg = config_mod.load(args.config, args.overrides)
-            print(cfg.to_yaml(), end="")
+            print(_load_config(args).to_yaml(), end="")
             return 0
         if args.command == "models":
             from .models import resolve
 
             print(resolve(args.ref))
+            return 0
+        if args.command in STAGES:
+            _run_stage(args.command, _load_config(args))
             return 0
     except USER_ERRORS as e:
         print(f"t3s: error: {e}", file=sys.stderr)

@@ -143,8 +143,13 @@ def _is_empty_prompt(prompt: Any) -> bool:
 
 
 def normalize_rows(records: list[dict[str, Any]], *, source: str, id_field: str | None, prompt_field: str,
-                   answer_field: str | None, extra_fields: dict[str, str] | None = None) -> list[dict[str, Any]]:
-    """Map columns to ``id`` / ``prompt`` / ``answer`` (+ extras) and check the rows."""
+                   answer_field: str | None, extra_fields: dict[str, str] | None = None,
+                   on_empty: str = "raise") -> list[dict[str, Any]]:
+    """Map columns to ``id`` / ``prompt`` / ``answer`` (+ extras) and check the rows.
+
+    ``on_empty="keep"`` passes empty prompts through (the trace stage records them as errors and
+    goes on); the default raises. Missing columns and duplicate ids always raise.
+    """
     extra_fields = extra_fields or {}
     if records:
         columns = set().union(*(r.keys() for r in records[:100]))
@@ -168,7 +173,7 @@ def normalize_rows(records: list[dict[str, Any]], *, source: str, id_field: str 
         for name, column in extra_fields.items():
             row[name] = rec.get(column)
         rows.append(row)
-    if empty:
+    if empty and on_empty == "raise":
         raise DataError(f"{source}: empty prompt in column '{prompt_field}' at {_listing(empty)}")
     if bad_type:
         raise DataError(f"{source}: prompt column '{prompt_field}' must hold text or chat messages: {_listing(bad_type)}")
@@ -179,8 +184,8 @@ def normalize_rows(records: list[dict[str, Any]], *, source: str, id_field: str 
     return rows
 
 
-def load_prompts(cfg: DataConfig, split: str | None = None, extra_fields: dict[str, str] | None = None
-                 ) -> list[dict[str, Any]]:
+def load_prompts(cfg: DataConfig, split: str | None = None, extra_fields: dict[str, str] | None = None,
+                 on_empty: str = "raise") -> list[dict[str, Any]]:
     """The prompt rows a config names, checked, with ``data.prompt_suffix`` applied and ``limit`` taken."""
     split = split or cfg.split
     if cfg.source == ARITH_SOURCE or cfg.source.startswith(ARITH_SOURCE + "?"):
@@ -190,11 +195,13 @@ def load_prompts(cfg: DataConfig, split: str | None = None, extra_fields: dict[s
     else:
         records = read_records(cfg.source, split, cfg.subset)
         rows = normalize_rows(records, source=cfg.source, id_field=cfg.id_field, prompt_field=cfg.prompt_field,
-                              answer_field=cfg.answer_field, extra_fields=extra_fields)
+                              answer_field=cfg.answer_field, extra_fields=extra_fields, on_empty=on_empty)
     if cfg.limit is not None:
         rows = rows[: cfg.limit]
     if cfg.prompt_suffix:
         for row in rows:
+            if _is_empty_prompt(row["prompt"]):
+                continue
             if isinstance(row["prompt"], str):
                 row["prompt"] = row["prompt"] + cfg.prompt_suffix
             else:

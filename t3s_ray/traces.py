@@ -1,0 +1,296 @@
+"""Stage 1: teacher traces. Sample, verify, keep, and write resumable parquet shards.
+
+Output folder ``<output_dir>/<name>/traces/``::
+
+    samples/part-00000.parquet  every sample of every finished prompt (with ``correct``, ``kept``)
+    traces/part-00000.parquet   the kept traces (what training reads)
+    errors.jsonl                prompts that could not be generated: id, reason, retryable
+    manifest.json               config hash, counts, teacher, accept rate, tokens/s, no-correct ids
+
+Resuming: a prompt is finished once its samples are in a ``samples/`` shard (or it has a final,
+non-retryable error). A rerun of the same command skips finished prompts; a run killed mid-way
+loses at most the shard being assembled, which the rerun regenerates. Shards are written to a
+temporary name and renamed, ``traces/`` before ``samples/``, so a shard counts only when whole.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .cluster import ray_session
+from .config import RunConfig
+from .data import load_prompts
+from .generate import GenerationSpec, generate_and_verify
+from .verify import get_verifier
+
+# The schema of the kept-trace shards; README "Trace format" documents it.
+TRACE_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("sample_index", pa.int32()),
+    ("prompt", pa.string()),          # the original prompt: text, or JSON of the chat messages
+    ("prompt_format", pa.string()),   # "text" or "messages"
+    ("prompt_text", pa.string()),     # the prompt as rendered for the teacher
+    ("answer", pa.string()),
+    ("response", pa.string()),
+    ("token_ids", pa.list_(pa.int32())),
+    ("logprobs", pa.list_(pa.float32())),
+    ("topk_ids", pa.list_(pa.list_(pa.int32()))),
+    ("topk_logprobs", pa.list_(pa.list_(pa.float16()))),
+    ("finish_reason", pa.string()),
+    ("correct", pa.bool_()),
+    ("verified", pa.bool_()),
+    ("extracted_answer", pa.string()),
+    ("teacher", pa.string()),
+])
+SAMPLE_SCHEMA = TRACE_SCHEMA.append(pa.field("kept", pa.bool_())).append(pa.field("error", pa.string()))
+
+
+def traces_dir(cfg: RunConfig) -> Path:
+    return cfg.run_dir / "traces"
+
+
+def generation_spec(cfg: RunConfig) -> GenerationSpec:
+    t = cfg.traces
+    return GenerationSpec(
+        model_ref=cfg.teacher.ref, backend=t.backend, n=t.samples_per_prompt, temperature=t.temperature,
+        top_p=t.top_p, max_tokens=t.max_tokens, seed=t.seed, topk_logprobs=t.topk_logprobs,
+        chat_template=t.chat_template, system_prompt=cfg.data.system_prompt, concurrency=t.concurrency,
+        batch_size=t.batch_size, max_model_len=t.max_model_len, engine_kwargs=t.engine_kwargs,
+        num_gpus_per_actor=t.num_gpus_per_actor, dtype=cfg.teacher.dtype,
+        trust_remote_code=cfg.teacher.trust_remote_code, revision=cfg.teacher.revision)
+
+
+def choose_kept(samples: list[dict[str, Any]], policy: str, seed: int, prompt_id: str) -> set[int]:
+    """Sample indices kept by the policy. ``one_correct_random`` draws with a per-prompt seed."""
+    if policy == "all":
+        return {s["sample_index"] for s in samples if not s.get("error")}
+    correct = [s["sample_index"] for s in samples if s["correct"]]
+    if policy == "all_correct":
+        return set(correct)
+    if policy == "one_correct_random":
+        return {random.Random(f"{seed}/{prompt_id}").choice(correct)} if correct else set()
+    raise ValueError(f"unknown keep policy {policy!r}")
+
+
+def read_shards(folder: Path, columns: list[str] | None = None) -> pa.Table | None:
+    parts = sorted(folder.glob("part-*.parquet"))
+    if not parts:
+        return None
+    return pa.concat_tables([pq.read_table(p, columns=columns) for p in parts])
+
+
+def load_traces(run_or_traces_dir: str | Path) -> list[dict[str, Any]]:
+    """The kept traces of a traces folder (or of a run folder holding ``traces/``)."""
+    folder = Path(run_or_traces_dir)
+    if (folder / "traces" / "traces").is_dir():
+        folder = folder / "traces"
+    table = read_shards(folder / "traces")
+    if table is None:
+        raise FileNotFoundError(f"no trace shards under {folder / 'traces'} (run `t3s traces` first)")
+    return table.to_pylist()
+
+
+def _write_atomic(table: pa.Table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+
+
+class ShardWriter:
+    """Buffers finished prompts and writes them as numbered shard pairs."""
+
+    def __init__(self, out: Path, start_index: int):
+        self.out, self.index = out, start_index
+        self.samples: list[dict[str, Any]] = []
+
+    def add(self, rows: list[dict[str, Any]]) -> None:
+        self.samples.extend(rows)
+
+    def flush(self) -> None:
+        if not self.samples:
+            return
+        name = f"part-{self.index:05d}.parquet"
+        samples = pa.Table.from_pylist(self.samples, schema=SAMPLE_SCHEMA)
+        kept = samples.filter(pa.compute.field("kept")).select(TRACE_SCHEMA.names)
+        _write_atomic(kept, self.out / "traces" / name)
+        _write_atomic(samples, self.out / "samples" / name)  # the shard counts from here on
+        self.index += 1
+        self.samples = []
+
+
+def _finished_state(out: Path) -> tuple[set[str], set[str], int]:
+    """(ids with samples written, ids with final errors, next shard index); removes half-written shards."""
+    sample_parts = sorted((out / "samples").glob("part-*.parquet"))
+    written = {p.name for p in sample_parts}
+    for stale in (out / "traces").glob("part-*.parquet"):
+        if stale.name not in written:
+            stale.unlink()
+    for tmp in out.glob("*/.part-*.tmp"):
+        tmp.unlink()
+    done: set[str] = set()
+    for p in sample_parts:
+        done.update(pq.read_table(p, columns=["id"]).column("id").to_pylist())
+    final_errors = {e["id"] for e in _read_errors(out) if not e.get("retryable")}
+    next_index = 1 + max((int(p.stem.split("-")[1]) for p in sample_parts), default=-1)
+    return done, final_errors, next_index
+
+
+def _read_errors(out: Path) -> list[dict[str, Any]]:
+    path = out / "errors.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _sample_record(sample: dict[str, Any], row: dict[str, Any], teacher: str, verified: bool) -> dict[str, Any]:
+    prompt = row["prompt"]
+    return {
+        "id": row["id"], "sample_index": sample["sample_index"],
+        "prompt": prompt if isinstance(prompt, str) else json.dumps(prompt),
+        "prompt_format": "text" if isinstance(prompt, str) else "messages",
+        "prompt_text": sample.get("prompt_text", ""), "answer": row.get("answer"),
+        "response": sample["response"], "token_ids": sample.get("token_ids") or [],
+        "logprobs": sample.get("logprobs") or [], "topk_ids": sample.get("topk_ids"),
+        "topk_logprobs": sample.get("topk_logprobs"), "finish_reason": sample.get("finish_reason"),
+        "correct": bool(sample["correct"]), "verified": verified, "extracted_answer": sample.get("extracted_answer"),
+        "teacher": teacher, "kept": False, "error": sample.get("error"),
+    }
+
+
+def _imported_samples(rows: list[dict[str, Any]], cfg: RunConfig):
+    """``traces.source: dataset``: the dataset's own traces, verified where a gold answer exists."""
+    check = get_verifier(cfg.traces.verifier)
+    for row in rows:
+        response = row.get("response")
+        if not isinstance(response, str) or not response.strip():
+            yield row["id"], None, {"id": row["id"], "reason": f"empty trace in column '{cfg.traces.response_field}'",
+                                    "retryable": False}
+            continue
+        verdict = check(response, row["answer"]) if row.get("answer") is not None else None
+        yield row["id"], [{"sample_index": 0, "response": response, "token_ids": [], "logprobs": [],
+                           "finish_reason": "imported", "error": None,
+                           "correct": verdict.correct if verdict else True,
+                           "extracted_answer": verdict.extracted if verdict else None,
+                           "verified": verdict is not None}], None
+
+
+def run_traces(cfg: RunConfig, flush_every: int | None = None) -> dict[str, Any]:
+    """Generate (or import), verify and write the teacher traces of a config. Returns the manifest."""
+    out = traces_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    t = cfg.traces
+    extra = {"response": t.response_field} if t.source == "dataset" else None
+    rows = load_prompts(cfg.data, extra_fields=extra, on_empty="keep")
+    done, final_errors, next_index = _finished_state(out)
+    pending = [r for r in rows if r["id"] not in done and r["id"] not in final_errors]
+    print(f"[traces] {len(rows)} prompts: {len(done)} already finished, {len(final_errors)} with final errors, "
+          f"{len(pending)} to {'import' if t.source == 'dataset' else 'generate'} -> {out}", file=sys.stderr, flush=True)
+    by_id = {r["id"]: r for r in rows}
+    writer = ShardWriter(out, next_index)
+    flush_every = flush_every or max(t.batch_size * t.concurrency // max(1, t.samples_per_prompt), 8)
+    started = time.time()
+    run_stats = {"prompts": 0, "samples": 0, "tokens": 0, "errors": 0}
+    in_buffer = 0
+    errors_file = open(out / "errors.jsonl", "a")
+    teacher = cfg.teacher.ref if t.source == "generate" else f"dataset:{cfg.data.source}"
+
+    def handle(results) -> None:
+        nonlocal in_buffer
+        for prompt_id, samples, error in results:
+            if error is not None:
+                errors_file.write(json.dumps({**error, "time": time.time()}) + "\n")
+                errors_file.flush()
+                run_stats["errors"] += 1
+                continue
+            verified = t.verifier != "none" and by_id[prompt_id].get("answer") is not None
+            records = [_sample_record(s, by_id[prompt_id], teacher, s.get("verified", verified)) for s in samples]
+            kept = choose_kept(samples, t.keep, t.seed, prompt_id)
+            for rec in records:
+                rec["kept"] = rec["sample_index"] in kept
+            writer.add(records)
+            run_stats["prompts"] += 1
+            run_stats["samples"] += len(records)
+            run_stats["tokens"] += sum(len(r["token_ids"]) for r in records)
+            in_buffer += 1
+            if in_buffer >= flush_every:
+                writer.flush()
+                in_buffer = 0
+
+    try:
+        if t.source == "dataset":
+            handle(_imported_samples(pending, cfg))
+        elif pending:
+            with ray_session(cfg.ray):
+                handle(generate_and_verify(pending, generation_spec(cfg), t.verifier, label="traces"))
+        writer.flush()
+    finally:
+        errors_file.close()
+    elapsed = time.time() - started
+    manifest = write_manifest(cfg, out, run_stats, elapsed, len(rows))
+    print_summary(manifest)
+    return manifest
+
+
+def write_manifest(cfg: RunConfig, out: Path, run_stats: dict[str, Any], elapsed: float, n_rows: int) -> dict[str, Any]:
+    """Counts over everything written so far (all runs of this folder), plus this run's speed."""
+    samples = read_shards(out / "samples", columns=["id", "correct", "kept", "token_ids"])
+    ids, n_samples, n_correct, n_kept, tokens, no_correct = set(), 0, 0, 0, 0, []
+    if samples is not None:
+        per_id: dict[str, bool] = {}
+        for rec in samples.to_pylist():
+            ids.add(rec["id"])
+            n_samples += 1
+            n_correct += bool(rec["correct"])
+            n_kept += bool(rec["kept"])
+            tokens += len(rec["token_ids"] or [])
+            per_id[rec["id"]] = per_id.get(rec["id"], False) or bool(rec["correct"])
+        no_correct = sorted(pid for pid, ok in per_id.items() if not ok)
+    errors = _read_errors(out)
+    latest_error = {}
+    for e in errors:
+        latest_error[e["id"]] = e
+    open_errors = [e for pid, e in sorted(latest_error.items()) if pid not in ids]
+    manifest = {
+        "config_hash": cfg.hash("teacher", "data", "traces"),
+        "teacher": cfg.teacher.ref,
+        "source": cfg.traces.source,
+        "prompts_total": n_rows,
+        "prompts_finished": len(ids),
+        "samples": n_samples,
+        "correct_samples": n_correct,
+        "accepted_traces": n_kept,
+        "accept_rate": n_correct / n_samples if n_samples else 0.0,
+        "prompts_without_correct": len(no_correct),
+        "prompt_ids_without_correct": no_correct,
+        "errors": len(open_errors),
+        "error_ids": [e["id"] for e in open_errors],
+        "generated_tokens": tokens,
+        "this_run": {**run_stats, "seconds": round(elapsed, 2),
+                     "tokens_per_s": round(run_stats["tokens"] / elapsed, 2) if elapsed > 0 else 0.0},
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def print_summary(m: dict[str, Any]) -> None:
+    rows = [
+        ("prompts", f"{m['prompts_finished']} / {m['prompts_total']}"),
+        ("samples", m["samples"]),
+        ("accepted traces", m["accepted_traces"]),
+        ("accept rate (correct samples)", f"{m['accept_rate']:.1%}"),
+        ("prompts without a correct sample", m["prompts_without_correct"]),
+        ("errors (see errors.jsonl)", m["errors"]),
+        ("generated tokens", m["generated_tokens"]),
+        ("this run: tokens/s", m["this_run"]["tokens_per_s"]),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"  {k:<{width}}  {v}" for k, v in rows))

@@ -1,0 +1,150 @@
+"""Stage 1 end to end on a builtin tiny model through Ray Data (hf backend, 2 engine actors)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from t3s_ray import config
+from t3s_ray.traces import SAMPLE_SCHEMA, TRACE_SCHEMA, choose_kept, load_traces, read_shards, run_traces
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(tmp_path: Path, **sections) -> Path:
+    data = {
+        "name": "tiny", "output_dir": str(tmp_path / "runs"),
+        "ray": {"num_cpus": 2},
+        "teacher": {"ref": "builtin:tiny-llama"},
+        "student": {"ref": "builtin:tiny-llama"},
+        "data": {"source": "builtin:arith", "builtin_size": 10},
+        "traces": {"backend": "hf", "concurrency": 2, "batch_size": 4, "samples_per_prompt": 2, "max_tokens": 6,
+                   "max_model_len": 256, "keep": "all", "verifier": "math"},
+    }
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def sample_ids(run_dir: Path) -> list[str]:
+    return read_shards(run_dir / "traces" / "samples", columns=["id"]).column("id").to_pylist()
+
+
+def test_hf_traces_end_to_end(ray_local, tmp_path):
+    cfg = config.load(tiny_config(tmp_path, traces={"topk_logprobs": 3}))
+    manifest = run_traces(cfg)
+    out = cfg.run_dir / "traces"
+    assert manifest["prompts_finished"] == 10 and manifest["samples"] == 20
+    assert manifest["accepted_traces"] == 20  # keep: all
+    assert json.loads((out / "manifest.json").read_text())["generated_tokens"] == manifest["generated_tokens"] > 0
+    traces = load_traces(cfg.run_dir)
+    assert len(traces) == 20
+    assert pq.read_schema(next((out / "traces").glob("*.parquet"))).names == TRACE_SCHEMA.names
+    assert pq.read_schema(next((out / "samples").glob("*.parquet"))).names == SAMPLE_SCHEMA.names
+    for tr in traces:
+        assert 1 <= len(tr["token_ids"]) <= 6 and len(tr["logprobs"]) == len(tr["token_ids"])
+        assert all(lp <= 0 for lp in tr["logprobs"])
+        assert len(tr["topk_ids"]) == len(tr["token_ids"]) and all(len(k) == 3 for k in tr["topk_ids"])
+        # The sampled token's log-prob never beats the top-1 alternative.
+        assert all(lp <= top[0] + 1e-3 for lp, top in zip(tr["logprobs"], tr["topk_logprobs"]))
+        assert tr["prompt_text"].startswith("<|im_start|>user\n") and tr["teacher"] == "builtin:tiny-llama"
+    # Rerunning the same command finds everything finished and generates nothing.
+    again = run_traces(cfg)
+    assert again["this_run"]["prompts"] == 0 and again["samples"] == 20
+    ids = sample_ids(cfg.run_dir)
+    assert len(ids) == 20 and all(ids.count(i) == 2 for i in set(ids))
+
+
+def test_keep_policies():
+    samples = [{"sample_index": i, "correct": c, "error": None} for i, c in enumerate([False, True, True, False])]
+    assert choose_kept(samples, "all", 0, "p") == {0, 1, 2, 3}
+    assert choose_kept(samples, "all_correct", 0, "p") == {1, 2}
+    picks = {next(iter(choose_kept(samples, "one_correct_random", seed, "p"))) for seed in range(20)}
+    assert picks == {1, 2}  # one correct trace, chosen with the seed
+    assert choose_kept(samples, "one_correct_random", 3, "p") == choose_kept(samples, "one_correct_random", 3, "p")
+    assert choose_kept([{"sample_index": 0, "correct": False}], "one_correct_random", 0, "p") == set()
+
+
+def test_no_correct_prompts_are_counted_and_listed(ray_local, tmp_path):
+    # A random tiny model answers nothing right: every prompt is listed, none silently dropped.
+    cfg = config.load(tiny_config(tmp_path, traces={"keep": "one_correct_random"}, data={"builtin_size": 4}))
+    m = run_traces(cfg)
+    assert m["accepted_traces"] == 0 and m["prompts_finished"] == 4
+    assert m["prompts_without_correct"] == 4 and len(m["prompt_ids_without_correct"]) == 4
+
+
+def test_bad_rows_are_recorded_not_fatal(ray_local, tmp_path):
+    rows = [
+        {"id": "ok-1", "prompt": "Tom has 2 apples. How many?", "answer": "2"},
+        {"id": "empty", "prompt": "   ", "answer": "1"},
+        {"id": "too-long", "prompt": "apples " * 400, "answer": "1"},
+        {"id": "bad-messages", "prompt": [{"role": "user"}], "answer": "1"},
+        {"id": "ok-2", "prompt": [{"role": "user", "content": "Ana has 3 coins."}], "answer": "3"},
+    ]
+    src = tmp_path / "prompts.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = config.load(tiny_config(tmp_path, data={"source": str(src)}))
+    m = run_traces(cfg)
+    errors = {e["id"]: e["reason"] for e in map(json.loads, (cfg.run_dir / "traces" / "errors.jsonl").read_text().splitlines())}
+    assert set(errors) == {"empty", "too-long", "bad-messages"}
+    assert errors["empty"] == "empty prompt"
+    assert "prompt too long" in errors["too-long"] and "max_model_len is 256" in errors["too-long"]
+    assert m["errors"] == 3 and sorted(m["error_ids"]) == ["bad-messages", "empty", "too-long"]
+    assert sorted(set(sample_ids(cfg.run_dir))) == ["ok-1", "ok-2"]
+    # Final errors are not retried, nor written twice, on a rerun.
+    run_traces(cfg)
+    assert len((cfg.run_dir / "traces" / "errors.jsonl").read_text().splitlines()) == 3
+
+
+def test_import_traces_from_dataset(tmp_path):
+    rows = [{"id": "a", "prompt": "1+1?", "answer": "2", "trace": "1+1=2. The answer is 2."},
+            {"id": "b", "prompt": "2+2?", "answer": "4", "trace": "The answer is 5."},
+            {"id": "c", "prompt": "3+3?", "answer": "6", "trace": ""}]
+    src = tmp_path / "s1k.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = config.load(tiny_config(tmp_path, data={"source": str(src)},
+                                  traces={"source": "dataset", "response_field": "trace", "keep": "all_correct"}))
+    m = run_traces(cfg)
+    assert m["samples"] == 2 and m["accepted_traces"] == 1 and m["error_ids"] == ["c"]
+    (kept,) = load_traces(cfg.run_dir)
+    assert kept["id"] == "a" and kept["verified"] and kept["teacher"].startswith("dataset:")
+
+
+def test_killed_run_resumes_with_every_prompt_exactly_once(ray_local, tmp_path):
+    cfg_path = tiny_config(tmp_path, data={"builtin_size": 16}, traces={"concurrency": 1, "batch_size": 2})
+    script = ("import sys; from t3s_ray import config; from t3s_ray.traces import run_traces; "
+              f"run_traces(config.load({str(cfg_path)!r}), flush_every=2)")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    samples_dir = tmp_path / "runs" / "tiny" / "traces" / "samples"
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(samples_dir.glob("part-*.parquet"))) < 2:
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, mid-run
+    proc.wait()
+    run_dir = tmp_path / "runs" / "tiny"
+    before = sample_ids(run_dir)
+    assert 0 < len(set(before)) < 16, "kill was meant to land mid-run"
+    m = run_traces(config.load(cfg_path))
+    after = sample_ids(run_dir)
+    assert m["prompts_finished"] == 16
+    assert sorted(set(after)) == sorted(f"arith-train-{i:05d}" for i in range(16))
+    assert len(after) == 16 * 2  # every prompt's two samples exactly once
+    assert len(load_traces(run_dir)) == 32
+
+
+def test_cli_traces_reports_bad_config(tmp_path, capsys):
+    from t3s_ray.cli import main
+
+    assert main(["traces", str(tiny_config(tmp_path)), "--set", "traces.backend=tgi"]) == 2
+    assert "traces.backend: expected one of 'vllm', 'hf'" in capsys.readouterr().err
