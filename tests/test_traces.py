@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import pytest
 import yaml
 
 from t3s_ray import config
