@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Stage subcommands: name -> help. Each maps to `run_<name>` of the module of the same name.
 STAGES = {
     "traces": "stage 1: sample, verify and keep teacher traces (resumable parquet)",
+    "train": "stage 2: train the student with T3S token selection on Ray Train",
 }
 
 
@@ -60,6 +61,10 @@ def _run_stage(name: str, cfg) -> None:
         from .traces import run_traces
 
         run_traces(cfg)
+    elif name == "train":
+        from .train import run_train
+
+        run_train(cfg)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -544,10 +544,12 @@ class RunConfig:
         errs = []
         if not self.name.strip() or not re.fullmatch(r"[A-Za-z0-9._-]+", self.name):
             errs.append(("name", "must be non-empty and use only letters, digits, '.', '_' or '-'"))
-        if self.student.kind == "dllm" and self.selection.protocol == "t3s_online":
-            if self.selection.refresh_source != "scoring_pass":
-                errs.append(("selection.refresh_source",
-                             "a dLLM student has no teacher-forced confidence of its own: use scoring_pass"))
+        if self.student.kind == "dllm" and self.selection.protocol not in ("sft", "t3s_static"):
+            errs.append(("selection.protocol", "a dLLM student supports 'sft' and 't3s_static' (its AR selector "
+                         "is probed once; it does not train alongside the student)"))
+        if self.train.strategy == "fsdp" and self.selection.switch == "bottleneck":
+            errs.append(("selection.switch", "'bottleneck' measures accuracy by sampling from each worker's "
+                         "replica, which FSDP does not hold: use strategy ddp or switch immediate"))
         return errs
 
     @property

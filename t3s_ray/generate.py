@@ -101,13 +101,22 @@ class HFGenerator:
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = load_tokenizer(model_ref, revision=revision, trust_remote_code=trust_remote_code)
+        model = load_model(model_ref, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code,
+                           device=self.device).eval()
+        self.__dict__.update(vars(HFGenerator.from_model(model, self.tokenizer, temperature, top_p, topk_logprobs)))
+
+    @classmethod
+    def from_model(cls, model, tokenizer, temperature: float, top_p: float, topk_logprobs: int = 0) -> "HFGenerator":
+        """Wrap a model already in memory (a training worker measuring its own train accuracy)."""
+        self = cls.__new__(cls)
+        self.device = next(model.parameters()).device
+        self.model, self.tokenizer = model, tokenizer
         self.tokenizer.padding_side = "left"
-        self.model = load_model(model_ref, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code,
-                                device=self.device).eval()
         self.temperature, self.top_p, self.topk = temperature, top_p, topk_logprobs
-        gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
-        eos = gen_eos if gen_eos is not None else self.tokenizer.eos_token_id
+        gen_eos = getattr(model.generation_config, "eos_token_id", None)
+        eos = gen_eos if gen_eos is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        return self
 
     def _generate(self, prompts: list[str], max_tokens: int, seed: int) -> list[dict[str, Any]]:
         import torch

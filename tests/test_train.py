@@ -1,0 +1,214 @@
+"""Stage 2 on CPU: 2 Ray Train workers (gloo), a builtin tiny model, the ConfidenceStore actors."""
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from t3s_ray import config
+from t3s_ray.traces import run_traces
+from t3s_ray.train import choose_bottleneck, global_batch, run_train
+
+
+def write_config(tmp_path: Path, name: str, **sections) -> Path:
+    data = {
+        "name": name, "output_dir": str(tmp_path / "runs"), "ray": {"num_cpus": 4},
+        "teacher": {"ref": "builtin:tiny-llama"}, "student": {"ref": "builtin:tiny-llama", "dtype": "float32"},
+        "data": {"source": "builtin:arith", "builtin_size": 8, "max_seq_len": 256},
+        "traces": {"backend": "hf", "concurrency": 1, "batch_size": 8, "samples_per_prompt": 1, "max_tokens": 24,
+                   "max_model_len": 256, "keep": "all", "verifier": "none"},
+        "train": {"num_workers": 2, "batch_size": 4, "micro_batch_size": 1, "max_steps": 6, "lr": 1e-2,
+                  "checkpoint_every": 3, "keep_last": 0},
+        "selection": {"protocol": "sft"},
+        "probe": {"steps": 4, "eval_every": 2, "samples": 1, "max_tokens": 8, "max_prompts": 4},
+    }
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def traces_root(tmp_path_factory, ray_local):
+    """One traces folder shared by the training tests (8 tiny-llama traces, all kept)."""
+    root = tmp_path_factory.mktemp("train")
+    cfg = config.load(write_config(root, "base"))
+    run_traces(cfg)
+    return root
+
+
+def clone_traces(root: Path, tmp_path: Path, name: str, **sections):
+    cfg_path = write_config(tmp_path, name, **sections)
+    cfg = config.load(cfg_path)
+    src = root / "runs" / "base" / "traces"
+    dst = cfg.run_dir / "traces"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    import shutil
+
+    shutil.copytree(src, dst)
+    return cfg
+
+
+def final_weights(cfg) -> dict[str, torch.Tensor]:
+    return load_file(str(cfg.run_dir / "train" / "model" / "model.safetensors"))
+
+
+def metrics(cfg) -> list[dict]:
+    return [json.loads(line) for line in (cfg.run_dir / "train" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_global_batch_order_is_deterministic_and_covers_every_epoch():
+    n, b = 10, 4
+    stream = [i for step in range(5) for i in global_batch(step, n, b, seed=3)]
+    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:20]) == list(range(10))
+    assert stream == [i for step in range(5) for i in global_batch(step, n, b, seed=3)]
+    assert stream != [i for step in range(5) for i in global_batch(step, n, b, seed=4)]
+
+
+def test_choose_bottleneck_is_argmin_earliest_on_ties():
+    accs = [{"step": 0, "accuracy": 0.1, "model": "m0"}, {"step": 2, "accuracy": 0.5, "model": "m2"},
+            {"step": 4, "accuracy": 0.2, "model": "m4"}, {"step": 6, "accuracy": 0.2, "model": "m6"},
+            {"step": 8, "accuracy": 0.4, "model": "m8"}]
+    r = choose_bottleneck(accs)
+    assert r["bottleneck_step"] == 4 and r["bottleneck_model"] == "m4"  # θ0 is not a candidate
+
+
+def test_sft_trains_and_checkpoints(traces_root, tmp_path):
+    cfg = clone_traces(traces_root, tmp_path, "sft")
+    summary = run_train(cfg)
+    out = cfg.run_dir / "train"
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert model.config.model_type == "llama"
+    m = metrics(cfg)
+    assert [r["step"] for r in m] == list(range(1, 7))
+    assert m[-1]["loss"] < m[0]["loss"]  # lr 1e-2 on 8 short traces: it must fit them
+    assert all(r["kept_frac"] == 1.0 for r in m)  # SFT keeps every target
+    assert summary["store"]["num_tokens"] > 0 and summary["store"]["visited_frac"] == 1.0
+    assert (out / "tensorboard").is_dir() and any((out / "tensorboard").iterdir())
+    ckpts = sorted(p for p in (out / "ray_train").glob("checkpoint_*") if p.is_dir())
+    assert len(ckpts) == 2  # steps 3 and 6
+    for c in ckpts:
+        assert {"model", "optimizer.pt", "trainer_state.json", "store.npz", "rng_rank0.pt", "rng_rank1.pt"} <= {
+            p.name for p in c.iterdir()}
+    assert json.loads((ckpts[-1] / "trainer_state.json").read_text())["step"] == 6
+
+
+@pytest.fixture(scope="module")
+def online_run(traces_root, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("online")
+    cfg = clone_traces(traces_root, tmp, "online", selection={"protocol": "t3s_online", "refresh_interval": 2},
+                       train={"max_failures": 1})
+    run_train(cfg)
+    return cfg
+
+
+def test_online_refresh_changes_masks_exactly_at_refresh_steps(online_run):
+    m = metrics(online_run)
+    versions = [r["mask_version"] for r in m]
+    # Refreshes happen before steps 3 and 5 (every 2 steps); never in between.
+    assert versions == [0, 0, 1, 1, 2, 2]
+    assert all(r["mask_version_min_rank"] == r["mask_version_max_rank"] == r["mask_version"] for r in m)
+    assert m[0]["anchor_frac"] == 0.0 and m[0]["kept_frac"] == 1.0
+    later = m[2:]
+    assert any(r["anchor_frac"] > 0 for r in later)  # lr 1e-2 raises the confidence of many tokens
+    assert all(abs(r["kept_frac"] - (1 - r["anchor_frac"])) < 1e-9 for r in later)
+    stats = json.loads((online_run.run_dir / "train" / "store_stats.json").read_text())
+    assert [h["step"] for h in stats["refreshes"]] == [2, 4]
+
+
+def test_t3s_and_sft_give_different_updates(online_run, traces_root, tmp_path):
+    sft = clone_traces(traces_root, tmp_path, "sft2")
+    run_train(sft)
+    a, b = final_weights(sft), final_weights(online_run)
+    # Same seed, data and batches: the first two steps (no masks yet) agree, so any difference
+    # comes from the anchors dropped after the first refresh.
+    m_sft, m_t3s = metrics(sft), metrics(online_run)
+    assert [r["batch"] for r in m_sft] == [r["batch"] for r in m_t3s]
+    assert m_sft[0]["loss"] == pytest.approx(m_t3s[0]["loss"], rel=1e-6)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_killed_worker_resumes_to_the_same_weights_and_store(online_run, traces_root, tmp_path):
+    cfg = clone_traces(traces_root, tmp_path, "online-killed", selection={"protocol": "t3s_online", "refresh_interval": 2},
+                       train={"max_failures": 1})
+    errors = []
+    thread = threading.Thread(target=lambda: _run_catching(cfg, errors))
+    thread.start()
+    killed = None
+    deadline = time.time() + 300
+    while time.time() < deadline and thread.is_alive():
+        # Kill once the step-3 checkpoint is surely registered (a later step has been logged).
+        logged = cfg.run_dir / "train" / "metrics.jsonl"
+        if logged.exists() and len(logged.read_text().splitlines()) >= 4:
+            workers = _train_worker_pids()
+            if workers:
+                killed = workers[-1]
+                os.kill(killed, signal.SIGKILL)
+                break
+        time.sleep(0.05)
+    thread.join()
+    assert not errors, errors
+    assert killed is not None, "the run ended before a worker could be killed"
+    m = metrics(cfg)
+    assert [r["step"] for r in m] == list(range(1, 7))  # redone steps replaced, none lost
+    a, b = final_weights(online_run), final_weights(cfg)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    sa = np.load(online_run.run_dir / "train" / "store.npz")
+    sb = np.load(cfg.run_dir / "train" / "store.npz")
+    assert sorted(sa.files) == sorted(sb.files)
+    for key in sa.files:
+        if sa[key].dtype.kind == "f":
+            np.testing.assert_allclose(sa[key], sb[key], rtol=1e-3, atol=1e-3)
+        else:
+            np.testing.assert_array_equal(sa[key], sb[key])
+
+
+def _train_worker_pids() -> list[int]:
+    """Ray Train worker processes (Ray names them ray::RayTrainWorker...)."""
+    import psutil
+
+    pids = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if cmd.startswith("ray::RayTrainWorker"):
+            pids.append(proc.info["pid"])
+    return sorted(pids)
+
+
+def _run_catching(cfg, errors):
+    try:
+        run_train(cfg)
+    except Exception as e:  # surfaced by the assertion in the test
+        errors.append(repr(e))
+
+
+def test_resume_at_epoch_boundary_continues_with_next_epoch(traces_root, tmp_path):
+    # 8 traces, batch 4: steps 1-2 are epoch 0, steps 3-4 epoch 1. Stop after the step-2 checkpoint.
+    full = clone_traces(traces_root, tmp_path, "full", train={"max_steps": 4, "checkpoint_every": 2})
+    run_train(full)
+    part = clone_traces(traces_root, tmp_path, "part", train={"max_steps": 2, "checkpoint_every": 2})
+    run_train(part)
+    # As if interrupted right after the step-2 checkpoint: rerun the same run name for 4 steps.
+    (part.run_dir / "train" / "summary.json").unlink()
+    resumed = config.load(write_config(tmp_path, "part", train={"max_steps": 4, "checkpoint_every": 2}))
+    run_train(resumed)
+    m_full, m_part = metrics(full), metrics(resumed)
+    assert [r["step"] for r in m_part] == [1, 2, 3, 4]
+    assert [r["epoch"] for r in m_part] == [0, 0, 1, 1]
+    assert [r["batch"] for r in m_part] == [r["batch"] for r in m_full]
+    assert sorted(i for r in m_part[2:] for i in r["batch"]) == list(range(8))  # the whole next epoch
+    a, b = final_weights(full), final_weights(resumed)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
