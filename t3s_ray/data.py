@@ -32,22 +32,27 @@ _NAMES = ["Tom", "Ana", "Li", "Sara", "Omar", "Mia", "Ravi", "Eva", "Ken", "Zoe"
 _ITEMS = ["apples", "books", "coins", "pencils", "stickers", "marbles", "cookies", "cards"]
 
 
-def _arith_problem(rng: random.Random, steps: int, max_value: int) -> tuple[str, int]:
-    """One word problem with ``steps`` additions/subtractions; the running total never goes negative."""
+def _arith_problem(rng: random.Random, steps: int, max_value: int) -> tuple[str, int, str]:
+    """One word problem with ``steps`` additions/subtractions (the total never goes negative),
+    its answer, and a worked solution ending in "The answer is N." (a reference trace)."""
     name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
     total = rng.randint(2, max_value)
     sentences = [f"{name} has {total} {item}."]
+    work = [f"{name} starts with {total} {item}."]
     for _ in range(steps):
         if total > 1 and rng.random() < 0.4:
             n = rng.randint(1, total - 1)
+            work.append(f"After giving away {n}: {total} - {n} = {total - n}.")
             total -= n
             sentences.append(f"{name} gives away {n} {item}.")
         else:
             n = rng.randint(1, max_value)
+            work.append(f"After getting {n} more: {total} + {n} = {total + n}.")
             total += n
             sentences.append(f"{name} gets {n} more {item}.")
     sentences.append(f"How many {item} does {name} have now?")
-    return " ".join(sentences), total
+    work.append(f"The answer is {total}.")
+    return " ".join(sentences), total, " ".join(work)
 
 
 def _arith_split_of(text: str) -> str:
@@ -67,11 +72,12 @@ def arith_rows(split: str, size: int, seed: int = 0, steps: int = 1, max_value: 
         if attempts > 200 * size + 10_000:
             raise DataError(f"{ARITH_SOURCE}: cannot draw {size} distinct {split} problems "
                             f"with steps={steps}, max_value={max_value}")
-        text, answer = _arith_problem(rng, steps, max_value)
+        text, answer, solution = _arith_problem(rng, steps, max_value)
         if text in seen or _arith_split_of(text) != split:
             continue
         seen.add(text)
-        rows.append({"id": f"arith-{split}-{len(rows):05d}", "prompt": text, "answer": str(answer)})
+        rows.append({"id": f"arith-{split}-{len(rows):05d}", "prompt": text, "answer": str(answer),
+                     "solution": solution})
     return rows
 
 
@@ -190,8 +196,13 @@ def load_prompts(cfg: DataConfig, split: str | None = None, extra_fields: dict[s
     split = split or cfg.split
     if cfg.source == ARITH_SOURCE or cfg.source.startswith(ARITH_SOURCE + "?"):
         rows = arith_rows(split, cfg.limit or cfg.builtin_size, seed=cfg.builtin_seed)
-        if extra_fields:
-            raise DataError(f"{ARITH_SOURCE} has no column(s) {', '.join(extra_fields.values())}")
+        unknown = [c for c in (extra_fields or {}).values() if c != "solution"]
+        if unknown:
+            raise DataError(f"{ARITH_SOURCE} has no column(s) {', '.join(unknown)} (it has: id, prompt, answer, solution)")
+        for row in rows:
+            solution = row.pop("solution")
+            for name, column in (extra_fields or {}).items():
+                row[name] = solution
     else:
         records = read_records(cfg.source, split, cfg.subset)
         rows = normalize_rows(records, source=cfg.source, id_field=cfg.id_field, prompt_field=cfg.prompt_field,

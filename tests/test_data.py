@@ -32,6 +32,7 @@ def test_arith_is_deterministic_and_splits_are_disjoint():
             if w == "away":
                 total -= int(words[i + 1])
         assert str(total) == row["answer"]
+        assert row["solution"].endswith(f"The answer is {total}.")
 
 
 def test_load_prompts_from_jsonl_with_column_mapping(tmp_path):

@@ -23,8 +23,9 @@ def write_config(tmp_path: Path, name: str, **sections) -> Path:
         "name": name, "output_dir": str(tmp_path / "runs"), "ray": {"num_cpus": 4},
         "teacher": {"ref": "builtin:tiny-llama"}, "student": {"ref": "builtin:tiny-llama", "dtype": "float32"},
         "data": {"source": "builtin:arith", "builtin_size": 8, "max_seq_len": 256},
-        "traces": {"backend": "hf", "concurrency": 1, "batch_size": 8, "samples_per_prompt": 1, "max_tokens": 24,
-                   "max_model_len": 256, "keep": "all", "verifier": "none"},
+        # The builtin problems' worked solutions, imported as traces: no generation needed here.
+        "traces": {"source": "dataset", "response_field": "solution", "keep": "all_correct", "verifier": "math",
+                   "max_tokens": 24, "max_model_len": 256},
         "train": {"num_workers": 2, "batch_size": 4, "micro_batch_size": 1, "max_steps": 6, "lr": 1e-2,
                   "checkpoint_every": 3, "keep_last": 0},
         "selection": {"protocol": "sft"},
@@ -39,10 +40,10 @@ def write_config(tmp_path: Path, name: str, **sections) -> Path:
 
 @pytest.fixture(scope="module")
 def traces_root(tmp_path_factory, ray_local):
-    """One traces folder shared by the training tests (8 tiny-llama traces, all kept)."""
+    """One traces folder shared by the training tests (8 verified worked solutions)."""
     root = tmp_path_factory.mktemp("train")
     cfg = config.load(write_config(root, "base"))
-    run_traces(cfg)
+    assert run_traces(cfg)["accepted_traces"] == 8
     return root
 
 
@@ -212,3 +213,50 @@ def test_resume_at_epoch_boundary_continues_with_next_epoch(traces_root, tmp_pat
     a, b = final_weights(full), final_weights(resumed)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_static_protocol_probes_scores_and_trains_with_anchors(traces_root, tmp_path):
+    # A random tiny model gains confidence on nearly every token, so cap the anchors at half.
+    cfg = clone_traces(traces_root, tmp_path, "static", selection={"protocol": "t3s_static", "max_anchor_frac": 0.5})
+    summary = run_train(cfg)
+    probe = json.loads((cfg.run_dir / "probe" / "result.json").read_text())
+    assert [a["step"] for a in probe["accuracies"]] == [0, 2, 4]  # θ0, then a model every 2 probe steps
+    assert probe["bottleneck_step"] == choose_bottleneck(probe["accuracies"])["bottleneck_step"]
+    assert summary["probe"]["bottleneck_model"].endswith(f"step-{probe['bottleneck_step']:06d}")
+    assert (Path(probe["bottleneck_model"]) / "model.safetensors").exists()
+    m = metrics(cfg)
+    # One classification from Δc = c(θb) − c(θ0) before the first step; masks are on from step 1.
+    assert all(r["mask_version"] == 1 and r["masking_on"] for r in m)
+    assert all(0.3 < r["anchor_frac"] <= 0.5 for r in m)
+    assert all(abs(r["kept_frac"] - (1 - r["anchor_frac"])) < 1e-9 for r in m)
+    stats = json.loads((cfg.run_dir / "train" / "store_stats.json").read_text())
+    assert [h["step"] for h in stats["refreshes"]] == [0] and stats["final"]["anchor_frac"] <= 0.5
+
+
+def test_dllm_student_trains_with_forced_masks(traces_root, tmp_path):
+    from transformers import AutoModelForMaskedLM
+
+    cfg = clone_traces(traces_root, tmp_path, "dllm", selection={"protocol": "t3s_static", "tau": 0.0},
+                       student={"ref": "builtin:tiny-dllm", "kind": "dllm", "selector_ref": "builtin:tiny-llama"},
+                       probe={"steps": 2, "eval_every": 2})
+    run_train(cfg)
+    m = metrics(cfg)
+    assert all(r["masking_on"] and r["mask_version"] == 1 for r in m)
+    assert all(0 < r["anchor_frac"] < 1 for r in m)  # the forced set: tokens whose selector confidence fell
+    assert all(math.isfinite(r["loss"]) for r in m) and m[-1]["loss"] < m[0]["loss"]
+    model = AutoModelForMaskedLM.from_pretrained(cfg.run_dir / "train" / "model")
+    assert model.config.model_type == "bert"
+
+
+def test_fsdp_matches_ddp_on_cpu(traces_root, tmp_path):
+    ddp = clone_traces(traces_root, tmp_path, "ddp", train={"max_steps": 2, "checkpoint_every": 2})
+    fsdp = clone_traces(traces_root, tmp_path, "fsdp", train={"max_steps": 2, "checkpoint_every": 2, "strategy": "fsdp"})
+    run_train(ddp)
+    run_train(fsdp)
+    a, b = final_weights(ddp), final_weights(fsdp)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    ckpt = next(p for p in (fsdp.run_dir / "train" / "ray_train").glob("checkpoint_*") if p.is_dir())
+    optim = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    assert optim["state"], "the gathered optimizer state must not be empty"
