@@ -28,8 +28,8 @@ endif
 	touch $(STAMP)
 
 demo: setup
-	$(VENV)/bin/t3s models prepare builtin:smollm2-135m-instruct
-	$(VENV)/bin/t3s config show configs/demo.yaml
+	$(VENV)/bin/t3s traces configs/demo.yaml
+	$(VENV)/bin/t3s train configs/demo.yaml
 
 test: setup
 	$(PY) -m pytest -q -ra

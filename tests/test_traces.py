@@ -118,6 +118,7 @@ def test_import_traces_from_dataset(tmp_path):
     assert kept["id"] == "a" and kept["verified"] and kept["teacher"].startswith("dataset:")
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_with_every_prompt_exactly_once(ray_local, tmp_path):
     cfg_path = tiny_config(tmp_path, data={"builtin_size": 16}, traces={"concurrency": 1, "batch_size": 2})
     script = ("import sys; from t3s_ray import config; from t3s_ray.traces import run_traces; "

@@ -28,7 +28,7 @@ def write_config(tmp_path: Path, name: str, **sections) -> Path:
         "traces": {"source": "dataset", "response_field": "solution", "keep": "all_correct", "verifier": "math",
                    "max_tokens": 24, "max_model_len": 256},
         "train": {"num_workers": 2, "batch_size": 4, "micro_batch_size": 1, "max_steps": 6, "lr": 1e-2,
-                  "checkpoint_every": 3, "keep_last": 0},
+                  "checkpoint_every": 2, "keep_last": 0},
         "selection": {"protocol": "sft"},
         "probe": {"steps": 4, "eval_every": 2, "samples": 1, "max_tokens": 8, "max_prompts": 4},
     }
@@ -84,9 +84,15 @@ def test_choose_bottleneck_is_argmin_earliest_on_ties():
     assert r["bottleneck_step"] == 4 and r["bottleneck_model"] == "m4"  # θ0 is not a candidate
 
 
-def test_sft_trains_and_checkpoints(traces_root, tmp_path):
-    cfg = clone_traces(traces_root, tmp_path, "sft")
-    summary = run_train(cfg)
+@pytest.fixture(scope="module")
+def sft_run(traces_root, tmp_path_factory):
+    cfg = clone_traces(traces_root, tmp_path_factory.mktemp("sft"), "sft")
+    return cfg, run_train(cfg)
+
+
+@pytest.mark.slow
+def test_sft_trains_and_checkpoints(sft_run):
+    cfg, summary = sft_run
     out = cfg.run_dir / "train"
     from transformers import AutoModelForCausalLM
 
@@ -99,7 +105,7 @@ def test_sft_trains_and_checkpoints(traces_root, tmp_path):
     assert summary["store"]["num_tokens"] > 0 and summary["store"]["visited_frac"] == 1.0
     assert (out / "tensorboard").is_dir() and any((out / "tensorboard").iterdir())
     ckpts = sorted(p for p in (out / "ray_train").glob("checkpoint_*") if p.is_dir())
-    assert len(ckpts) == 2  # steps 3 and 6
+    assert len(ckpts) == 3  # steps 2, 4 and 6
     for c in ckpts:
         assert {"model", "optimizer.pt", "trainer_state.json", "store.npz", "rng_rank0.pt", "rng_rank1.pt"} <= {
             p.name for p in c.iterdir()}
@@ -115,6 +121,7 @@ def online_run(traces_root, tmp_path_factory):
     return cfg
 
 
+@pytest.mark.slow
 def test_online_refresh_changes_masks_exactly_at_refresh_steps(online_run):
     m = metrics(online_run)
     versions = [r["mask_version"] for r in m]
@@ -129,9 +136,9 @@ def test_online_refresh_changes_masks_exactly_at_refresh_steps(online_run):
     assert [h["step"] for h in stats["refreshes"]] == [2, 4]
 
 
-def test_t3s_and_sft_give_different_updates(online_run, traces_root, tmp_path):
-    sft = clone_traces(traces_root, tmp_path, "sft2")
-    run_train(sft)
+@pytest.mark.slow
+def test_t3s_and_sft_give_different_updates(online_run, sft_run):
+    sft, _ = sft_run
     a, b = final_weights(sft), final_weights(online_run)
     # Same seed, data and batches: the first two steps (no masks yet) agree, so any difference
     # comes from the anchors dropped after the first refresh.
@@ -141,6 +148,7 @@ def test_t3s_and_sft_give_different_updates(online_run, traces_root, tmp_path):
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_killed_worker_resumes_to_the_same_weights_and_store(online_run, traces_root, tmp_path):
     cfg = clone_traces(traces_root, tmp_path, "online-killed", selection={"protocol": "t3s_online", "refresh_interval": 2},
                        train={"max_failures": 1})
@@ -196,26 +204,28 @@ def _run_catching(cfg, errors):
         errors.append(repr(e))
 
 
-def test_resume_at_epoch_boundary_continues_with_next_epoch(traces_root, tmp_path):
-    # 8 traces, batch 4: steps 1-2 are epoch 0, steps 3-4 epoch 1. Stop after the step-2 checkpoint.
-    full = clone_traces(traces_root, tmp_path, "full", train={"max_steps": 4, "checkpoint_every": 2})
-    run_train(full)
-    part = clone_traces(traces_root, tmp_path, "part", train={"max_steps": 2, "checkpoint_every": 2})
+@pytest.mark.slow
+def test_resume_at_epoch_boundary_continues_with_next_epoch(sft_run, traces_root, tmp_path):
+    # 8 traces, batch 4: each epoch is 2 steps. Stop right after the step-2 checkpoint (an epoch
+    # boundary), then rerun the same run name: it must go on with epochs 1 and 2 and match the
+    # uninterrupted 6-step run batch for batch and weight for weight.
+    full, _ = sft_run
+    part = clone_traces(traces_root, tmp_path, "part", train={"max_steps": 2})
     run_train(part)
-    # As if interrupted right after the step-2 checkpoint: rerun the same run name for 4 steps.
-    (part.run_dir / "train" / "summary.json").unlink()
-    resumed = config.load(write_config(tmp_path, "part", train={"max_steps": 4, "checkpoint_every": 2}))
+    (part.run_dir / "train" / "summary.json").unlink()  # as if interrupted after the checkpoint
+    resumed = config.load(write_config(tmp_path, "part"))
     run_train(resumed)
     m_full, m_part = metrics(full), metrics(resumed)
-    assert [r["step"] for r in m_part] == [1, 2, 3, 4]
-    assert [r["epoch"] for r in m_part] == [0, 0, 1, 1]
+    assert [r["step"] for r in m_part] == [1, 2, 3, 4, 5, 6]
+    assert [r["epoch"] for r in m_part] == [0, 0, 1, 1, 2, 2]
     assert [r["batch"] for r in m_part] == [r["batch"] for r in m_full]
-    assert sorted(i for r in m_part[2:] for i in r["batch"]) == list(range(8))  # the whole next epoch
+    assert sorted(i for r in m_part[2:4] for i in r["batch"]) == list(range(8))  # the whole next epoch
     a, b = final_weights(full), final_weights(resumed)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_static_protocol_probes_scores_and_trains_with_anchors(traces_root, tmp_path):
     # A random tiny model gains confidence on nearly every token, so cap the anchors at half.
     cfg = clone_traces(traces_root, tmp_path, "static", selection={"protocol": "t3s_static", "max_anchor_frac": 0.5})
@@ -234,6 +244,7 @@ def test_static_protocol_probes_scores_and_trains_with_anchors(traces_root, tmp_
     assert [h["step"] for h in stats["refreshes"]] == [0] and stats["final"]["anchor_frac"] <= 0.5
 
 
+@pytest.mark.slow
 def test_dllm_student_trains_with_forced_masks(traces_root, tmp_path):
     from transformers import AutoModelForMaskedLM
 
@@ -252,10 +263,10 @@ def test_dllm_student_trains_with_forced_masks(traces_root, tmp_path):
     assert model.config.model_type == "bert"
 
 
-def test_fsdp_matches_ddp_on_cpu(traces_root, tmp_path):
-    ddp = clone_traces(traces_root, tmp_path, "ddp", train={"max_steps": 2, "checkpoint_every": 2})
-    fsdp = clone_traces(traces_root, tmp_path, "fsdp", train={"max_steps": 2, "checkpoint_every": 2, "strategy": "fsdp"})
-    run_train(ddp)
+@pytest.mark.slow
+def test_fsdp_matches_ddp_on_cpu(sft_run, traces_root, tmp_path):
+    ddp, _ = sft_run
+    fsdp = clone_traces(traces_root, tmp_path, "fsdp", train={"strategy": "fsdp"})
     run_train(fsdp)
     a, b = final_weights(ddp), final_weights(fsdp)
     assert a.keys() == b.keys()
