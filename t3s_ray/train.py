@@ -21,6 +21,7 @@ version, so every rank trains on the same version at the same step.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -153,6 +154,16 @@ def _to_positions(per_example: list[np.ndarray], target_mask):
     return out.to(target_mask.device)
 
 
+def bottleneck_passed(accuracies: list[float], patience: int) -> bool:
+    """True once train accuracy has risen at each of the last ``patience`` evaluations, all of them
+    after its minimum (the first minimum): the imitation bottleneck is behind us."""
+    if len(accuracies) < patience + 1:
+        return False
+    low = int(np.argmin(accuracies))
+    recent = accuracies[-patience - 1:]
+    return len(accuracies) - 1 - low >= patience and all(b > a for a, b in zip(recent, recent[1:]))
+
+
 def _stable_seed(*parts: Any) -> int:
     return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little") & (2**63 - 1)
 
@@ -187,7 +198,6 @@ class StudentTrainer:
         self.state = {"step": 0, "mask_version": 0, "masking_on": self.job.keep_method != "none" and
                       (not self.job.online or s.switch == "immediate"), "accuracy": [], "switched_at": None}
         checkpoint = ray.train.get_checkpoint()
-        self.resumed_from = None
         ckpt_ctx = checkpoint.as_directory() if checkpoint is not None else None
         ckpt_dir = Path(ckpt_ctx.__enter__()) if ckpt_ctx else None
         try:
@@ -444,7 +454,7 @@ class StudentTrainer:
                   "tokens": 0}
         for k, (ids, input_ids, attention, target, keep, anchor_mask) in enumerate(collated):
             last = k == len(collated) - 1
-            sync = _no_sync(self.forward) if not last else _nullcontext()
+            sync = _no_sync(self.forward) if not last else contextlib.nullcontext()
             with sync:
                 if self.is_dllm:
                     generator = torch.Generator().manual_seed(_stable_seed(t.seed, "dllm", step, *ids))
@@ -523,9 +533,7 @@ class StudentTrainer:
         metrics["train_accuracy"] = acc
         accs = [h["accuracy"] for h in history]
         low = int(np.argmin(accs))
-        after = accs[low + 1:]
-        patience = self.cfg.probe.patience
-        if len(after) >= patience and all(b > a for a, b in zip(accs[-patience - 1:-1], accs[-patience:])):
+        if bottleneck_passed(accs, self.cfg.probe.patience):
             self.state["masking_on"] = True
             self.state["switched_at"] = step
             metrics["switched"] = True
@@ -663,7 +671,6 @@ class StudentTrainer:
         if self.rank == 0:
             self.store.load(ckpt / "store.npz")  # a restarted store shard comes back empty
         _barrier()
-        self.resumed_from = self.state["step"]
         if self.rank == 0:
             print(f"[train] resumed from step {self.state['step']} ({ckpt})", file=sys.stderr, flush=True)
 
@@ -720,16 +727,8 @@ def _all_reduce_dict(values: dict[str, float], op: str = "sum") -> dict[str, flo
     return dict(zip(values, t.tolist()))
 
 
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _no_sync(forward):
-    return forward.no_sync() if hasattr(forward, "no_sync") else _nullcontext()
+    return forward.no_sync() if hasattr(forward, "no_sync") else contextlib.nullcontext()
 
 
 def train_loop_per_worker(job_dict: dict[str, Any]) -> None:

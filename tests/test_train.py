@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from t3s_ray import config
 from t3s_ray.traces import run_traces
-from t3s_ray.train import choose_bottleneck, global_batch, run_train
+from t3s_ray.train import bottleneck_passed, choose_bottleneck, global_batch, run_train
 
 
 def write_config(tmp_path: Path, name: str, **sections) -> Path:
@@ -82,6 +82,19 @@ def test_choose_bottleneck_is_argmin_earliest_on_ties():
             {"step": 8, "accuracy": 0.4, "model": "m8"}]
     r = choose_bottleneck(accs)
     assert r["bottleneck_step"] == 4 and r["bottleneck_model"] == "m4"  # θ0 is not a candidate
+
+
+@pytest.mark.parametrize("accs,patience,passed", [
+    ([0.5, 0.3, 0.4], 1, True),          # fell, then rose once
+    ([0.5, 0.3, 0.4], 2, False),         # one rise is not two
+    ([0.5, 0.3, 0.4, 0.45], 2, True),
+    ([0.5, 0.3, 0.4, 0.35], 1, False),   # the latest evaluation fell again
+    ([0.2, 0.3, 0.4], 1, True),          # the minimum may be the first evaluation
+    ([0.3], 1, False),
+    ([0.5, 0.5, 0.5], 1, False),         # flat is not rising
+])
+def test_bottleneck_rule(accs, patience, passed):
+    assert bottleneck_passed(accs, patience) is passed
 
 
 @pytest.fixture(scope="module")
@@ -275,3 +288,28 @@ def test_fsdp_matches_ddp_on_cpu(sft_run, traces_root, tmp_path):
     ckpt = next(p for p in (fsdp.run_dir / "train" / "ray_train").glob("checkpoint_*") if p.is_dir())
     optim = torch.load(ckpt / "optimizer.pt", weights_only=True)
     assert optim["state"], "the gathered optimizer state must not be empty"
+
+
+@pytest.mark.slow
+def test_online_scoring_pass_refresh_and_bottleneck_accuracy(traces_root, tmp_path):
+    """refresh_source: scoring_pass re-scores every example; switch: bottleneck measures train accuracy
+    in the workers every probe.eval_every steps and keeps masking off while accuracy does not rise."""
+    cfg = clone_traces(traces_root, tmp_path, "bottleneck", train={"max_steps": 4},
+                       selection={"protocol": "t3s_online", "refresh_interval": 2, "refresh_source": "scoring_pass",
+                                  "switch": "bottleneck"},
+                       probe={"eval_every": 2, "samples": 1, "max_tokens": 6, "max_prompts": 4})
+    run_train(cfg)
+    m = metrics(cfg)
+    assert [r["step"] for r in m if "train_accuracy" in r] == [2, 4]
+    assert all(r["train_accuracy"] == 0.0 for r in m if "train_accuracy" in r)  # a random model answers nothing
+    assert not any(r["masking_on"] for r in m) and all(r["kept_frac"] == 1.0 for r in m)
+
+    online = clone_traces(traces_root, tmp_path, "scoring", train={"max_steps": 4},
+                          selection={"protocol": "t3s_online", "refresh_interval": 2, "refresh_source": "scoring_pass"})
+    run_train(online)
+    stats = json.loads((online.run_dir / "train" / "store_stats.json").read_text())
+    assert [h["step"] for h in stats["refreshes"]] == [2]
+    # Each example: two training visits (two epochs) plus the scoring pass at the refresh.
+    snapshot = np.load(online.run_dir / "train" / "store.npz")
+    assert snapshot["shards/0/num_visits"].tolist() == [3] * 8
+    assert [r["mask_version"] for r in metrics(online)] == [0, 0, 1, 1]
