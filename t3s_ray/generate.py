@@ -100,6 +100,8 @@ class HFGenerator:
         from .models import load_model, load_tokenizer
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if dtype == "auto" and self.device == "cpu":
+            dtype = "float32"  # bf16 matmuls are emulated on most CPUs: ~10x slower than fp32
         self.tokenizer = load_tokenizer(model_ref, revision=revision, trust_remote_code=trust_remote_code)
         model = load_model(model_ref, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code,
                            device=self.device).eval()
