@@ -201,7 +201,7 @@ def load_prompts(cfg: DataConfig, split: str | None = None, extra_fields: dict[s
             raise DataError(f"{ARITH_SOURCE} has no column(s) {', '.join(unknown)} (it has: id, prompt, answer, solution)")
         for row in rows:
             solution = row.pop("solution")
-            for name, column in (extra_fields or {}).items():
+            for name in extra_fields or {}:
                 row[name] = solution
     else:
         records = read_records(cfg.source, split, cfg.subset)

