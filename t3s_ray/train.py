@@ -319,9 +319,11 @@ class StudentTrainer:
             configs = self.store.config()
             self.store.load_state_dict({"num_shards": len(configs),
                                         "shards": [ConfidenceStore(**c).state_dict() for c in configs]})
+            # One rank registers every example in id order, so the store's layout (and its
+            # snapshots) do not depend on which rank got there first.
+            ids = np.arange(self.n_examples)
+            self.store.register(ids, np.asarray([int(ex["target_mask"].sum()) for ex in self.examples]))
         _barrier()
-        mine = self._my_examples()
-        self.store.register(np.asarray(mine), np.asarray([int(self.examples[i]["target_mask"].sum()) for i in mine]))
         same_model = self.job.scoring_ref == self.job.model_ref and self.job.model_kind == "ar"
         c0 = self._score(None if same_model else self.job.scoring_ref, model=self.model if same_model else None)
         self.store.set_base(np.asarray(list(c0)), list(c0.values()))

@@ -238,11 +238,17 @@ def test_resume_at_epoch_boundary_continues_with_next_epoch(sft_run, traces_root
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.slow
-def test_static_protocol_probes_scores_and_trains_with_anchors(traces_root, tmp_path):
+@pytest.fixture(scope="module")
+def static_run(traces_root, tmp_path_factory):
     # A random tiny model gains confidence on nearly every token, so cap the anchors at half.
-    cfg = clone_traces(traces_root, tmp_path, "static", selection={"protocol": "t3s_static", "max_anchor_frac": 0.5})
-    summary = run_train(cfg)
+    cfg = clone_traces(traces_root, tmp_path_factory.mktemp("static"), "static",
+                       selection={"protocol": "t3s_static", "max_anchor_frac": 0.5})
+    return cfg, run_train(cfg)
+
+
+@pytest.mark.slow
+def test_static_protocol_probes_scores_and_trains_with_anchors(static_run):
+    cfg, summary = static_run
     probe = json.loads((cfg.run_dir / "probe" / "result.json").read_text())
     assert [a["step"] for a in probe["accuracies"]] == [0, 2, 4]  # θ0, then a model every 2 probe steps
     assert probe["bottleneck_step"] == choose_bottleneck(probe["accuracies"])["bottleneck_step"]
@@ -313,3 +319,23 @@ def test_online_scoring_pass_refresh_and_bottleneck_accuracy(traces_root, tmp_pa
     snapshot = np.load(online.run_dir / "train" / "store.npz")
     assert snapshot["shards/0/num_visits"].tolist() == [3] * 8
     assert [r["mask_version"] for r in metrics(online)] == [0, 0, 1, 1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("protocol", ["inverse", "random"])
+def test_inverse_and_random_diagnostics_use_the_static_anchors(static_run, traces_root, tmp_path, protocol):
+    static, _ = static_run
+    cfg = clone_traces(traces_root, tmp_path, protocol, selection={"protocol": protocol, "max_anchor_frac": 0.5})
+    # Same probe (a finished probe is reused, as a resumed run would): only the kept tokens differ.
+    import shutil
+
+    shutil.copytree(static.run_dir / "probe", cfg.run_dir / "probe")
+    run_train(cfg)
+    m, m_static = metrics(cfg), metrics(static)
+    assert [r["anchor_frac"] for r in m] == [r["anchor_frac"] for r in m_static]
+    if protocol == "inverse":  # train on the anchors only
+        assert all(abs(r["kept_frac"] - r["anchor_frac"]) < 1e-9 for r in m)
+    else:  # drop as many random tokens as there are anchors
+        assert all(abs(r["kept_frac"] - (1 - r["anchor_frac"])) < 1e-9 for r in m)
+    a, b = final_weights(static), final_weights(cfg)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
