@@ -56,7 +56,8 @@ def ray_session(cfg: RayConfig) -> Iterator[dict[str, Any]]:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=cfg.num_cpus or os.cpu_count(), num_gpus=cfg.num_gpus, include_dashboard=False, **kwargs)
+        # The dashboard serves the State API that Ray Train uses to watch its controller.
+        ray.init(num_cpus=cfg.num_cpus or os.cpu_count(), num_gpus=cfg.num_gpus, **kwargs)
     try:
         yield {"address": address, "started": True}
     finally:

@@ -277,9 +277,9 @@ class StudentTrainer:
         for b, i in enumerate(ids):
             ex = self.examples[i]
             n = len(ex["input_ids"])
-            input_ids[b, :n] = torch.from_numpy(ex["input_ids"])
+            input_ids[b, :n] = torch.as_tensor(np.array(ex["input_ids"]))
             attention[b, :n] = 1
-            target[b, :n] = torch.from_numpy(ex["target_mask"])
+            target[b, :n] = torch.as_tensor(np.array(ex["target_mask"]))
         return input_ids.to(self.device), attention.to(self.device), target.to(self.device)
 
     def _score(self, model_ref: str | None = None, model=None, forward=None) -> dict[int, np.ndarray]:
@@ -810,7 +810,7 @@ def run_probe(cfg: RunConfig, examples, prompts, scoring_ref: str, tokenizer_ref
     if result_path.exists():
         return json.loads(result_path.read_text())
     p = cfg.probe
-    job = TrainJob(cfg=cfg.to_dict(), out_dir=str(probe_dir), model_ref=scoring_ref, model_kind="ar",
+    job = TrainJob(cfg=cfg.to_dict(), out_dir=str(probe_dir.resolve()), model_ref=scoring_ref, model_kind="ar",
                    scoring_ref=scoring_ref, keep_method="none", online=False, anchor_model=None,
                    max_steps=p.steps, store_name=f"t3s-store-{cfg.name}-probe", model_every=p.eval_every)
     print(f"[probe] SFT from θ0 for {p.steps} steps, a model every {p.eval_every}", file=sys.stderr, flush=True)
@@ -875,7 +875,7 @@ def run_train(cfg: RunConfig) -> dict[str, Any]:
     probe = None
     if s.protocol in ("t3s_static", "inverse", "random"):
         probe = run_probe(cfg, examples, prompts, scoring_ref, cfg.student.ref)
-    job = TrainJob(cfg=cfg.to_dict(), out_dir=str(out), model_ref=cfg.student.ref, model_kind=kind,
+    job = TrainJob(cfg=cfg.to_dict(), out_dir=str(out.resolve()), model_ref=cfg.student.ref, model_kind=kind,
                    scoring_ref=scoring_ref, keep_method=KEEP_OF_PROTOCOL[s.protocol],
                    online=s.protocol == "t3s_online", anchor_model=probe["bottleneck_model"] if probe else None,
                    max_steps=cfg.train.max_steps, store_name=f"t3s-store-{cfg.name}", prompts=prompts)

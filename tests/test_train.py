@@ -99,8 +99,19 @@ def test_bottleneck_rule(accs, patience, passed):
 
 @pytest.fixture(scope="module")
 def sft_run(traces_root, tmp_path_factory):
-    cfg = clone_traces(traces_root, tmp_path_factory.mktemp("sft"), "sft")
-    return cfg, run_train(cfg)
+    """Run with a relative output_dir from the run's folder, as a user would: workers run in other
+    working directories, so every path they write must come out where the driver expects it."""
+    import dataclasses
+
+    root = tmp_path_factory.mktemp("sft")
+    cfg = clone_traces(traces_root, root, "sft")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        summary = run_train(dataclasses.replace(cfg, output_dir="runs"))
+    finally:
+        os.chdir(cwd)
+    return cfg, summary
 
 
 @pytest.mark.slow
