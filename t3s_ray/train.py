@@ -805,12 +805,12 @@ def run_probe(cfg: RunConfig, examples, prompts, scoring_ref: str, tokenizer_ref
     from .cluster import ray_session
     from .generate import GenerationSpec, generate_and_verify
 
-    probe_dir = cfg.run_dir / "probe"
+    probe_dir = (cfg.run_dir / "probe").resolve()  # its model paths are read by workers elsewhere
     result_path = probe_dir / "result.json"
     if result_path.exists():
         return json.loads(result_path.read_text())
     p = cfg.probe
-    job = TrainJob(cfg=cfg.to_dict(), out_dir=str(probe_dir.resolve()), model_ref=scoring_ref, model_kind="ar",
+    job = TrainJob(cfg=cfg.to_dict(), out_dir=str(probe_dir), model_ref=scoring_ref, model_kind="ar",
                    scoring_ref=scoring_ref, keep_method="none", online=False, anchor_model=None,
                    max_steps=p.steps, store_name=f"t3s-store-{cfg.name}-probe", model_every=p.eval_every)
     print(f"[probe] SFT from θ0 for {p.steps} steps, a model every {p.eval_every}", file=sys.stderr, flush=True)

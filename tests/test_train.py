@@ -101,17 +101,21 @@ def test_bottleneck_rule(accs, patience, passed):
 def sft_run(traces_root, tmp_path_factory):
     """Run with a relative output_dir from the run's folder, as a user would: workers run in other
     working directories, so every path they write must come out where the driver expects it."""
-    import dataclasses
-
     root = tmp_path_factory.mktemp("sft")
     cfg = clone_traces(traces_root, root, "sft")
+    return cfg, run_relative(cfg, root)
+
+
+def run_relative(cfg, root: Path) -> dict:
+    """run_train from ``root`` with ``output_dir: runs`` (relative), restoring the working directory."""
+    import dataclasses
+
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        summary = run_train(dataclasses.replace(cfg, output_dir="runs"))
+        return run_train(dataclasses.replace(cfg, output_dir="runs"))
     finally:
         os.chdir(cwd)
-    return cfg, summary
 
 
 @pytest.mark.slow
@@ -252,9 +256,9 @@ def test_resume_at_epoch_boundary_continues_with_next_epoch(sft_run, traces_root
 @pytest.fixture(scope="module")
 def static_run(traces_root, tmp_path_factory):
     # A random tiny model gains confidence on nearly every token, so cap the anchors at half.
-    cfg = clone_traces(traces_root, tmp_path_factory.mktemp("static"), "static",
-                       selection={"protocol": "t3s_static", "max_anchor_frac": 0.5})
-    return cfg, run_train(cfg)
+    root = tmp_path_factory.mktemp("static")
+    cfg = clone_traces(traces_root, root, "static", selection={"protocol": "t3s_static", "max_anchor_frac": 0.5})
+    return cfg, run_relative(cfg, root)  # relative: the probe's model paths must still resolve in workers
 
 
 @pytest.mark.slow
