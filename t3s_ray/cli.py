@@ -38,7 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_prepare.add_argument("ref", help="builtin:NAME, a hub id or a local folder")
 
     for name, help_text in STAGES.items():
-        _add_config_args(sub.add_parser(name, help=help_text))
+        p_stage = sub.add_parser(name, help=help_text)
+        _add_config_args(p_stage)
+        if name == "eval":
+            p_stage.add_argument("--model", help="model ref or checkpoint folder (default: the run's trained "
+                                 "student, else student.ref)")
+            p_stage.add_argument("--label", help="name of the results folder run_dir/eval/LABEL")
     return parser
 
 
@@ -46,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 STAGES = {
     "traces": "stage 1: sample, verify and keep teacher traces (resumable parquet)",
     "train": "stage 2: train the student with T3S token selection on Ray Train",
+    "eval": "stage 3: score a model or checkpoint on the configured benchmarks (avg@k, pass@k)",
+    "sweep": "stage 4: Ray Tune sweep of config keys, each trial = train + eval (resumable)",
 }
 
 
@@ -56,7 +63,7 @@ def _load_config(args: argparse.Namespace):
     return config_mod.load(path, args.overrides)
 
 
-def _run_stage(name: str, cfg) -> None:
+def _run_stage(name: str, cfg, args: argparse.Namespace) -> None:
     if name == "traces":
         from .traces import run_traces
 
@@ -65,6 +72,14 @@ def _run_stage(name: str, cfg) -> None:
         from .train import run_train
 
         run_train(cfg)
+    elif name == "eval":
+        from .evaluate import run_eval
+
+        run_eval(cfg, args.model, args.label)
+    elif name == "sweep":
+        from .sweep import run_sweep
+
+        run_sweep(cfg)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             print(resolve(args.ref))
             return 0
         if args.command in STAGES:
-            _run_stage(args.command, _load_config(args))
+            _run_stage(args.command, _load_config(args), args)
             return 0
     except USER_ERRORS as e:
         print(f"t3s: error: {e}", file=sys.stderr)

@@ -420,39 +420,140 @@ class EvalConfig:
 
     Attributes:
         benchmarks: Benchmarks to run: preset names (``aime24``, ``aime25``, ``math500``,
-            ``gpqa_diamond``, ``builtin:arith``) or paths of benchmark YAML files.
+            ``gpqa_diamond``, ``builtin:arith``) or paths of benchmark YAML files (fields as in
+            the benchmark reference below).
+        sources: Local files that replace a benchmark's hub dataset, by benchmark name (for
+            machines without a hub), e.g. ``{aime24: /data/aime24.jsonl}``; same columns.
         samples: Samples per problem k (avg@k and pass@k; the paper: 16).
         temperature: Sampling temperature.
         top_p: Nucleus sampling threshold.
         max_tokens: Maximum generated tokens per answer.
         backend: ``vllm`` or ``hf`` generation (as in ``traces.backend``).
         concurrency: Number of generation actors.
+        batch_size: Requests per engine batch.
+        max_model_len: Engine context length; longer prompts are counted as errors (scored wrong).
+        engine_kwargs: Extra vLLM engine options (``tensor_parallel_size``, ``gpu_memory_utilization``...).
+        num_gpus_per_actor: GPUs per generation actor (0 on CPU machines).
+        seed: Sampling seed (empty: the run's ``seed``).
         limit: Evaluate at most this many problems per benchmark (empty: all).
         pass_k: Which pass@k values to report (each <= samples).
     """
 
     benchmarks: list[str] = field(default_factory=lambda: ["builtin:arith"])
+    sources: dict[str, str] = field(default_factory=dict)
     samples: int = 4
     temperature: float = 0.6
     top_p: float = 0.95
     max_tokens: int = 1024
     backend: Literal["vllm", "hf"] = "hf"
     concurrency: int = 1
+    batch_size: int = 16
+    max_model_len: int = 4096
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    num_gpus_per_actor: float = 0.0
+    seed: Optional[int] = None
     limit: Optional[int] = None
     pass_k: list[int] = field(default_factory=lambda: [1])
 
     def check(self) -> list[tuple[str, str]]:
         errs = []
-        for name in ("samples", "max_tokens", "concurrency"):
+        for name in ("samples", "max_tokens", "concurrency", "batch_size", "max_model_len"):
             if getattr(self, name) < 1:
                 errs.append((name, "must be >= 1"))
         if not self.benchmarks:
             errs.append(("benchmarks", "must list at least one benchmark"))
+        for i, entry in enumerate(self.benchmarks):
+            if entry not in BENCHMARK_PRESETS and not (entry.endswith((".yaml", ".yml")) and Path(entry).is_file()):
+                errs.append((f"benchmarks[{i}]", f"is {entry!r}, which is neither a preset ({', '.join(BENCHMARK_PRESETS)}) "
+                             "nor an existing benchmark .yaml file"))
         if any(k < 1 or k > self.samples for k in self.pass_k):
             errs.append(("pass_k", f"every k must be in [1, samples={self.samples}]"))
         if self.limit is not None and self.limit < 1:
             errs.append(("limit", "must be >= 1"))
+        if self.temperature < 0:
+            errs.append(("temperature", "must be >= 0"))
         return errs
+
+
+@dataclass
+class BenchmarkConfig:
+    """A benchmark: a preset shipped in ``t3s_ray/benchmarks/`` or a YAML file named in ``eval.benchmarks``.
+
+    Attributes:
+        name: Name in score tables (unique within a run).
+        source: Hub dataset id, a local ``.jsonl`` / ``.json`` / ``.parquet`` file, or ``builtin:arith``.
+        split: Dataset split.
+        subset: Hub dataset configuration name (empty: the default).
+        size: ``builtin:arith`` only: how many problems to draw.
+        id_field: Column with a unique problem id (empty: the row number).
+        prompt_field: Column with the problem text.
+        answer_field: Column with the gold answer (unused with ``choice_fields``).
+        choice_fields: Multiple choice built from option columns, the correct option first: the
+            options are shown as A, B, C, ... in an order shuffled per problem (seeded by its id)
+            and the gold answer is the correct option's letter.
+        system_prompt: System message (empty: none).
+        prompt_template: The user turn; ``{prompt}`` is replaced by the problem and ``{choices}``
+            by the lettered options.
+        verifier: ``math``, ``exact`` or ``choice``.
+        samples: This benchmark's k (empty: ``eval.samples``).
+        temperature: This benchmark's sampling temperature (empty: ``eval.temperature``).
+        top_p: This benchmark's nucleus threshold (empty: ``eval.top_p``).
+        max_tokens: This benchmark's answer budget (empty: ``eval.max_tokens``).
+    """
+
+    name: str = ""
+    source: str = ""
+    split: str = "test"
+    subset: Optional[str] = None
+    size: int = 100
+    id_field: Optional[str] = "id"
+    prompt_field: str = "problem"
+    answer_field: Optional[str] = "answer"
+    choice_fields: list[str] = field(default_factory=list)
+    system_prompt: Optional[str] = None
+    prompt_template: str = "{prompt}"
+    verifier: Literal["math", "exact", "choice"] = "math"
+    samples: Optional[int] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    max_tokens: Optional[int] = None
+
+    def check(self) -> list[tuple[str, str]]:
+        errs = []
+        if not self.name or not re.fullmatch(r"[A-Za-z0-9:._-]+", self.name):
+            errs.append(("name", "must be non-empty and use only letters, digits, ':', '.', '_' or '-'"))
+        if not self.source:
+            errs.append(("source", "must name a dataset"))
+        if "{prompt}" not in self.prompt_template:
+            errs.append(("prompt_template", "must contain {prompt}"))
+        if self.choice_fields and not 2 <= len(self.choice_fields) <= 26:
+            errs.append(("choice_fields", "needs 2 to 26 option columns"))
+        if self.choice_fields and self.verifier != "choice":
+            errs.append(("verifier", "must be 'choice' with choice_fields"))
+        if not self.choice_fields and not self.answer_field:
+            errs.append(("answer_field", "is required (or choice_fields)"))
+        for name in ("samples", "max_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                errs.append((name, "must be >= 1"))
+        if self.size < 1:
+            errs.append(("size", "must be >= 1"))
+        return errs
+
+
+# Preset name -> YAML file in t3s_ray/benchmarks/.
+BENCHMARK_PRESETS = {"aime24": "aime24.yaml", "aime25": "aime25.yaml", "math500": "math500.yaml",
+                     "gpqa_diamond": "gpqa_diamond.yaml", "builtin:arith": "arith.yaml"}
+BENCHMARK_DIR = Path(__file__).resolve().parent / "benchmarks"
+
+
+def load_benchmark(entry: str) -> BenchmarkConfig:
+    """A benchmark by preset name or YAML path, checked like a config section."""
+    path = BENCHMARK_DIR / BENCHMARK_PRESETS[entry] if entry in BENCHMARK_PRESETS else Path(entry)
+    data = _read_yaml(path)
+    where = f" in {path.name}" if entry in BENCHMARK_PRESETS else f" in {path}"
+    bench = _build(BenchmarkConfig, data, "", where)
+    _check_all(bench, "", where)
+    return bench
 
 
 @dataclass
@@ -499,6 +600,21 @@ class SweepConfig:
         for key, spec in self.space.items():
             if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in kinds:
                 errs.append((f"space.{key}", f"must be one of {{{', '.join(sorted(kinds))}: ...}}"))
+                continue
+            kind, values = next(iter(spec.items()))
+            if kind in ("grid", "choice"):
+                if not isinstance(values, list) or not values:
+                    errs.append((f"space.{key}.{kind}", "must be a non-empty list of values"))
+            elif not (isinstance(values, list) and len(values) == 2 and
+                      all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+                      and values[0] < values[1]):
+                errs.append((f"space.{key}.{kind}", "must be [low, high] with low < high"))
+            elif kind == "loguniform" and values[0] <= 0:
+                errs.append((f"space.{key}.{kind}", "needs low > 0"))
+            elif kind == "randint" and not all(isinstance(v, int) for v in values):
+                errs.append((f"space.{key}.{kind}", "needs integer bounds"))
+            if kind == "grid" and self.search == "optuna":
+                errs.append((f"space.{key}", "grid is not supported with search: optuna (use choice)"))
         return errs
 
 
@@ -547,6 +663,10 @@ class RunConfig:
         if self.student.kind == "dllm" and self.selection.protocol not in ("sft", "t3s_static"):
             errs.append(("selection.protocol", "a dLLM student supports 'sft' and 't3s_static' (its AR selector "
                          "is probed once; it does not train alongside the student)"))
+        for key in self.sweep.space:
+            problem = _key_path_problem(RunConfig, key.split("."))
+            if problem:
+                errs.append((f"sweep.space.{key}", problem))
         if self.train.strategy == "fsdp" and self.selection.switch == "bottleneck":
             errs.append(("selection.switch", "'bottleneck' measures accuracy by sampling from each worker's "
                          "replica, which FSDP does not hold: use strategy ddp or switch immediate"))
@@ -665,6 +785,19 @@ def _fields(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+def _key_path_problem(cls: type, parts: list[str]) -> str | None:
+    """Why a dotted key path does not name a config value (None when it does)."""
+    fields = _fields(cls)
+    head, rest = parts[0], parts[1:]
+    if head not in fields:
+        close = difflib.get_close_matches(head, list(fields), n=1, cutoff=0.5)
+        return f"'{head}' is not a key" + (f"; did you mean '{close[0]}'?" if close else "")
+    tp = fields[head]
+    if dataclasses.is_dataclass(tp):
+        return _key_path_problem(tp, rest) if rest else "names a whole section, not a value"
+    return None
+
+
 def _unknown_key(key: str, valid: list[str], path: str, where: str) -> ConfigError:
     full = f"{path}.{key}" if path else key
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
@@ -722,7 +855,7 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in over.items():
         # A section merges key by key; a sweep space or env mapping is replaced by the child's whole.
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("space", "env_vars", "engine_kwargs"):
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("space", "env_vars", "engine_kwargs", "sources"):
             out[k] = _deep_merge(out[k], v)
         else:
             out[k] = v
@@ -842,6 +975,7 @@ def reference_markdown() -> str:
     table(RunConfig, "")
     for name, cls in SECTIONS.items():
         table(cls, name)
+    table(BenchmarkConfig, "benchmark files (eval.benchmarks)")
     return "\n".join(lines)
 
 

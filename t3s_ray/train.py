@@ -120,8 +120,9 @@ class TrainJob:
     keep_method: str                  # "none" | "t3s" | "inverse" | "random"
     online: bool                      # reclassify during training (t3s_online)
     anchor_model: str | None          # θb for the static protocol (its Δc picks the anchors once)
-    max_steps: int
+    max_steps: int                    # the schedule's horizon (cosine decay, last step)
     store_name: str
+    stop_at: int | None = None        # pause after this step (a checkpoint and the model are saved there)
     model_every: int = 0              # also save a bare HF model every this many steps (the probe)
     examples_ref: Any = None          # ObjectRef of the tokenised examples
     prompts: list[dict[str, Any]] = field(default_factory=list)  # train prompts (bottleneck accuracy)
@@ -345,7 +346,8 @@ class StudentTrainer:
         mb_per_rank = t.batch_size // self.world
         pushes: list[Any] = []
         prefetch = None
-        while self.state["step"] < self.job.max_steps:
+        last = min(self.job.stop_at or self.job.max_steps, self.job.max_steps)
+        while self.state["step"] < last:
             step = self.state["step"]
             started = time.perf_counter()
             batch = global_batch(step, self.n_examples, t.batch_size, t.seed)
@@ -363,7 +365,7 @@ class StudentTrainer:
             self.state["mask_version"] = version
             # Prefetch the next step's masks now, so the next step does not wait on the store.
             next_step = step + 1
-            if next_step < self.job.max_steps and not (self.job.online and next_step % s.refresh_interval == 0):
+            if next_step < last and not (self.job.online and next_step % s.refresh_interval == 0):
                 nb = global_batch(next_step, self.n_examples, t.batch_size, t.seed)
                 prefetch_next = (next_step, self.store.get_masks_async(
                     np.asarray(nb[self.rank * mb_per_rank:(self.rank + 1) * mb_per_rank])))
@@ -376,8 +378,9 @@ class StudentTrainer:
             metrics = self._train_step(step, mine, anchors, pushes)
             prefetch = prefetch_next
             self.state["step"] = step + 1
-            versions = {"min": _all_reduce_dict({"v": version}, "min")["v"],
-                        "max": _all_reduce_dict({"v": version}, "max")["v"]}
+            # One all-reduce gives both: max(v) and max(-v) = -min(v) over ranks.
+            versions = _all_reduce_dict({"max": version, "neg_min": -version}, "max")
+            versions["min"] = -versions["neg_min"]
             metrics.update({"step": step + 1, "epoch": epoch_of(step, self.n_examples, t.batch_size), "lr": lr,
                             "mask_version": version, "mask_version_min_rank": int(versions["min"]),
                             "mask_version_max_rank": int(versions["max"]), "masking_on": self.state["masking_on"],
@@ -389,7 +392,7 @@ class StudentTrainer:
                 self._bottleneck_check(step + 1, metrics)
             if t.diagnostics_every and (step + 1) % t.diagnostics_every == 0:
                 metrics.update(self._diagnostics(mine, anchors))
-            checkpoint_now = (step + 1) % t.checkpoint_every == 0 or step + 1 == self.job.max_steps
+            checkpoint_now = (step + 1) % t.checkpoint_every == 0 or step + 1 == last
             if self.job.model_every and (step + 1) % self.job.model_every == 0:
                 self._save_hf(self.out_dir / "models" / f"step-{step + 1:06d}")
             if checkpoint_now:
@@ -850,8 +853,13 @@ def choose_bottleneck(accuracies: list[dict[str, Any]]) -> dict[str, Any]:
 KEEP_OF_PROTOCOL = {"sft": "none", "t3s_static": "t3s", "t3s_online": "t3s", "inverse": "inverse", "random": "random"}
 
 
-def run_train(cfg: RunConfig) -> dict[str, Any]:
-    """Stage 2 entry: tokenise the traces, probe if needed, train, write ``train/summary.json``."""
+def run_train(cfg: RunConfig, stop_at: int | None = None) -> dict[str, Any]:
+    """Stage 2 entry: tokenise the traces, probe if needed, train, write ``train/summary.json``.
+
+    ``stop_at`` pauses after that step (the schedule still spans ``train.max_steps``); calling again
+    with a later ``stop_at`` (or none) resumes from that checkpoint: how a sweep scores a trial
+    part-way through its training.
+    """
     from .cluster import ray_session
     from .models import load_tokenizer
     from .traces import load_traces
@@ -859,9 +867,12 @@ def run_train(cfg: RunConfig) -> dict[str, Any]:
     s = cfg.selection
     out = cfg.run_dir / "train"
     summary_path = out / "summary.json"
+    target = min(stop_at or cfg.train.max_steps, cfg.train.max_steps)
     if summary_path.exists() and (out / "model" / "config.json").exists():
-        print(f"[train] already finished: {out / 'model'}", file=sys.stderr, flush=True)
-        return json.loads(summary_path.read_text())
+        previous = json.loads(summary_path.read_text())
+        if previous.get("step", cfg.train.max_steps) >= target:
+            print(f"[train] already at step {previous.get('step')}: {out / 'model'}", file=sys.stderr, flush=True)
+            return previous
     traces = load_traces(cfg.run_dir)
     kind = cfg.student.kind
     scoring_ref = cfg.student.selector_ref if kind == "dllm" else cfg.student.ref
@@ -878,10 +889,11 @@ def run_train(cfg: RunConfig) -> dict[str, Any]:
     job = TrainJob(cfg=cfg.to_dict(), out_dir=str(out.resolve()), model_ref=cfg.student.ref, model_kind=kind,
                    scoring_ref=scoring_ref, keep_method=KEEP_OF_PROTOCOL[s.protocol],
                    online=s.protocol == "t3s_online", anchor_model=probe["bottleneck_model"] if probe else None,
-                   max_steps=cfg.train.max_steps, store_name=f"t3s-store-{cfg.name}", prompts=prompts)
+                   max_steps=cfg.train.max_steps, store_name=f"t3s-store-{cfg.name}", prompts=prompts,
+                   stop_at=target)
     with ray_session(cfg.ray):
         summary = fit(cfg, job, examples)
-    summary.update({"protocol": s.protocol, "skipped": {k: len(v) for k, v in skipped.items()},
+    summary.update({"step": target, "protocol": s.protocol, "skipped": {k: len(v) for k, v in skipped.items()},
                     "skipped_ids": skipped, "probe": probe})
     summary_path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
     print(f"[train] done in {summary['seconds']}s: final model {summary['model']}", file=sys.stderr, flush=True)

@@ -123,3 +123,32 @@ def get_verifier(name: str) -> Callable[[str, str | None], Verdict]:
         return VERIFIERS[name]
     except KeyError:
         raise ValueError(f"unknown verifier {name!r}; known: {', '.join(VERIFIERS)}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Scores over verdicts: shared by the evaluation stage and the training probe
+# --------------------------------------------------------------------------------------------
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k of one problem with ``c`` correct among ``n`` samples: 1 - C(n-c, k) / C(n, k)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    # The product form avoids huge binomials: C(n-c, k) / C(n, k) = prod_{i=n-c+1}^{n} (1 - k / i).
+    prob_all_wrong = 1.0
+    for i in range(n - c + 1, n + 1):
+        prob_all_wrong *= 1.0 - k / i
+    return 1.0 - prob_all_wrong
+
+
+def score_counts(counts: list[tuple[int, int]], pass_k: list[int] = ()) -> dict[str, float]:
+    """avg@k (mean over problems of the fraction of correct samples) and pass@k from per-problem
+    ``(n_samples, n_correct)``. A problem with no samples (it could not be generated) scores 0."""
+    if not counts:
+        return {"avg@k": 0.0, **{f"pass@{k}": 0.0 for k in pass_k}}
+    out = {"avg@k": sum(c / n if n else 0.0 for n, c in counts) / len(counts)}
+    for k in pass_k:
+        out[f"pass@{k}"] = sum(pass_at_k(n, c, k) if n >= k else 0.0 for n, c in counts) / len(counts)
+    return out

@@ -250,6 +250,9 @@ def _finalize(row: dict[str, Any], *, model_path: str, trust_remote_code: bool, 
 # --------------------------------------------------------------------------------------------
 
 
+ROW_TASK_CPUS = 0.1
+
+
 def vllm_generate(ds: "ray.data.Dataset", *, model_path: str, temperature: float, top_p: float,
                   topk_logprobs: int, concurrency: int, batch_size: int, max_model_len: int,
                   engine_kwargs: dict, num_gpus_per_actor: float, trust_remote_code: bool,
@@ -339,9 +342,11 @@ def vllm_generate(ds: "ray.data.Dataset", *, model_path: str, temperature: float
         if type(stage).__name__ == "vLLMEngineStage":
             stage.map_batches_kwargs["max_restarts"] = engine_max_restarts()
 
-    ds = ds.map(_prepare, fn_kwargs={"model_path": model_path, "trust_remote_code": trust,
+    # The row functions are light (tokenize / unpack); a fraction of a CPU each keeps them schedulable
+    # when the engine actors hold every CPU of the node (concurrency == CPUs deadlocked at 1 CPU each).
+    ds = ds.map(_prepare, num_cpus=ROW_TASK_CPUS, fn_kwargs={"model_path": model_path, "trust_remote_code": trust,
                                      "temperature": temperature, "top_p": top_p,
                                      "logprobs": max(1, int(topk_logprobs))})
     ds = processor(ds)
-    return ds.map(_finalize, fn_kwargs={"model_path": model_path, "trust_remote_code": trust,
+    return ds.map(_finalize, num_cpus=ROW_TASK_CPUS, fn_kwargs={"model_path": model_path, "trust_remote_code": trust,
                                         "topk_logprobs": int(topk_logprobs), "max_model_len": effective_max_len})

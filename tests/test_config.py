@@ -62,10 +62,10 @@ def test_bool_is_not_an_int(tmp_path):
 
 def test_override_sets_typed_value(tmp_path):
     p = write(tmp_path, "train:\n  lr: 1.0e-5\n")
-    cfg = config.load(p, ["train.lr=2e-5", "selection.refresh_interval=7", "eval.benchmarks=[a, b]"])
+    cfg = config.load(p, ["train.lr=2e-5", "selection.refresh_interval=7", "eval.benchmarks=[aime24, math500]"])
     assert cfg.train.lr == 2e-5 and isinstance(cfg.train.lr, float)
     assert cfg.selection.refresh_interval == 7
-    assert cfg.eval.benchmarks == ["a", "b"]
+    assert cfg.eval.benchmarks == ["aime24", "math500"]
 
 
 def test_override_wrong_type_names_key_and_expected_type():

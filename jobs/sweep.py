@@ -1,0 +1,11 @@
+"""Stage 4 for `ray job submit --working-dir . -- python jobs/sweep.py --config configs/sweep-cpu.yaml [--set k=v]`."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir, when not pip-installed
+
+from t3s_ray.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["sweep", *sys.argv[1:]]))

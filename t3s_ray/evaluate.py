@@ -1,0 +1,237 @@
+"""Stage 3: benchmark evaluation of a model ref or a training checkpoint folder.
+
+    t3s eval CONFIG [--model REF] [--set ...]        python jobs/eval.py --config CONFIG [--model REF]
+
+For each benchmark of ``eval.benchmarks`` (presets in ``t3s_ray/benchmarks/`` or YAML files): load
+its problems, render them with the benchmark's template, sample k answers per problem through the
+same generate-and-verify function as the trace stage and the training probe (Ray Data, ``hf`` or
+``vllm`` actors), and score avg@k and unbiased pass@k. Writes, under ``run_dir/eval/<label>/``:
+
+* ``scores.json``  per benchmark: avg@k, pass@k, problems n, samples, errors, generated tokens;
+  plus the mean over benchmarks;
+* ``samples.jsonl`` one line per sample: benchmark, prompt id, sample index, response, extracted
+  answer, gold answer, verdict;
+* a printed table.
+
+Finished benchmarks are kept: rerunning the same evaluation only runs the benchmarks it lacks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import BenchmarkConfig, ConfigError, EvalConfig, RunConfig, load_benchmark
+from .data import ARITH_SOURCE, DataError, arith_rows, normalize_rows, read_records
+from .verify import score_counts
+
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+# --------------------------------------------------------------------------------------------
+# Benchmarks: definitions -> prompt rows with gold answers
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_benchmarks(ev: EvalConfig) -> list[BenchmarkConfig]:
+    """The benchmarks a config lists, with ``eval.sources`` applied; names must be unique."""
+    benches = [load_benchmark(entry) for entry in ev.benchmarks]
+    names = [b.name for b in benches]
+    dups = sorted({n for n in names if names.count(n) > 1})
+    if dups:
+        raise ConfigError(f"eval.benchmarks: benchmark name(s) {', '.join(dups)} listed more than once")
+    unknown = sorted(set(ev.sources) - set(names))
+    if unknown:
+        raise ConfigError(f"eval.sources: {', '.join(unknown)} is not among eval.benchmarks ({', '.join(names)})")
+    for b in benches:
+        if b.name in ev.sources:
+            b.source = ev.sources[b.name]
+    return benches
+
+
+def _shuffled_choices(options: list[str], problem_id: str) -> tuple[list[str], str]:
+    """Options in an order fixed by the problem id (the correct one is ``options[0]``), and its letter."""
+    order = list(range(len(options)))
+    random.Random(hashlib.sha256(problem_id.encode()).hexdigest()).shuffle(order)
+    return [options[i] for i in order], LETTERS[order.index(0)]
+
+
+def benchmark_rows(bench: BenchmarkConfig, limit: int | None = None) -> list[dict[str, Any]]:
+    """The benchmark's problems as prompt rows ``{id, prompt, answer}``, rendered with its template."""
+    if bench.source == ARITH_SOURCE:
+        rows = arith_rows(bench.split, min(limit or bench.size, bench.size))
+        for row in rows:
+            row.pop("solution")
+    else:
+        where = f"benchmark '{bench.name}' ({bench.source})"
+        records = read_records(bench.source, bench.split, bench.subset)
+        extra = {f"choice_{i}": col for i, col in enumerate(bench.choice_fields)}
+        rows = normalize_rows(records, source=where, id_field=bench.id_field, prompt_field=bench.prompt_field,
+                              answer_field=None if bench.choice_fields else bench.answer_field, extra_fields=extra)
+        if not bench.choice_fields:
+            missing = [r["id"] for r in rows if r["answer"] is None or not str(r["answer"]).strip()]
+            if missing:
+                raise DataError(f"{where}: no gold answer in column '{bench.answer_field}' for id(s) "
+                                f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
+    if limit is not None:
+        rows = rows[:limit]
+    for row in rows:
+        choices = ""
+        if bench.choice_fields:
+            options = [str(row.pop(f"choice_{i}")).strip() for i in range(len(bench.choice_fields))]
+            shown, row["answer"] = _shuffled_choices(options, row["id"])
+            choices = "\n".join(f"{LETTERS[i]}) {text}" for i, text in enumerate(shown))
+        if not isinstance(row["prompt"], str):
+            raise DataError(f"benchmark '{bench.name}': prompt column '{bench.prompt_field}' must hold text "
+                            f"(row id {row['id']})")
+        row["prompt"] = bench.prompt_template.replace("{prompt}", row["prompt"]).replace("{choices}", choices)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------
+
+
+def default_model(cfg: RunConfig) -> tuple[str, str]:
+    """(model ref, label): the run's trained student when it exists, else the configured student."""
+    trained = cfg.run_dir / "train" / "model"
+    if (trained / "config.json").exists():
+        return str(trained.resolve()), "final"
+    return cfg.student.ref, "base"
+
+
+def label_of(model_ref: str) -> str:
+    """A folder-safe label for a model ref."""
+    name = Path(model_ref).name if Path(model_ref).exists() else model_ref
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "model"
+
+
+def _eval_hash(cfg: RunConfig, bench: BenchmarkConfig, model_ref: str) -> str:
+    d = {"eval": {k: v for k, v in cfg.to_dict()["eval"].items() if k not in ("benchmarks", "sources")},
+         "benchmark": vars(bench), "model": model_ref, "seed": cfg.seed}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def evaluate(cfg: RunConfig, model_ref: str | None = None, label: str | None = None,
+             out_dir: str | Path | None = None, quiet: bool = False) -> dict[str, Any]:
+    """Evaluate one model on every configured benchmark; returns (and writes) the scores.
+
+    Call inside a Ray session (``ray_session``); ``run_eval`` is the stage entry point that opens one.
+    """
+    from .generate import GenerationSpec, generate_and_verify
+    from .models import resolve
+
+    if model_ref is None:
+        model_ref, default_label = default_model(cfg)
+        label = label or default_label
+    label = label or label_of(model_ref)
+    config_file = Path(resolve(model_ref)) / "config.json"
+    archs = json.loads(config_file.read_text()).get("architectures") or [] if config_file.exists() else []
+    if any(a.endswith("ForMaskedLM") for a in archs):
+        raise ConfigError(f"eval: {model_ref} is a masked-diffusion model; evaluating it needs a diffusion "
+                          "sampler, which t3s_ray does not have yet (evaluate its AR selector or teacher instead)")
+    ev = cfg.eval
+    out = Path(out_dir) if out_dir else cfg.run_dir / "eval" / label
+    out.mkdir(parents=True, exist_ok=True)
+    scores_path, samples_path = out / "scores.json", out / "samples.jsonl"
+    previous = json.loads(scores_path.read_text()) if scores_path.exists() else {}
+    done = {name: s for name, s in previous.get("benchmarks", {}).items()}
+    benches = resolve_benchmarks(ev)
+    results: dict[str, Any] = {}
+    for bench in benches:
+        key = _eval_hash(cfg, bench, model_ref)
+        if bench.name in done and done[bench.name].get("hash") == key:
+            results[bench.name] = done[bench.name]
+            continue
+        _drop_samples(samples_path, bench.name)  # a crashed attempt's lines, if any
+        k = bench.samples or ev.samples
+        if any(p > k for p in ev.pass_k):
+            raise ConfigError(f"eval.pass_k {ev.pass_k}: benchmark '{bench.name}' draws only {k} samples per problem")
+        rows = benchmark_rows(bench, ev.limit)
+        spec = GenerationSpec(
+            model_ref=model_ref, backend=ev.backend, n=k,
+            temperature=ev.temperature if bench.temperature is None else bench.temperature,
+            top_p=ev.top_p if bench.top_p is None else bench.top_p,
+            max_tokens=bench.max_tokens or ev.max_tokens, seed=cfg.seed if ev.seed is None else ev.seed,
+            system_prompt=bench.system_prompt, concurrency=max(1, min(ev.concurrency, len(rows))),
+            batch_size=ev.batch_size, max_model_len=ev.max_model_len, engine_kwargs=ev.engine_kwargs,
+            num_gpus_per_actor=ev.num_gpus_per_actor, dtype=cfg.student.dtype,
+            trust_remote_code=cfg.student.trust_remote_code)
+        start = time.time()
+        counts, errors, tokens = [], [], 0
+        answers = {r["id"]: r["answer"] for r in rows}
+        lines = []
+        for pid, samples, err in generate_and_verify(rows, spec, bench.verifier, label=f"eval {bench.name}"):
+            if samples is None:
+                errors.append(err)
+                counts.append((k, 0))  # a problem that could not be answered is scored wrong, and listed
+                continue
+            counts.append((len(samples), sum(s["correct"] for s in samples)))
+            for s in samples:
+                tokens += len(s["token_ids"])
+                lines.append({"benchmark": bench.name, "id": pid, "sample_index": s["sample_index"],
+                              "response": s["response"], "extracted_answer": s["extracted_answer"],
+                              "answer": answers[pid], "correct": s["correct"], "tokens": len(s["token_ids"]),
+                              "finish_reason": s.get("finish_reason")})
+        lines.sort(key=lambda x: (x["id"], x["sample_index"]))
+        with open(samples_path, "a") as f:
+            f.writelines(json.dumps(line) + "\n" for line in lines)
+        seconds = time.time() - start
+        results[bench.name] = {**score_counts(counts, ev.pass_k), "k": k, "n": len(counts), "samples": len(lines),
+                               "errors": len(errors), "error_list": errors[:50], "tokens": tokens,
+                               "seconds": round(seconds, 1), "verifier": bench.verifier, "hash": key}
+        _write_scores(scores_path, model_ref, label, results)
+    scores = _write_scores(scores_path, model_ref, label, results)
+    if not quiet:
+        print(format_table({label: scores}, [b.name for b in benches]))
+        print(f"[eval] scores: {scores_path}\n[eval] samples: {samples_path}", file=sys.stderr, flush=True)
+    return scores
+
+
+def _drop_samples(path: Path, bench_name: str) -> None:
+    if not path.exists():
+        return
+    kept = [ln for ln in path.read_text().splitlines(keepends=True) if json.loads(ln)["benchmark"] != bench_name]
+    path.write_text("".join(kept))
+
+
+def _write_scores(path: Path, model_ref: str, label: str, results: dict[str, Any]) -> dict[str, Any]:
+    metrics = [m for m in next(iter(results.values()), {}) if m == "avg@k" or m.startswith("pass@")]
+    mean = {m: sum(r[m] for r in results.values()) / len(results) for m in metrics}
+    scores = {"model": model_ref, "label": label, "benchmarks": results, "mean": mean}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(scores, indent=2) + "\n")
+    tmp.replace(path)
+    return scores
+
+
+def format_table(scores_by_label: dict[str, dict[str, Any]], bench_names: list[str], metric: str = "avg@k") -> str:
+    """A method x benchmark table of one metric (percent), with the mean column, as in the paper."""
+    width = max([10] + [len(n) for n in bench_names])
+    head = f"{'model':<12}" + "".join(f"{n:>{width + 2}}" for n in bench_names) + f"{'mean':>8}"
+    lines = [f"{metric} (%)", head, "-" * len(head)]
+    for label, scores in scores_by_label.items():
+        cells = []
+        for n in bench_names:
+            b = scores["benchmarks"].get(n)
+            cells.append(f"{100 * b[metric]:>{width + 2}.1f}" if b else f"{'-':>{width + 2}}")
+        mean = scores.get("mean", {}).get(metric)
+        lines.append(f"{label:<12}" + "".join(cells) + (f"{100 * mean:>8.1f}" if mean is not None else f"{'-':>8}"))
+    return "\n".join(lines)
+
+
+def run_eval(cfg: RunConfig, model_ref: str | None = None, label: str | None = None) -> dict[str, Any]:
+    """The ``t3s eval`` stage: evaluate ``model_ref`` (default: the run's trained student, else
+    ``student.ref``) on every configured benchmark inside a Ray session."""
+    from .cluster import ray_session
+
+    resolve_benchmarks(cfg.eval)  # config problems first, before Ray starts
+    with ray_session(cfg.ray):
+        return evaluate(cfg, model_ref, label)
