@@ -77,6 +77,13 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], sweep_dir: str, trac
     trials_dir = Path(sweep_dir) / "trials"
     trial_dir = trials_dir / name
     trial_dir.mkdir(parents=True, exist_ok=True)
+    reports = trial_dir / "reports.jsonl"
+    if (trial_dir / "done").exists():
+        # Finished before an interruption that Tune's experiment state did not record yet: report
+        # its results again instead of training it again.
+        for line in reports.read_text().splitlines():
+            tune.report(json.loads(line))
+        return
     (trial_dir / "params.json").write_text(json.dumps(params, indent=2, default=str) + "\n")
     started = time.time()
     try:
@@ -87,7 +94,6 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], sweep_dir: str, trac
         every = base["sweep"]["eval_every"]  # the trial's own config has no sweep section
         total = cfg.train.max_steps
         stops = sorted({*range(every, total, every), total}) if every else [total]
-        reports = trial_dir / "reports.jsonl"
         reports.write_text("")
         for stop in stops:
             run_train(cfg, stop_at=stop)

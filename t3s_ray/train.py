@@ -807,6 +807,7 @@ def run_probe(cfg: RunConfig, examples, prompts, scoring_ref: str, tokenizer_ref
     train accuracy of each, θb = argmin (earliest on ties). Resumable; returns the probe result."""
     from .cluster import ray_session
     from .generate import GenerationSpec, generate_and_verify
+    from .verify import score_counts
 
     probe_dir = (cfg.run_dir / "probe").resolve()  # its model paths are read by workers elsewhere
     result_path = probe_dir / "result.json"
@@ -829,13 +830,14 @@ def run_probe(cfg: RunConfig, examples, prompts, scoring_ref: str, tokenizer_ref
                                   concurrency=max(1, min(cfg.traces.concurrency, len(rows))),
                                   batch_size=cfg.traces.batch_size,
                                   max_model_len=cfg.data.max_seq_len + p.max_tokens)
-            n_ok = n_all = 0
-            for _, samples, _err in generate_and_verify(rows, spec, cfg.traces.verifier, label=f"probe step {step}"):
-                for s in samples or []:
-                    n_ok += s["correct"]
-                    n_all += 1
-            accuracies.append({"step": step, "accuracy": n_ok / max(1, n_all), "model": ref})
-            print(f"[probe] step {step}: train accuracy {n_ok}/{n_all}", file=sys.stderr, flush=True)
+            # Train accuracy is avg@k over the train prompts, scored as the evaluation stage scores.
+            counts = [(len(samples), sum(s["correct"] for s in samples)) if samples else (p.samples, 0)
+                      for _, samples, _err in generate_and_verify(rows, spec, cfg.traces.verifier,
+                                                                  label=f"probe step {step}")]
+            accuracy = score_counts(counts)["avg@k"]
+            accuracies.append({"step": step, "accuracy": accuracy, "model": ref})
+            print(f"[probe] step {step}: train accuracy {sum(c for _, c in counts)}/{sum(n for n, _ in counts)} "
+                  f"= {accuracy:.3f}", file=sys.stderr, flush=True)
     result = choose_bottleneck(accuracies)
     result_path.write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -171,3 +171,12 @@ def test_cli_reports_config_errors_without_traceback(tmp_path, capsys):
 def test_readme_config_reference_is_current():
     readme = (ROOT / "README.md").read_text()
     assert config.readme_with_reference(readme) == readme, "run `make docs` to regenerate the README's config reference"
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    cfg = config.load(path)
+    assert cfg.name and cfg.eval.benchmarks
+    if "sweep" in path.name:
+        assert cfg.sweep.space, f"{path.name} is a sweep config without a search space"

@@ -181,3 +181,10 @@ def test_cli_eval_reports_bad_input_without_a_traceback(tmp_path, capsys):
     assert cli_main(["eval", str(path)]) == 2
     err = capsys.readouterr().err
     assert "eval.benchmarks[0] is 'nope', which is neither a preset" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_vllm_backend_evaluation(ray_local, tmp_path):
+    cfg = _run_config(tmp_path, backend="vllm", concurrency=1, limit=3, max_tokens=6)
+    scores = evaluate(cfg, "builtin:tiny-llama", label="vllm")
+    _check_outputs(cfg.run_dir / "eval" / "vllm", scores, problems=3, k=2)

@@ -1,0 +1,107 @@
+"""Stage 4: Ray Tune sweeps on a builtin tiny model (each trial = a TorchTrainer run + an evaluation)."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from t3s_ray import config
+from t3s_ray.config import ConfigError
+from t3s_ray.sweep import run_sweep, trial_config, trial_name
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sweep_config(tmp_path: Path, space: dict, **sweep) -> Path:
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump({
+        "name": "sw", "output_dir": str(tmp_path / "runs"),
+        "teacher": {"ref": "builtin:tiny-llama"}, "student": {"ref": "builtin:tiny-llama"},
+        "data": {"source": "builtin:arith", "builtin_size": 8, "max_seq_len": 256},
+        # Traces imported from the problems' worked solutions: no teacher generation needed.
+        "traces": {"source": "dataset", "response_field": "solution", "verifier": "math", "keep": "all"},
+        "train": {"num_workers": 1, "batch_size": 4, "micro_batch_size": 4, "max_steps": 2, "lr": 1e-4,
+                  "checkpoint_every": 2, "keep_last": 1},
+        "selection": {"protocol": "t3s_online", "refresh_interval": 1},
+        "eval": {"benchmarks": ["builtin:arith"], "samples": 1, "max_tokens": 4, "limit": 3, "concurrency": 1,
+                 "batch_size": 4, "max_model_len": 512},
+    }))
+    path = tmp_path / "sweep.yaml"  # a sweep config inherits a run config and adds its sweep section
+    path.write_text(yaml.safe_dump({"base": "base.yaml", "sweep": {"space": space, **sweep}}))
+    return path
+
+
+def read_table(run_dir: Path) -> list[dict]:
+    with open(run_dir / "sweep" / "results.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_trial_config_applies_values_and_names_bad_ones(tmp_path):
+    base = config.load(sweep_config(tmp_path, {"selection.tau": {"grid": [0.0]}})).to_dict()
+    cfg = trial_config(base, {"selection.tau": 0.25, "train.lr": 3e-4}, tmp_path / "t", "trial-x")
+    assert cfg.selection.tau == 0.25 and cfg.train.lr == 3e-4 and cfg.name == "trial-x" and not cfg.sweep.space
+    with pytest.raises(ConfigError, match=r"train.lr must be > 0 in sweep trial \(train.lr=-1.0\)"):
+        trial_config(base, {"train.lr": -1.0}, tmp_path / "t", "trial-y")
+    assert trial_name({"a": 1, "b": 2}) == trial_name({"b": 2, "a": 1}) != trial_name({"a": 1, "b": 3})
+
+
+def test_space_keys_and_specs_are_checked(tmp_path):
+    with pytest.raises(ConfigError, match=r"sweep.space.selection.tua 'tua' is not a key; did you mean 'tau'"):
+        config.load(sweep_config(tmp_path, {"selection.tua": {"grid": [0.0]}}))
+    with pytest.raises(ConfigError, match=r"sweep.space.train.lr.loguniform must be \[low, high\]"):
+        config.load(sweep_config(tmp_path, {"train.lr": {"loguniform": [1e-3, 1e-5]}}))
+
+
+@pytest.mark.slow
+def test_four_trial_sweep_writes_table_best_config_and_plot(ray_local, tmp_path):
+    path = sweep_config(tmp_path, {"selection.tau": {"grid": [0.0, 0.5]}, "selection.refresh_interval": {"grid": [1, 2]}},
+                        max_concurrent_trials=2)
+    cfg = config.load(path)
+    rows = run_sweep(cfg)
+    table = read_table(cfg.run_dir)
+    assert len(rows) == len(table) == 4
+    assert {(float(r["selection.tau"]), int(r["selection.refresh_interval"])) for r in table} == {
+        (0.0, 1), (0.0, 2), (0.5, 1), (0.5, 2)}
+    assert all(r["status"] == "DONE" and r["score"] != "" and float(r["wall_s"]) > 0 for r in table)
+    for r in table:  # each trial trained its own student and evaluated it
+        trial_dir = cfg.run_dir / "sweep" / "trials" / r["trial"]
+        assert (trial_dir / "train" / "model" / "config.json").exists()
+        assert (trial_dir / "eval" / "step-000002" / "scores.json").exists()
+    best = config.load(cfg.run_dir / "sweep" / "best.yaml")  # ready to run: loads and validates
+    assert (best.selection.tau, best.selection.refresh_interval) == (float(rows[0]["selection.tau"]),
+                                                                     int(rows[0]["selection.refresh_interval"]))
+    assert best.name == "sw-best" and not best.sweep.space
+    png = (cfg.run_dir / "sweep" / "score_vs_params.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+@pytest.mark.slow
+def test_interrupted_sweep_resumes_and_a_failing_trial_is_reported(ray_local, tmp_path):
+    # Three trials run one at a time; lr=-1 is invalid and must fail alone, with its error in the table.
+    path = sweep_config(tmp_path, {"train.lr": {"grid": [1e-4, -1.0, 2e-4]}})
+    sweep_dir = tmp_path / "runs" / "sw" / "sweep"
+    proc = subprocess.Popen([sys.executable, "-m", "t3s_ray.cli", "sweep", str(path)], cwd=ROOT,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=os.environ.copy())
+    deadline = time.time() + 600
+    while time.time() < deadline and not list(sweep_dir.glob("trials/*/done")):
+        assert proc.poll() is None, "the sweep ended before it could be interrupted"
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)  # the sweep driver and the Ray instance it started
+    proc.wait()
+    finished = {p.parent.name: p.stat().st_mtime_ns for p in sweep_dir.glob("trials/*/done")}
+    assert 1 <= len(finished) < 2, "the interruption was meant to land after the first trial"
+    rows = run_sweep(config.load(path))
+    by_lr = {float(r["train.lr"]): r for r in read_table(tmp_path / "runs" / "sw")}
+    assert set(by_lr) == {1e-4, -1.0, 2e-4}
+    assert by_lr[-1.0]["status"] == "ERROR" and "train.lr must be > 0" in by_lr[-1.0]["error"]
+    assert by_lr[1e-4]["status"] == by_lr[2e-4]["status"] == "DONE"
+    for name, mtime in finished.items():  # finished trials were not run again
+        assert (sweep_dir / "trials" / name / "done").stat().st_mtime_ns == mtime
+    assert rows[0]["status"] == "DONE"
