@@ -28,8 +28,7 @@ endif
 	touch $(STAMP)
 
 demo: setup
-	$(VENV)/bin/t3s traces configs/demo.yaml
-	$(VENV)/bin/t3s train configs/demo.yaml
+	$(VENV)/bin/t3s run configs/demo.yaml
 
 test: setup
 	$(PY) -m pytest -q -ra

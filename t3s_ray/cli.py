@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_prepare = models_sub.add_parser("prepare", help="materialise a model ref and print its folder")
     p_prepare.add_argument("ref", help="builtin:NAME, a hub id or a local folder")
 
+    p_report = sub.add_parser("report", help="plots and a summary page of a `t3s run` folder")
+    p_report.add_argument("run_dir", help="the run folder (output_dir/name)")
+
     for name, help_text in STAGES.items():
         p_stage = sub.add_parser(name, help=help_text)
         _add_config_args(p_stage)
@@ -53,6 +56,7 @@ STAGES = {
     "train": "stage 2: train the student with T3S token selection on Ray Train",
     "eval": "stage 3: score a model or checkpoint on the configured benchmarks (avg@k, pass@k)",
     "sweep": "stage 4: Ray Tune sweep of config keys, each trial = train + eval (resumable)",
+    "run": "the whole pipeline: traces -> probe -> training -> evaluation for every method of `compare`",
 }
 
 
@@ -80,6 +84,10 @@ def _run_stage(name: str, cfg, args: argparse.Namespace) -> None:
         from .sweep import run_sweep
 
         run_sweep(cfg)
+    elif name == "run":
+        from .pipeline import run_pipeline
+
+        run_pipeline(cfg)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
             from .models import resolve
 
             print(resolve(args.ref))
+            return 0
+        if args.command == "report":
+            from .report import write_report
+
+            print(write_report(args.run_dir))
             return 0
         if args.command in STAGES:
             _run_stage(args.command, _load_config(args), args)

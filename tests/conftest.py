@@ -32,3 +32,22 @@ def tiny_llama_dir() -> Path:
     from t3s_ray.models import materialize_builtin
 
     return materialize_builtin("tiny-llama")
+
+
+def tiny_run_data(tmp_path: Path, name: str, **sections) -> dict:
+    """A small run config on the builtin tiny model: traces imported from the offline problems'
+    worked solutions (no generation), one training worker, a few steps, a small evaluation.
+    Each keyword replaces or extends (for mappings) one top-level entry."""
+    data = {
+        "name": name, "output_dir": str(tmp_path / "runs"),
+        "teacher": {"ref": "builtin:tiny-llama"}, "student": {"ref": "builtin:tiny-llama"},
+        "data": {"source": "builtin:arith", "builtin_size": 8, "max_seq_len": 256},
+        "traces": {"source": "dataset", "response_field": "solution", "verifier": "math", "keep": "all"},
+        "train": {"num_workers": 1, "batch_size": 4, "micro_batch_size": 4, "max_steps": 2, "lr": 1e-4,
+                  "checkpoint_every": 2, "keep_last": 1},
+        "eval": {"benchmarks": ["builtin:arith"], "samples": 1, "max_tokens": 4, "limit": 3, "concurrency": 1,
+                 "batch_size": 4, "max_model_len": 512},
+    }
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    return data

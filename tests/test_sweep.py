@@ -20,18 +20,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def sweep_config(tmp_path: Path, space: dict, **sweep) -> Path:
     base = tmp_path / "base.yaml"
-    base.write_text(yaml.safe_dump({
-        "name": "sw", "output_dir": str(tmp_path / "runs"),
-        "teacher": {"ref": "builtin:tiny-llama"}, "student": {"ref": "builtin:tiny-llama"},
-        "data": {"source": "builtin:arith", "builtin_size": 8, "max_seq_len": 256},
-        # Traces imported from the problems' worked solutions: no teacher generation needed.
-        "traces": {"source": "dataset", "response_field": "solution", "verifier": "math", "keep": "all"},
-        "train": {"num_workers": 1, "batch_size": 4, "micro_batch_size": 4, "max_steps": 2, "lr": 1e-4,
-                  "checkpoint_every": 2, "keep_last": 1},
-        "selection": {"protocol": "t3s_online", "refresh_interval": 1},
-        "eval": {"benchmarks": ["builtin:arith"], "samples": 1, "max_tokens": 4, "limit": 3, "concurrency": 1,
-                 "batch_size": 4, "max_model_len": 512},
-    }))
+    from conftest import tiny_run_data
+
+    base.write_text(yaml.safe_dump(tiny_run_data(tmp_path, "sw", selection={"protocol": "t3s_online",
+                                                                           "refresh_interval": 1})))
     path = tmp_path / "sweep.yaml"  # a sweep config inherits a run config and adds its sweep section
     path.write_text(yaml.safe_dump({"base": "base.yaml", "sweep": {"space": space, **sweep}}))
     return path

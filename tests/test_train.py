@@ -354,3 +354,32 @@ def test_inverse_and_random_diagnostics_use_the_static_anchors(static_run, trace
         assert all(abs(r["kept_frac"] - (1 - r["anchor_frac"])) < 1e-9 for r in m)
     a, b = final_weights(static), final_weights(cfg)
     assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_rewind_restores_theta0_and_a_fresh_optimizer():
+    """The online protocol's rewind at the switch: the weights go back to θ0 and AdamW starts afresh."""
+    from types import SimpleNamespace
+
+    from t3s_ray.models import load_model
+    from t3s_ray.train import LogprobModule, StudentTrainer
+
+    trainer = StudentTrainer.__new__(StudentTrainer)  # the worker's methods, without a Ray Train context
+    trainer.cfg = config.from_dict({"student": {"ref": "builtin:tiny-llama"}, "train": {"lr": 1e-2}})
+    trainer.job = SimpleNamespace(model_ref="builtin:tiny-llama")
+    trainer.model = load_model("builtin:tiny-llama", dtype="float32")
+    trainer.forward = LogprobModule(trainer.model, 64)
+    theta0 = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer._build_optimizer()
+    ids = torch.randint(0, 500, (2, 12))
+    trainer.model(input_ids=ids, labels=ids).loss.backward()
+    trainer.optimizer.step()
+    moved = [k for k, v in trainer.model.state_dict().items() if not torch.equal(v, theta0[k])]
+    assert moved, "the update was meant to change the weights"
+    old_optimizer = trainer.optimizer
+    trainer._rewind()
+    after = trainer.model.state_dict()
+    assert all(torch.equal(after[k], theta0[k]) for k in theta0)
+    assert trainer.optimizer is not old_optimizer and not trainer.optimizer.state
+    # The fresh optimizer drives the model's own parameters (not stale copies).
+    assert {id(p) for g in trainer.optimizer.param_groups for p in g["params"]} == {
+        id(p) for p in trainer.model.parameters()}

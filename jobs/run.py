@@ -1,0 +1,11 @@
+"""The whole pipeline for `ray job submit --working-dir . -- python jobs/run.py --config configs/demo.yaml [--set k=v]`."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir, when not pip-installed
+
+from t3s_ray.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["run", *sys.argv[1:]]))

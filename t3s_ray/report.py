@@ -1,0 +1,263 @@
+"""``t3s report RUN_DIR``: plots and a one-page summary of a pipeline run (also written by ``t3s run``).
+
+Figures, under ``RUN_DIR/report/``:
+
+* ``confidence_bifurcation.png``: the paper's figure. The kept traces are scored (token confidence
+  ``c_t = log p(y_t | y_<t, x)``) under θ0 and every probe checkpoint of the static protocol; tokens
+  are split by the T3S rule (Δc = c(θb) − c(θ0) > tau: imitation anchors, else yet-to-learn) and
+  their confidence is drawn over the probe steps: a sample of single-token trajectories and the
+  mean of each group.
+* ``train_curves.png``: loss of every trained method over steps, and the probe's train accuracy with
+  the bottleneck θb marked.
+* ``anchor_fraction.png``: anchor and kept-token fractions over steps.
+* ``scores.png``: avg@k of every method on every benchmark.
+* ``report.md``: the score table and links to the figures.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPORT_DIR = "report"
+MAX_SCORED_EXAMPLES = 48  # the bifurcation figure scores at most this many traces per checkpoint
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def _method_dirs(run_dir: Path) -> dict[str, Path]:
+    methods = run_dir / "methods"
+    return {d.name: d for d in sorted(methods.iterdir()) if (d / "train" / "metrics.jsonl").exists()} \
+        if methods.exists() else {}
+
+
+# --------------------------------------------------------------------------------------------
+# Confidence trajectories
+# --------------------------------------------------------------------------------------------
+
+
+def confidence_trajectories(cfg, run_dir: Path) -> dict[str, Any] | None:
+    """Per probe step, the confidences of the sampled traces' target tokens and the anchor split.
+
+    Returns None when the run has no static probe (nothing to draw the trajectories along)."""
+    import torch
+
+    from .models import load_model, load_tokenizer
+    from .t3s import token_confidence
+    from .t3s.selection import select_delta
+    from .traces import load_traces
+    from .train import tokenize_traces
+
+    probe = run_dir / "probe" / "result.json"
+    if not probe.exists():
+        return None
+    result = json.loads(probe.read_text())
+    steps = [a["step"] for a in result["accuracies"]]
+    refs = {a["step"]: a["model"] for a in result["accuracies"]}
+    tokenizer = load_tokenizer(cfg.student.ref, trust_remote_code=cfg.student.trust_remote_code)
+    examples, _ = tokenize_traces(load_traces(run_dir), tokenizer, system_prompt=cfg.data.system_prompt,
+                                  chat_template=cfg.traces.chat_template, max_seq_len=cfg.data.max_seq_len)
+    examples = examples[:MAX_SCORED_EXAMPLES]
+    length = max(len(e["input_ids"]) for e in examples)
+    pad = tokenizer.pad_token_id or 0
+    input_ids = torch.full((len(examples), length), pad, dtype=torch.long)
+    attention = torch.zeros((len(examples), length), dtype=torch.long)
+    target = torch.zeros((len(examples), length), dtype=torch.bool)
+    for b, e in enumerate(examples):
+        n = len(e["input_ids"])
+        input_ids[b, :n] = torch.as_tensor(e["input_ids"])
+        attention[b, :n] = 1
+        target[b, :n] = torch.as_tensor(e["target_mask"])
+    conf = {}
+    for step in steps:
+        model = load_model(refs[step], dtype="float32", trust_remote_code=cfg.student.trust_remote_code).eval()
+        parts = []
+        with torch.no_grad():
+            for i in range(0, len(examples), 4):
+                parts.append(token_confidence(model, input_ids[i:i + 4], attention[i:i + 4], target[i:i + 4],
+                                              cfg.train.confidence_chunk))
+        conf[step] = torch.cat(parts)
+        print(f"[report] scored {len(examples)} traces under the probe model of step {step}", file=sys.stderr,
+              flush=True)
+    delta = conf[result["bottleneck_step"]] - conf[steps[0]]
+    anchors = select_delta(delta, target, cfg.selection.tau)
+    return {"steps": steps, "bottleneck_step": result["bottleneck_step"], "tau": cfg.selection.tau,
+            "anchor": np.stack([conf[s][anchors].numpy() for s in steps]),            # [steps, n_anchor]
+            "other": np.stack([conf[s][target & ~anchors].numpy() for s in steps])}   # [steps, n_other]
+
+
+def plot_bifurcation(traj: dict[str, Any], path: Path) -> None:
+    plt = _plt()
+    rng = np.random.default_rng(0)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, color, label in (("anchor", "tab:orange", "imitation anchors"), ("other", "tab:blue", "yet-to-learn")):
+        values = traj[key]
+        if values.shape[1] == 0:
+            continue
+        for j in rng.choice(values.shape[1], size=min(40, values.shape[1]), replace=False):
+            ax.plot(traj["steps"], values[:, j], color=color, alpha=0.12, linewidth=0.8)
+        ax.plot(traj["steps"], values.mean(axis=1), color=color, linewidth=2.5,
+                label=f"{label}: mean of {values.shape[1]} tokens")
+    ax.axvline(traj["bottleneck_step"], color="gray", linestyle="--", label=f"bottleneck θb (step {traj['bottleneck_step']})")
+    ax.set_xlabel("probe SFT step")
+    ax.set_ylabel("token confidence log p(y_t | y_<t, x)")
+    ax.set_title(f"Confidence trajectories: anchors (Δc > {traj['tau']}) vs yet-to-learn tokens")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Training curves, anchor fractions, scores
+# --------------------------------------------------------------------------------------------
+
+
+def plot_train_curves(run_dir: Path, path: Path) -> bool:
+    methods = _method_dirs(run_dir)
+    probe = run_dir / "probe" / "result.json"
+    if not methods and not probe.exists():
+        return False
+    plt = _plt()
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, d in methods.items():
+        m = _read_jsonl(d / "train" / "metrics.jsonl")
+        ax_loss.plot([r["step"] for r in m], [r["loss"] for r in m], marker=".", label=name)
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("training loss")
+    ax_loss.set_title("Loss over steps")
+    ax_loss.grid(alpha=0.3)
+    if methods:
+        ax_loss.legend(fontsize=8)
+    if probe.exists():
+        result = json.loads(probe.read_text())
+        acc = result["accuracies"]
+        ax_acc.plot([a["step"] for a in acc], [a["accuracy"] for a in acc], marker="o", label="probe SFT")
+        ax_acc.axvline(result["bottleneck_step"], color="gray", linestyle="--",
+                       label=f"bottleneck θb (step {result['bottleneck_step']})")
+    for name, d in methods.items():  # online runs measure train accuracy too (switch: bottleneck)
+        acc = [r for r in _read_jsonl(d / "train" / "metrics.jsonl") if r.get("train_accuracy") is not None]
+        if acc:
+            ax_acc.plot([r["step"] for r in acc], [r["train_accuracy"] for r in acc], marker="o", label=name)
+    ax_acc.set_xlabel("step")
+    ax_acc.set_ylabel("train accuracy (avg@k on train prompts)")
+    ax_acc.set_title("Train accuracy, bottleneck marked")
+    ax_acc.grid(alpha=0.3)
+    ax_acc.legend(fontsize=8)
+    _save(fig, path)
+    return True
+
+
+def plot_anchor_fraction(run_dir: Path, path: Path) -> bool:
+    methods = _method_dirs(run_dir)
+    if not methods:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, d in methods.items():
+        m = _read_jsonl(d / "train" / "metrics.jsonl")
+        steps = [r["step"] for r in m]
+        line = ax.plot(steps, [r["anchor_frac"] for r in m], marker=".", label=f"{name}: anchor fraction")
+        ax.plot(steps, [r["kept_frac"] for r in m], linestyle=":", color=line[0].get_color(),
+                label=f"{name}: kept-target fraction")
+    ax.set_xlabel("step")
+    ax.set_ylabel("fraction of response tokens")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("Anchor and kept-token fractions over time")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    _save(fig, path)
+    return True
+
+
+def plot_scores(scores: dict[str, dict[str, Any]], path: Path) -> bool:
+    if not scores:
+        return False
+    plt = _plt()
+    methods = list(scores)
+    benches = list(next(iter(scores.values()))["benchmarks"])
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(methods) * max(1, len(benches)) / 2), 4))
+    width = 0.8 / max(1, len(benches))
+    for j, bench in enumerate(benches):
+        values = [100 * scores[m]["benchmarks"].get(bench, {}).get("avg@k", 0.0) for m in methods]
+        bars = ax.bar(np.arange(len(methods)) + j * width, values, width, label=bench)
+        ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    ax.set_xticks(np.arange(len(methods)) + width * (len(benches) - 1) / 2, methods)
+    ax.set_ylabel("avg@k (%)")
+    ax.set_title("Benchmark scores by method")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    _save(fig, path)
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# The page
+# --------------------------------------------------------------------------------------------
+
+
+def load_scores(run_dir: Path) -> dict[str, dict[str, Any]]:
+    path = run_dir / "results.json"
+    return json.loads(path.read_text())["scores"] if path.exists() else {}
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write every figure the run has data for and ``report.md``; returns the page's path."""
+    from . import config as config_mod
+    from .evaluate import format_table
+
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{run_dir} is not a t3s run folder (no config.yaml; `t3s run` writes one)")
+    cfg = config_mod.load(cfg_path)
+    out = run_dir / REPORT_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    figures: list[tuple[str, str]] = []
+    traj = confidence_trajectories(cfg, run_dir)
+    if traj is not None:
+        plot_bifurcation(traj, out / "confidence_bifurcation.png")
+        figures.append(("Confidence trajectories of anchors vs yet-to-learn tokens", "confidence_bifurcation.png"))
+    if plot_train_curves(run_dir, out / "train_curves.png"):
+        figures.append(("Loss and train accuracy over steps (bottleneck marked)", "train_curves.png"))
+    if plot_anchor_fraction(run_dir, out / "anchor_fraction.png"):
+        figures.append(("Anchor fraction over time", "anchor_fraction.png"))
+    scores = load_scores(run_dir)
+    if plot_scores(scores, out / "scores.png"):
+        figures.append(("Benchmark scores", "scores.png"))
+    lines = [f"# Run `{cfg.name}`", "",
+             f"Student `{cfg.student.ref}`, teacher `{cfg.teacher.ref}`, protocol `{cfg.selection.protocol}` "
+             f"(tau {cfg.selection.tau}), methods {', '.join(cfg.compare)}.", ""]
+    if scores:
+        benches = list(next(iter(scores.values()))["benchmarks"])
+        lines += ["## Scores", "", "```", format_table(scores, benches), "```", ""]
+    if traj is not None:
+        lines += [f"Bifurcation: over the probe, anchors' mean confidence went {traj['anchor'].mean(1)[0]:.3f} → "
+                  f"{traj['anchor'].mean(1)[-1]:.3f}, yet-to-learn tokens' {traj['other'].mean(1)[0]:.3f} → "
+                  f"{traj['other'].mean(1)[-1]:.3f} ({traj['anchor'].shape[1]} anchors, {traj['other'].shape[1]} "
+                  "others).", ""]
+    for title, name in figures:
+        lines += [f"## {title}", "", f"![{title}]({name})", ""]
+    page = out / "report.md"
+    page.write_text("\n".join(lines))
+    return page
