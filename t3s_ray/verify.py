@@ -52,7 +52,22 @@ def final_answer_text(text: str) -> str | None:
 
 
 def _verify_math(response: str, gold: str | None) -> Verdict:
-    from math_verify import parse, verify
+    import threading
+
+    from math_verify import parse as mv_parse
+    from math_verify import verify as mv_verify
+
+    # math-verify times out with SIGALRM, which only the main thread may use: elsewhere (a Ray Tune
+    # trial, a worker thread) every call would raise and be scored wrong. Off the main thread the
+    # timeouts are dropped.
+    main = threading.current_thread() is threading.main_thread()
+    timeout = 5 if main else None
+
+    def parse(text: str):
+        return mv_parse(text, parsing_timeout=timeout)
+
+    def verify(gold_parsed, parsed) -> bool:
+        return mv_verify(gold_parsed, parsed, timeout_seconds=timeout)
 
     if gold is None:
         return Verdict(False, None)

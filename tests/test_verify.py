@@ -54,3 +54,19 @@ def test_boxed_extraction_handles_nesting():
 def test_unknown_verifier():
     with pytest.raises(ValueError, match="unknown verifier 'regex'"):
         get_verifier("regex")
+
+
+def test_math_verifier_gives_the_same_verdicts_off_the_main_thread():
+    """Ray Tune runs trials in threads; math-verify's SIGALRM timeouts must not turn verdicts wrong there."""
+    import threading
+
+    cases = [("So the total is 4 + 15 = 19. The answer is 19.", "19"), ("15 + 9 = 24. So, Ana has 24 apples.", "24"),
+             ("The answer is \\boxed{\\frac{1}{2}}", "0.5"), ("The answer is 7.", "8")]
+    check = get_verifier("math")
+    on_main = [check(r, g) for r, g in cases]
+    off_main = []
+    thread = threading.Thread(target=lambda: off_main.extend(check(r, g) for r, g in cases))
+    thread.start()
+    thread.join()
+    assert [v.correct for v in on_main] == [True, True, True, False]
+    assert off_main == on_main
