@@ -29,7 +29,7 @@ def _ray(*args: str, env: dict, timeout: float = 120) -> subprocess.CompletedPro
 @pytest.mark.slow
 def test_ray_job_submit_runs_the_pipeline_on_a_local_cluster(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update({"RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{Path(sys.executable).parent}:{env.get('PATH', '')}"})
+    env.update({"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}:{env.get('PATH', '')}"})
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths have a length limit
     port, dashboard = _free_port(), _free_port()
     # --block keeps `ray start` in the foreground: stopping it stops this cluster only (`ray stop`
@@ -51,14 +51,21 @@ def test_ray_job_submit_runs_the_pipeline_on_a_local_cluster(tmp_path):
                      "student.ref=builtin:tiny-llama", "data.builtin_size=4", "traces.source=dataset",
                      "traces.response_field=solution", "traces.keep=all", "eval.limit=2", "eval.samples=1",
                      "eval.max_tokens=4", "eval.concurrency=1", "compare=[base]"]
-        submit = _ray("job", "submit", "--address", address, "--submission-id", "t3s-test-job", "--no-wait",
-                      "--working-dir", ".", "--", "python", "jobs/run.py", "--config", "configs/demo.yaml",
-                      *[x for o in overrides for x in ("--set", o)], env=env)
+        command = ["job", "submit", "--address", address, "--submission-id", "t3s-test-job", "--no-wait",
+                   "--working-dir", ".", "--", "python", "jobs/run.py", "--config", "configs/demo.yaml",
+                   *[x for o in overrides for x in ("--set", o)]]
+        deadline = time.time() + 120
+        while True:  # the job server answers before its agent is ready ("No available agent")
+            submit = _ray(*command, env=env)
+            if submit.returncode == 0 or "No available agent" not in submit.stderr or time.time() > deadline:
+                break
+            time.sleep(3)
         assert submit.returncode == 0, submit.stderr + submit.stdout
         deadline = time.time() + 480
         status = ""
         while time.time() < deadline:
-            status = _ray("job", "status", "--address", address, "t3s-test-job", env=env, timeout=60).stdout
+            # "Job 't3s-test-job' succeeded" / "... failed" / "... stopped" (the CLI's words, lower case)
+            status = _ray("job", "status", "--address", address, "t3s-test-job", env=env, timeout=60).stdout.upper()
             if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
                 break
             time.sleep(3)

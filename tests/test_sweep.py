@@ -1,6 +1,7 @@
 """Stage 4: Ray Tune sweeps on a builtin tiny model (each trial = a TorchTrainer run + an evaluation)."""
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -52,19 +53,27 @@ def test_space_keys_and_specs_are_checked(tmp_path):
 
 @pytest.mark.slow
 def test_four_trial_sweep_writes_table_best_config_and_plot(ray_local, tmp_path):
+    # ASHA with an evaluation after every step: each trial trains in two segments (stop at step 1,
+    # evaluate, resume to step 2, evaluate) and weak trials may be stopped after the first.
     path = sweep_config(tmp_path, {"selection.tau": {"grid": [0.0, 0.5]}, "selection.refresh_interval": {"grid": [1, 2]}},
-                        max_concurrent_trials=2)
+                        max_concurrent_trials=2, scheduler="asha", eval_every=1)
     cfg = config.load(path)
     rows = run_sweep(cfg)
     table = read_table(cfg.run_dir)
     assert len(rows) == len(table) == 4
     assert {(float(r["selection.tau"]), int(r["selection.refresh_interval"])) for r in table} == {
         (0.0, 1), (0.0, 2), (0.5, 1), (0.5, 2)}
-    assert all(r["status"] == "DONE" and r["score"] != "" and float(r["wall_s"]) > 0 for r in table)
-    for r in table:  # each trial trained its own student and evaluated it
+    assert all(r["status"] in ("DONE", "STOPPED") and r["score"] != "" and float(r["wall_s"]) > 0 for r in table)
+    assert any(r["status"] == "DONE" for r in table)
+    for r in table:  # each trial trained its own student and evaluated it at each report
         trial_dir = cfg.run_dir / "sweep" / "trials" / r["trial"]
+        reports = [json.loads(line) for line in (trial_dir / "reports.jsonl").read_text().splitlines()]
+        assert [x["step"] for x in reports] == ([1, 2] if r["status"] == "DONE" else [1])
+        for x in reports:
+            assert (trial_dir / "eval" / f"step-{x['step']:06d}" / "scores.json").exists()
+        steps = [json.loads(line)["step"] for line in (trial_dir / "train" / "metrics.jsonl").read_text().splitlines()]
+        assert steps == list(range(1, reports[-1]["step"] + 1))  # resumed, not restarted
         assert (trial_dir / "train" / "model" / "config.json").exists()
-        assert (trial_dir / "eval" / "step-000002" / "scores.json").exists()
     best = config.load(cfg.run_dir / "sweep" / "best.yaml")  # ready to run: loads and validates
     assert (best.selection.tau, best.selection.refresh_interval) == (float(rows[0]["selection.tau"]),
                                                                      int(rows[0]["selection.refresh_interval"]))
