@@ -120,8 +120,16 @@ def plot_bifurcation(traj: dict[str, Any], path: Path) -> None:
         ax.plot(traj["steps"], values.mean(axis=1), color=color, linewidth=2.5,
                 label=f"{label}: mean of {values.shape[1]} tokens")
     ax.axvline(traj["bottleneck_step"], color="gray", linestyle="--", label=f"bottleneck θb (step {traj['bottleneck_step']})")
+    # A few very unlikely tokens would squash the picture: show the range of 98% of the values.
+    values = np.concatenate([traj["anchor"].ravel(), traj["other"].ravel()])
+    if values.size:
+        low, high = np.percentile(values, [1, 99.5])
+        means = np.concatenate([traj[k].mean(axis=1) for k in ("anchor", "other") if traj[k].shape[1]])
+        low, high = min(low, means.min()), max(high, means.max())
+        pad = 0.05 * max(high - low, 1e-3)
+        ax.set_ylim(low - pad, high + pad)
     ax.set_xlabel("probe SFT step")
-    ax.set_ylabel("token confidence log p(y_t | y_<t, x)")
+    ax.set_ylabel("token confidence log p(y_t | y_<t, x) (1st-99.5th pct.)")
     ax.set_title(f"Confidence trajectories: anchors (Δc > {traj['tau']}) vs yet-to-learn tokens")
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
