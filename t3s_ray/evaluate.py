@@ -142,7 +142,7 @@ def evaluate(cfg: RunConfig, model_ref: str | None = None, label: str | None = N
     out.mkdir(parents=True, exist_ok=True)
     scores_path, samples_path = out / "scores.json", out / "samples.jsonl"
     previous = json.loads(scores_path.read_text()) if scores_path.exists() else {}
-    done = {name: s for name, s in previous.get("benchmarks", {}).items()}
+    done = previous.get("benchmarks", {})
     benches = resolve_benchmarks(ev)
     results: dict[str, Any] = {}
     for bench in benches:

@@ -28,9 +28,6 @@ from typing import Any
 
 from .config import ConfigError, RunConfig, SweepConfig, apply_overrides, from_dict
 
-RESULT_FIELDS = ("trial", "score", "status", "wall_s", "step", "error")
-
-
 # --------------------------------------------------------------------------------------------
 # Trials: parameters -> a run config
 # --------------------------------------------------------------------------------------------
