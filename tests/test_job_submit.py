@@ -32,11 +32,17 @@ def test_ray_job_submit_runs_the_pipeline_on_a_local_cluster(tmp_path):
     env.update({"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}:{env.get('PATH', '')}"})
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths have a length limit
     port, dashboard = _free_port(), _free_port()
+    # Every port this cluster listens on is its own: the test session's embedded Ray already holds
+    # the defaults, and a dashboard agent whose default port (52365) is taken never registers, so
+    # every submission fails with "No available agent" (seen in CI).
+    own_ports = [f"--{flag}={_free_port()}" for flag in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "runtime-env-agent-port", "node-manager-port", "object-manager-port", "ray-client-server-port")]
     # --block keeps `ray start` in the foreground: stopping it stops this cluster only (`ray stop`
     # would stop every Ray instance on the machine, the test session's too).
     head = subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
                              f"--port={port}", f"--dashboard-port={dashboard}", "--num-cpus=2",
-                             "--include-dashboard=true", f"--temp-dir={temp_dir}"],
+                             "--include-dashboard=true", f"--temp-dir={temp_dir}", *own_ports],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
@@ -54,7 +60,7 @@ def test_ray_job_submit_runs_the_pipeline_on_a_local_cluster(tmp_path):
         command = ["job", "submit", "--address", address, "--submission-id", "t3s-test-job", "--no-wait",
                    "--working-dir", ".", "--", "python", "jobs/run.py", "--config", "configs/demo.yaml",
                    *[x for o in overrides for x in ("--set", o)]]
-        deadline = time.time() + 360  # on a loaded 2-core machine the agent took over 2 minutes
+        deadline = time.time() + 180  # the job server answers a while before its agent registers
         while True:  # the job server answers before its agent is ready ("No available agent")
             submit = _ray(*command, env=env)
             if submit.returncode == 0 or "No available agent" not in submit.stderr or time.time() > deadline:
