@@ -31,7 +31,7 @@ demo: setup
 	$(VENV)/bin/t3s run configs/demo.yaml
 
 test: setup
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=15
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
