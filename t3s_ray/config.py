@@ -437,6 +437,12 @@ class EvalConfig:
         seed: Sampling seed (empty: the run's ``seed``).
         limit: Evaluate at most this many problems per benchmark (empty: all).
         pass_k: Which pass@k values to report (each <= samples).
+        diffusion_steps: For a masked-diffusion model (a ``kind: dllm`` student or its checkpoints,
+            or any ``*ForMaskedLM``): total denoising steps per answer of the LLaDA-style sampler
+            (iterative unmasking, most confident tokens first); 0 = one step per token. Such models
+            are always sampled with the ``hf`` backend.
+        diffusion_block_length: For a masked-diffusion model: the answer is unmasked in blocks of
+            this many tokens, left to right (semi-autoregressive; LLaDA uses 32).
     """
 
     benchmarks: list[str] = field(default_factory=lambda: ["builtin:arith"])
@@ -454,10 +460,14 @@ class EvalConfig:
     seed: Optional[int] = None
     limit: Optional[int] = None
     pass_k: list[int] = field(default_factory=lambda: [1])
+    diffusion_steps: int = 0
+    diffusion_block_length: int = 32
 
     def check(self) -> list[tuple[str, str]]:
         errs = []
-        for name in ("samples", "max_tokens", "concurrency", "batch_size", "max_model_len"):
+        if self.diffusion_steps < 0:
+            errs.append(("diffusion_steps", "must be >= 0 (0: one step per token)"))
+        for name in ("samples", "max_tokens", "concurrency", "batch_size", "max_model_len", "diffusion_block_length"):
             if getattr(self, name) < 1:
                 errs.append((name, "must be >= 1"))
         if not self.benchmarks:

@@ -113,6 +113,18 @@ def label_of(model_ref: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "model"
 
 
+def is_diffusion_model(cfg: RunConfig, model_ref: str) -> bool:
+    """A masked-diffusion model: a ``*ForMaskedLM`` architecture, or the ``kind: dllm`` student (its
+    base ref or a checkpoint of this run) whose remote-code architecture may not say so."""
+    from .models import declares_masked_lm, resolve
+
+    if declares_masked_lm(model_ref):
+        return True
+    if cfg.student.kind != "dllm" or model_ref in (cfg.teacher.ref, cfg.student.selector_ref):
+        return False
+    return model_ref == cfg.student.ref or Path(resolve(model_ref)).resolve().is_relative_to(cfg.run_dir.resolve())
+
+
 def _eval_hash(cfg: RunConfig, bench: BenchmarkConfig, model_ref: str) -> str:
     d = {"eval": {k: v for k, v in cfg.to_dict()["eval"].items() if k not in ("benchmarks", "sources")},
          "benchmark": vars(bench), "model": model_ref, "seed": cfg.seed}
@@ -126,18 +138,14 @@ def evaluate(cfg: RunConfig, model_ref: str | None = None, label: str | None = N
     Call inside a Ray session (``ray_session``); ``run_eval`` is the stage entry point that opens one.
     """
     from .generate import GenerationSpec, generate_and_verify
-    from .models import resolve
 
     if model_ref is None:
         model_ref, default_label = default_model(cfg)
         label = label or default_label
     label = label or label_of(model_ref)
-    config_file = Path(resolve(model_ref)) / "config.json"
-    archs = json.loads(config_file.read_text()).get("architectures") or [] if config_file.exists() else []
-    if any(a.endswith("ForMaskedLM") for a in archs):
-        raise ConfigError(f"eval: {model_ref} is a masked-diffusion model; evaluating it needs a diffusion "
-                          "sampler, which t3s_ray does not have yet (evaluate its AR selector or teacher instead)")
     ev = cfg.eval
+    diffusion = is_diffusion_model(cfg, model_ref)
+    backend = "hf" if diffusion else ev.backend  # vLLM does not serve masked-diffusion models
     out = Path(out_dir) if out_dir else cfg.run_dir / "eval" / label
     out.mkdir(parents=True, exist_ok=True)
     scores_path, samples_path = out / "scores.json", out / "samples.jsonl"
@@ -156,14 +164,16 @@ def evaluate(cfg: RunConfig, model_ref: str | None = None, label: str | None = N
             raise ConfigError(f"eval.pass_k {ev.pass_k}: benchmark '{bench.name}' draws only {k} samples per problem")
         rows = benchmark_rows(bench, ev.limit)
         spec = GenerationSpec(
-            model_ref=model_ref, backend=ev.backend, n=k,
+            model_ref=model_ref, backend=backend, n=k,
             temperature=ev.temperature if bench.temperature is None else bench.temperature,
             top_p=ev.top_p if bench.top_p is None else bench.top_p,
             max_tokens=bench.max_tokens or ev.max_tokens, seed=cfg.seed if ev.seed is None else ev.seed,
             system_prompt=bench.system_prompt, concurrency=max(1, min(ev.concurrency, len(rows))),
             batch_size=ev.batch_size, max_model_len=ev.max_model_len, engine_kwargs=ev.engine_kwargs,
             num_gpus_per_actor=ev.num_gpus_per_actor, dtype=cfg.student.dtype,
-            trust_remote_code=cfg.student.trust_remote_code)
+            trust_remote_code=cfg.student.trust_remote_code, sampler="diffusion" if diffusion else "ar",
+            diffusion_steps=ev.diffusion_steps, diffusion_block_length=ev.diffusion_block_length,
+            mask_token=cfg.student.mask_token)
         start = time.time()
         counts, errors, tokens = [], [], 0
         answers = {r["id"]: r["answer"] for r in rows}

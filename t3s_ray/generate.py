@@ -48,6 +48,12 @@ class GenerationSpec:
     dtype: str = "auto"
     trust_remote_code: bool = False
     revision: str | None = None
+    # Masked-diffusion models (dLLM students) are sampled by iterative unmasking instead of token by
+    # token; see t3s_ray/t3s/diffusion.py. hf backend only.
+    sampler: str = "ar"              # "ar" or "diffusion"
+    diffusion_steps: int = 0         # total denoising steps per answer (0: one per token)
+    diffusion_block_length: int = 32
+    mask_token: str = ""             # empty: the tokenizer's own mask token
 
 
 def sample_seed(seed: int, prompt_id: str, sample_index: int) -> int:
@@ -94,7 +100,9 @@ class HFGenerator:
     """
 
     def __init__(self, model_ref: str, temperature: float, top_p: float, topk_logprobs: int, dtype: str = "auto",
-                 trust_remote_code: bool = False, revision: str | None = None, device: str | None = None):
+                 trust_remote_code: bool = False, revision: str | None = None, device: str | None = None,
+                 sampler: str = "ar", diffusion_steps: int = 0, diffusion_block_length: int = 32,
+                 mask_token: str = ""):
         import torch
 
         from .models import load_model, load_tokenizer
@@ -106,6 +114,14 @@ class HFGenerator:
         model = load_model(model_ref, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code,
                            device=self.device).eval()
         self.__dict__.update(vars(HFGenerator.from_model(model, self.tokenizer, temperature, top_p, topk_logprobs)))
+        self.diffusion = None
+        if sampler == "diffusion":
+            if topk_logprobs:
+                raise ValueError("top-k logprobs are not available from the diffusion sampler")
+            mask_id = self.tokenizer.convert_tokens_to_ids(mask_token) if mask_token else self.tokenizer.mask_token_id
+            if mask_id is None or mask_id == self.tokenizer.unk_token_id:
+                raise ValueError(f"{model_ref}: no mask token for diffusion sampling (set student.mask_token)")
+            self.diffusion = {"mask_id": mask_id, "steps": diffusion_steps, "block_length": diffusion_block_length}
 
     @classmethod
     def from_model(cls, model, tokenizer, temperature: float, top_p: float, topk_logprobs: int = 0) -> "HFGenerator":
@@ -115,7 +131,8 @@ class HFGenerator:
         self.model, self.tokenizer = model, tokenizer
         self.tokenizer.padding_side = "left"
         self.temperature, self.top_p, self.topk = temperature, top_p, topk_logprobs
-        gen_eos = getattr(model.generation_config, "eos_token_id", None)
+        self.diffusion = None  # set by __init__ for a masked-diffusion model
+        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)  # none on masked LMs
         eos = gen_eos if gen_eos is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
         return self
@@ -123,6 +140,8 @@ class HFGenerator:
     def _generate(self, prompts: list[str], max_tokens: int, seed: int) -> list[dict[str, Any]]:
         import torch
 
+        if self.diffusion:
+            return self._diffuse(prompts, max_tokens, seed)
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         torch.manual_seed(seed)
         do_sample = self.temperature > 0
@@ -143,15 +162,29 @@ class HFGenerator:
             length = length or len(ids)
             ids = ids[:length]
             lp = logprobs[b, :length]
-            res = {"response": self.tokenizer.decode(ids, skip_special_tokens=True), "token_ids": ids,
-                   "logprobs": lp.gather(-1, torch.tensor(ids, device=lp.device)[:, None])[:, 0].tolist(),
-                   "finish_reason": finish, "error": None}
+            res = self._result(ids, lp.gather(-1, torch.tensor(ids, device=lp.device)[:, None])[:, 0].tolist(), finish)
             if self.topk:
                 top = lp.topk(self.topk, dim=-1)
                 res["topk_ids"] = top.indices.tolist()
                 res["topk_logprobs"] = top.values.tolist()
             results.append(res)
         return results
+
+    def _diffuse(self, prompts: list[str], max_tokens: int, seed: int) -> list[dict[str, Any]]:
+        import torch
+
+        from .t3s.diffusion import diffusion_generate
+
+        ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        outs = diffusion_generate(
+            self.model, ids, max_tokens, mask_id=self.diffusion["mask_id"], pad_id=self.tokenizer.pad_token_id,
+            eos_ids=self.eos_ids, steps=self.diffusion["steps"], block_length=self.diffusion["block_length"],
+            temperature=self.temperature, top_p=self.top_p, generator=torch.Generator().manual_seed(seed))
+        return [self._result(o["token_ids"], o["logprobs"], o["finish_reason"]) for o in outs]
+
+    def _result(self, ids: list[int], logprobs: list[float], finish: str) -> dict[str, Any]:
+        return {"response": self.tokenizer.decode(ids, skip_special_tokens=True), "token_ids": ids,
+                "logprobs": logprobs, "finish_reason": finish, "error": None}
 
     def generate_rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Generate for a list of requests; a failing batch is retried row by row to isolate errors."""
@@ -220,7 +253,12 @@ def run_requests(requests: list[dict[str, Any]], spec: GenerationSpec) -> Iterat
             num_cpus=1 if not spec.num_gpus_per_actor else None, batch_format="numpy",
             fn_constructor_kwargs={"model_ref": spec.model_ref, "temperature": spec.temperature, "top_p": spec.top_p,
                                    "topk_logprobs": spec.topk_logprobs, "dtype": spec.dtype,
-                                   "trust_remote_code": spec.trust_remote_code, "revision": spec.revision})
+                                   "trust_remote_code": spec.trust_remote_code, "revision": spec.revision,
+                                   "sampler": spec.sampler, "diffusion_steps": spec.diffusion_steps,
+                                   "diffusion_block_length": spec.diffusion_block_length,
+                                   "mask_token": spec.mask_token})
+    elif spec.sampler == "diffusion":
+        raise ValueError("masked-diffusion models are sampled by the hf backend only (vLLM does not serve them)")
     elif spec.backend == "vllm":
         from .vllm_backend import vllm_generate
 

@@ -334,6 +334,18 @@ def load_model(ref: str, *, dtype: str = "auto", revision: str | None = None, tr
     return model
 
 
+def declares_masked_lm(ref: str) -> bool:
+    """True when a local or builtin model folder declares a ``*ForMaskedLM`` architecture (a hub id
+    is not downloaded for this: False)."""
+    import json
+
+    config_file = Path(resolve(ref)) / "config.json"
+    if not config_file.is_file():
+        return False
+    archs = json.loads(config_file.read_text()).get("architectures") or []
+    return any(a.endswith("ForMaskedLM") for a in archs)
+
+
 def is_masked_lm(model) -> bool:
     """True for bidirectional denoisers (dLLM students) rather than causal LMs."""
     return type(model).__name__.endswith("ForMaskedLM")

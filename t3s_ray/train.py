@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import RunConfig, from_dict
+from .config import ConfigError, RunConfig, from_dict
 from .data import tokenize_pair
 from .t3s import token_confidence
 
@@ -241,7 +241,10 @@ class StudentTrainer:
         from .models import is_masked_lm
 
         self.model.train()
-        self.is_dllm = is_masked_lm(self.model)
+        # The config says which loss to use: a remote-code dLLM (LLaDA-2.0) registers as a causal LM.
+        self.is_dllm = self.job.model_kind == "dllm"
+        if is_masked_lm(self.model) and not self.is_dllm:
+            raise ValueError(f"{self.job.model_ref} is a masked LM (a diffusion denoiser): set student.kind: dllm")
         if self.cfg.train.activation_checkpointing and hasattr(self.model, "gradient_checkpointing_enable"):
             self.model.gradient_checkpointing_enable()
         self.module = LogprobModule(self.model, self.cfg.train.confidence_chunk)
@@ -863,7 +866,7 @@ def run_train(cfg: RunConfig, stop_at: int | None = None) -> dict[str, Any]:
     part-way through its training.
     """
     from .cluster import ray_session
-    from .models import load_tokenizer
+    from .models import declares_masked_lm, load_tokenizer
     from .traces import load_traces
 
     s = cfg.selection
@@ -877,6 +880,9 @@ def run_train(cfg: RunConfig, stop_at: int | None = None) -> dict[str, Any]:
             return previous
     traces = load_traces(cfg.run_dir)
     kind = cfg.student.kind
+    if kind == "ar" and declares_masked_lm(cfg.student.ref):
+        raise ConfigError(f"student.ref {cfg.student.ref} is a masked LM (a diffusion denoiser): set student.kind: dllm "
+                          "and student.selector_ref")
     scoring_ref = cfg.student.selector_ref if kind == "dllm" else cfg.student.ref
     tokenizer = load_tokenizer(cfg.student.ref, trust_remote_code=cfg.student.trust_remote_code)
     examples, skipped = tokenize_traces(traces, tokenizer, system_prompt=cfg.data.system_prompt,

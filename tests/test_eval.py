@@ -188,3 +188,56 @@ def test_vllm_backend_evaluation(ray_local, tmp_path):
     cfg = _run_config(tmp_path, backend="vllm", concurrency=1, limit=3, max_tokens=6)
     scores = evaluate(cfg, "builtin:tiny-llama", label="vllm")
     _check_outputs(cfg.run_dir / "eval" / "vllm", scores, problems=3, k=2)
+
+
+def test_dllm_student_is_evaluated_with_the_diffusion_sampler(ray_local, tmp_path):
+    from t3s_ray.generate import GenerationSpec, prepare_requests
+    from t3s_ray.models import load_model, load_tokenizer
+    from t3s_ray.t3s.diffusion import diffusion_generate
+
+    cfg = config.from_dict({
+        "name": "ev", "output_dir": str(tmp_path / "runs"),
+        "student": {"ref": "builtin:tiny-dllm", "kind": "dllm", "selector_ref": "builtin:tiny-llama"},
+        # backend vllm is overridden: masked-diffusion models are sampled by the hf backend
+        "eval": {"benchmarks": ["builtin:arith"], "samples": 1, "temperature": 0.0, "max_tokens": 6, "limit": 3,
+                 "backend": "vllm", "concurrency": 1, "batch_size": 2, "max_model_len": 512,
+                 "diffusion_steps": 3, "diffusion_block_length": 3}})
+    scores = evaluate(cfg)
+    b = scores["benchmarks"]["builtin:arith"]
+    assert scores["model"] == "builtin:tiny-dllm" and b["n"] == 3 and b["errors"] == 0 and b["tokens"] > 0
+    lines = [json.loads(x) for x in (cfg.run_dir / "eval" / "base" / "samples.jsonl").read_text().splitlines()]
+    # Greedy diffusion is deterministic: the same prompts through the sampler directly give the same answers.
+    tok = load_tokenizer("builtin:tiny-dllm")
+    model = load_model("builtin:tiny-dllm", dtype="float32").eval()
+    bench = load_benchmark("builtin:arith")
+    spec = GenerationSpec(model_ref="builtin:tiny-dllm", system_prompt=bench.system_prompt, max_model_len=512,
+                          max_tokens=6)
+    requests, _ = prepare_requests(benchmark_rows(bench, 3), spec, tok)
+    by_id = {line["id"]: line for line in lines}
+    assert set(by_id) == {r["id"] for r in requests}
+    for r in requests:
+        ids = tok(r["prompt_text"], add_special_tokens=False)["input_ids"]
+        want = diffusion_generate(model, [ids], 6, mask_id=tok.mask_token_id, pad_id=tok.pad_token_id,
+                                  eos_ids={tok.eos_token_id}, steps=3, block_length=3)[0]
+        assert by_id[r["id"]]["tokens"] == len(want["token_ids"])
+        assert by_id[r["id"]]["response"] == tok.decode(want["token_ids"], skip_special_tokens=True)
+
+
+def test_which_models_are_sampled_by_diffusion(tmp_path):
+    from t3s_ray.evaluate import is_diffusion_model
+
+    def run_cfg(student):
+        return config.from_dict({"name": "d", "output_dir": str(tmp_path / "runs"), "student": student,
+                                 "teacher": {"ref": "builtin:tiny-qwen3"}})
+
+    dllm = run_cfg({"ref": "some-org/remote-code-dllm", "kind": "dllm", "selector_ref": "builtin:tiny-llama"})
+    ar = run_cfg({"ref": "builtin:tiny-llama"})
+    checkpoint = dllm.run_dir / "methods" / "sft" / "train" / "model"  # a causal-LM-registered dLLM checkpoint
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "config.json").write_text(json.dumps({"architectures": ["RemoteDllmForCausalLM"]}))
+    assert is_diffusion_model(dllm, "some-org/remote-code-dllm")  # the student's own ref: by its kind
+    assert is_diffusion_model(dllm, str(checkpoint))  # a checkpoint of this dLLM run
+    assert not is_diffusion_model(dllm, "builtin:tiny-qwen3")  # its teacher
+    assert not is_diffusion_model(dllm, "builtin:tiny-llama")  # its AR selector
+    assert not is_diffusion_model(ar, str(checkpoint)) and not is_diffusion_model(ar, "builtin:tiny-llama")
+    assert is_diffusion_model(ar, "builtin:tiny-dllm")  # a masked-LM architecture, whatever the run

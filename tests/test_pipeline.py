@@ -37,6 +37,13 @@ def test_rrt_needs_sft_and_a_probe_before_it(tmp_path):
         run_pipeline(cfg)
 
 
+def test_dllm_students_compare_base_sft_and_t3s_only(tmp_path):
+    dllm = {"ref": "builtin:tiny-dllm", "kind": "dllm", "selector_ref": "builtin:tiny-llama"}
+    cfg = config.from_dict(pipeline_data(tmp_path, student=dllm, compare=["base", "sft", "t3s", "rrt"]))
+    with pytest.raises(ConfigError, match=r"a dLLM student supports base, sft and t3s; got \['base', 'sft', 't3s', 'rrt'\]"):
+        run_pipeline(cfg)
+
+
 @pytest.mark.slow
 def test_pipeline_end_to_end_with_report_and_resume(ray_local, tmp_path, capsys, monkeypatch):
     cfg = config.from_dict(pipeline_data(tmp_path))

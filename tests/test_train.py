@@ -279,6 +279,14 @@ def test_static_protocol_probes_scores_and_trains_with_anchors(static_run):
 
 
 @pytest.mark.slow
+def test_a_masked_lm_student_declared_ar_is_refused_before_training(traces_root, tmp_path):
+    from t3s_ray.config import ConfigError
+
+    cfg = clone_traces(traces_root, tmp_path, "dllm-as-ar", student={"ref": "builtin:tiny-dllm"})
+    with pytest.raises(ConfigError, match="builtin:tiny-dllm is a masked LM .*set student.kind: dllm"):
+        run_train(cfg)
+
+
 def test_dllm_student_trains_with_forced_masks(traces_root, tmp_path):
     from transformers import AutoModelForMaskedLM
 
