@@ -41,8 +41,8 @@ def method_config(cfg: RunConfig, method: str) -> RunConfig:
     return from_dict(data, f"{cfg.name}: method {method}")
 
 
-def _link(shared: Path, link: Path) -> None:
-    """Point a method's folder at the run's shared one (traces, probe)."""
+def link_shared_folder(shared: Path, link: Path) -> None:
+    """Point a method's (or sweep trial's) folder at the run's shared one (traces, probe)."""
     shared.mkdir(parents=True, exist_ok=True)
     link.parent.mkdir(parents=True, exist_ok=True)
     if not link.exists() and not link.is_symlink():
@@ -66,8 +66,8 @@ def train_method(cfg: RunConfig, method: str) -> str:
     from .train import run_train
 
     mcfg = method_config(cfg, method)
-    _link(cfg.run_dir / "traces", mcfg.run_dir / "traces")
-    _link(cfg.run_dir / "probe", mcfg.run_dir / "probe")
+    link_shared_folder(cfg.run_dir / "traces", mcfg.run_dir / "traces")
+    link_shared_folder(cfg.run_dir / "probe", mcfg.run_dir / "probe")
     print(f"[run] method {method}: protocol {mcfg.selection.protocol} -> {mcfg.run_dir}", file=sys.stderr, flush=True)
     summary = run_train(mcfg)
     return str(Path(summary["model"]).resolve())

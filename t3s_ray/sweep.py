@@ -68,6 +68,7 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], sweep_dir: str, trac
     from ray import tune
 
     from .evaluate import evaluate
+    from .pipeline import link_shared_folder
     from .train import run_train
 
     name = trial_name(params)
@@ -85,9 +86,7 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], sweep_dir: str, trac
     started = time.time()
     try:
         cfg = trial_config(base, params, trials_dir, name)
-        traces_link = cfg.run_dir / "traces"
-        if not traces_link.exists():
-            traces_link.symlink_to(Path(traces_dir).resolve(), target_is_directory=True)
+        link_shared_folder(Path(traces_dir), cfg.run_dir / "traces")
         every = base["sweep"]["eval_every"]  # the trial's own config has no sweep section
         total = cfg.train.max_steps
         stops = sorted({*range(every, total, every), total}) if every else [total]
