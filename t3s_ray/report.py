@@ -129,6 +129,7 @@ def plot_bifurcation(traj: dict[str, Any], path: Path) -> None:
         pad = 0.05 * max(high - low, 1e-3)
         ax.set_ylim(low - pad, high + pad)
     ax.set_xlabel("probe SFT step")
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))  # steps are whole numbers
     ax.set_ylabel("token confidence log p(y_t | y_<t, x) (1st-99.5th pct.)")
     ax.set_title(f"Confidence trajectories: anchors (Δc > {traj['tau']}) vs yet-to-learn tokens")
     ax.legend(loc="lower right", fontsize=8)
@@ -152,6 +153,7 @@ def plot_train_curves(run_dir: Path, path: Path) -> bool:
         m = _read_jsonl(d / "train" / "metrics.jsonl")
         ax_loss.plot([r["step"] for r in m], [r["loss"] for r in m], marker=".", label=name)
     ax_loss.set_xlabel("step")
+    ax_loss.xaxis.set_major_locator(plt.MaxNLocator(integer=True))  # steps are whole numbers
     ax_loss.set_ylabel("training loss")
     ax_loss.set_title("Loss over steps")
     ax_loss.grid(alpha=0.3)
@@ -168,6 +170,7 @@ def plot_train_curves(run_dir: Path, path: Path) -> bool:
         if acc:
             ax_acc.plot([r["step"] for r in acc], [r["train_accuracy"] for r in acc], marker="o", label=name)
     ax_acc.set_xlabel("step")
+    ax_acc.xaxis.set_major_locator(plt.MaxNLocator(integer=True))  # steps are whole numbers
     ax_acc.set_ylabel("train accuracy (avg@k on train prompts)")
     ax_acc.set_title("Train accuracy, bottleneck marked")
     ax_acc.grid(alpha=0.3)
@@ -189,6 +192,7 @@ def plot_anchor_fraction(run_dir: Path, path: Path) -> bool:
         ax.plot(steps, [r["kept_frac"] for r in m], linestyle=":", color=line[0].get_color(),
                 label=f"{name}: kept-target fraction")
     ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))  # steps are whole numbers
     ax.set_ylabel("fraction of response tokens")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title("Anchor and kept-token fractions over time")
