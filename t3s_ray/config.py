@@ -578,7 +578,8 @@ class SweepConfig:
         mode: ``max`` or ``min``.
         num_samples: Samples drawn from the space (each grid point is repeated this many times).
         max_concurrent_trials: Trials running at once.
-        search: ``random`` (random and grid search) or ``optuna``.
+        search: ``random`` (random and grid search) or ``optuna`` (TPE, seeded with the run's
+            ``seed``; needs the ``optuna`` extra and takes no ``grid`` entries).
         scheduler: ``fifo`` or ``asha`` (stops weak trials early; needs ``eval_every``).
         eval_every: Report an intermediate benchmark score every this many training steps (0: only
             at the end).

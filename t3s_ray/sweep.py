@@ -142,7 +142,7 @@ def run_sweep(cfg: RunConfig) -> list[dict[str, Any]]:
             tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=False,
                                        restart_errored=False)
         else:
-            tuner = tune.Tuner(trainable, param_space=search_space(sw), tune_config=_tune_config(sw),
+            tuner = tune.Tuner(trainable, param_space=search_space(sw), tune_config=_tune_config(sw, cfg.seed),
                                run_config=TuneRunConfig(name="tune", storage_path=str(sweep_dir), verbose=1))
         grid = tuner.fit()
     rows = results_table(grid, sw, sweep_dir)
@@ -150,7 +150,7 @@ def run_sweep(cfg: RunConfig) -> list[dict[str, Any]]:
     return rows
 
 
-def _tune_config(sw: SweepConfig):
+def _tune_config(sw: SweepConfig, seed: int):
     from ray import tune
 
     search_alg = None
@@ -158,8 +158,10 @@ def _tune_config(sw: SweepConfig):
         try:
             from ray.tune.search.optuna import OptunaSearch
         except ImportError as e:
-            raise ConfigError(f"sweep.search: optuna needs the optuna package (pip install optuna): {e}") from None
-        search_alg = OptunaSearch(metric=sw.metric, mode=sw.mode)
+            raise ConfigError("sweep.search: optuna needs the optuna package "
+                              f"(pip install 't3s_ray[optuna]'): {e}") from None
+        # TPE seeded with the run's seed, so a sweep proposes the same values when run again.
+        search_alg = OptunaSearch(metric=sw.metric, mode=sw.mode, seed=seed)
     scheduler = None
     if sw.scheduler == "asha":
         from ray.tune.schedulers import ASHAScheduler

@@ -82,6 +82,38 @@ def test_four_trial_sweep_writes_table_best_config_and_plot(ray_local, tmp_path)
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
 
+def test_optuna_search_takes_no_grid(tmp_path):
+    with pytest.raises(ConfigError, match=r"sweep.space.train.lr grid is not supported with search: optuna"):
+        config.load(sweep_config(tmp_path, {"train.lr": {"grid": [1e-4]}}, search="optuna"))
+
+
+@pytest.mark.slow
+def test_optuna_sweep_proposes_the_seeded_tpe_values(ray_local, tmp_path):
+    # Two one-step trials proposed by Optuna. Its TPE sampler, seeded with the run's seed, must have
+    # chosen them: an Optuna study of our own with the same seed and space proposes the same pairs
+    # (Tune's random search would not).
+    optuna = pytest.importorskip("optuna")
+    space = {"train.lr": {"loguniform": [1e-5, 1e-3]}, "selection.refresh_interval": {"choice": [1, 2, 3]}}
+    path = sweep_config(tmp_path, space, search="optuna", num_samples=2, max_concurrent_trials=2)
+    data = yaml.safe_load((tmp_path / "base.yaml").read_text())
+    data["seed"], data["train"]["max_steps"] = 11, 1
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(data))
+    cfg = config.load(path)
+    rows = run_sweep(cfg)
+    assert len(rows) == 2 and all(r["status"] == "DONE" and r["score"] != "" for r in rows)
+    got = sorted((float(r["train.lr"]), int(r["selection.refresh_interval"])) for r in read_table(tmp_path / "runs" / "sw"))
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=11), direction="maximize")
+    make = {"loguniform": lambda v: optuna.distributions.FloatDistribution(*v, log=True),
+            "choice": optuna.distributions.CategoricalDistribution}
+    # in the config's key order: the sampler draws one value per key in turn
+    dists = {key: make[kind](values) for key, spec in cfg.sweep.space.items() for kind, values in spec.items()}
+    want = []
+    for _ in range(2):  # both proposed before either finished (2 at once), so no result is told
+        trial = study.ask(dists)
+        want.append((trial.params["train.lr"], trial.params["selection.refresh_interval"]))
+    assert [x for pair in got for x in pair] == pytest.approx([x for pair in sorted(want) for x in pair])
+
+
 @pytest.mark.slow
 def test_interrupted_sweep_resumes_and_a_failing_trial_is_reported(ray_local, tmp_path):
     # Three trials run one at a time; lr=-1 is invalid and must fail alone, with its error in the table.
