@@ -105,7 +105,7 @@ class HFGenerator:
                  mask_token: str = ""):
         import torch
 
-        from .models import load_model, load_tokenizer
+        from .models import load_model, load_tokenizer, mask_token_id
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if dtype == "auto" and self.device == "cpu":
@@ -114,14 +114,11 @@ class HFGenerator:
         model = load_model(model_ref, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code,
                            device=self.device).eval()
         self.__dict__.update(vars(HFGenerator.from_model(model, self.tokenizer, temperature, top_p, topk_logprobs)))
-        self.diffusion = None
         if sampler == "diffusion":
             if topk_logprobs:
                 raise ValueError("top-k logprobs are not available from the diffusion sampler")
-            mask_id = self.tokenizer.convert_tokens_to_ids(mask_token) if mask_token else self.tokenizer.mask_token_id
-            if mask_id is None or mask_id == self.tokenizer.unk_token_id:
-                raise ValueError(f"{model_ref}: no mask token for diffusion sampling (set student.mask_token)")
-            self.diffusion = {"mask_id": mask_id, "steps": diffusion_steps, "block_length": diffusion_block_length}
+            self.diffusion = {"mask_id": mask_token_id(self.tokenizer, mask_token, model_ref), "steps": diffusion_steps,
+                              "block_length": diffusion_block_length}
 
     @classmethod
     def from_model(cls, model, tokenizer, temperature: float, top_p: float, topk_logprobs: int = 0) -> "HFGenerator":

@@ -334,6 +334,15 @@ def load_model(ref: str, *, dtype: str = "auto", revision: str | None = None, tr
     return model
 
 
+def mask_token_id(tokenizer, mask_token: str, ref: str) -> int:
+    """The id of ``mask_token`` (empty: the tokenizer's own mask token); a ValueError naming the
+    model when there is none (an unknown token maps to unk, which would silently train on unk)."""
+    token_id = tokenizer.convert_tokens_to_ids(mask_token) if mask_token else tokenizer.mask_token_id
+    if token_id is None or (token_id == tokenizer.unk_token_id and tokenizer.unk_token_id is not None):
+        raise ValueError(f"{ref} has no mask token {mask_token!r}: set student.mask_token to one of its tokens")
+    return token_id
+
+
 def declares_masked_lm(ref: str) -> bool:
     """True when a local or builtin model folder declares a ``*ForMaskedLM`` architecture (a hub id
     is not downloaded for this: False)."""

@@ -238,13 +238,15 @@ class StudentTrainer:
     def _wrap_model(self) -> None:
         """DDP (or FSDP2) around a module whose forward returns token log-probabilities, so that the
         chunked confidence is computed inside the wrapped forward and gradients are synchronised."""
-        from .models import is_masked_lm
+        from .models import is_masked_lm, mask_token_id
 
         self.model.train()
         # The config says which loss to use: a remote-code dLLM (LLaDA-2.0) registers as a causal LM.
         self.is_dllm = self.job.model_kind == "dllm"
         if is_masked_lm(self.model) and not self.is_dllm:
             raise ValueError(f"{self.job.model_ref} is a masked LM (a diffusion denoiser): set student.kind: dllm")
+        if self.is_dllm:
+            self.mask_id = mask_token_id(self.tokenizer, self.cfg.student.mask_token, self.job.model_ref)
         if self.cfg.train.activation_checkpointing and hasattr(self.model, "gradient_checkpointing_enable"):
             self.model.gradient_checkpointing_enable()
         self.module = LogprobModule(self.model, self.cfg.train.confidence_chunk)
@@ -467,7 +469,7 @@ class StudentTrainer:
                 if self.is_dllm:
                     generator = torch.Generator().manual_seed(_stable_seed(t.seed, "dllm", step, *ids))
                     forced = anchor_mask if self.state["masking_on"] else torch.zeros_like(anchor_mask)
-                    noised, masked, _ = dllm_forced_mask(input_ids, target, forced, self._mask_token_id(),
+                    noised, masked, _ = dllm_forced_mask(input_ids, target, forced, self.mask_id,
                                                          self.cfg.selection.mask_lo, self.cfg.selection.mask_hi,
                                                          generator=generator)
                     logits = self.forward(noised, attention, target, logits_only=True)
@@ -511,13 +513,6 @@ class StudentTrainer:
             "grad_norm": grad_norm,
             "tokens": int(totals["tokens"]),
         }
-
-    def _mask_token_id(self) -> int:
-        name = self.cfg.student.mask_token
-        token_id = self.tokenizer.convert_tokens_to_ids(name) if name else self.tokenizer.mask_token_id
-        if token_id is None:
-            raise ValueError(f"student {self.job.model_ref} has no mask token: set student.mask_token")
-        return token_id
 
     def _diagnostics(self, mine: list[int], anchors: list[np.ndarray]) -> dict[str, float]:
         """The paper's gradient-conflict measurement on this rank's first micro-batch."""
@@ -740,6 +735,11 @@ def _no_sync(forward):
 
 
 def train_loop_per_worker(job_dict: dict[str, Any]) -> None:
+    import logging
+
+    # Ray Train logs every report and checkpoint at INFO (a long line each); our own progress lines
+    # and metrics.jsonl say the same, so keep its warnings only.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     job = TrainJob(**job_dict)
     trainer = StudentTrainer(job)
     trainer.setup()

@@ -56,6 +56,14 @@ def test_tiny_dllm_is_a_bidirectional_masked_lm():
     assert not torch.allclose(logits[0, 0], model(changed).logits[0, 0])
 
 
+def test_mask_token_id_names_a_missing_token():
+    tok = models.load_tokenizer("builtin:tiny-dllm")
+    assert models.mask_token_id(tok, "", "builtin:tiny-dllm") == tok.convert_tokens_to_ids("<|mask|>")
+    assert models.mask_token_id(tok, "<think>", "builtin:tiny-dllm") == tok.convert_tokens_to_ids("<think>")
+    with pytest.raises(ValueError, match=r"builtin:tiny-dllm has no mask token '<nope>': set student.mask_token"):
+        models.mask_token_id(tok, "<nope>", "builtin:tiny-dllm")
+
+
 def test_load_model_dtype_and_causal_kind():
     model = models.load_model("builtin:tiny-qwen3", dtype="bfloat16")
     assert model.dtype == torch.bfloat16 and not models.is_masked_lm(model)
