@@ -25,6 +25,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import shutil
 import sys
 import tempfile
@@ -735,15 +736,25 @@ def _no_sync(forward):
 
 
 def train_loop_per_worker(job_dict: dict[str, Any]) -> None:
-    import logging
-
-    # Ray Train logs every report and checkpoint at INFO (a long line each); our own progress lines
-    # and metrics.jsonl say the same, so keep its warnings only.
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    _quiet_report_log()
     job = TrainJob(**job_dict)
     trainer = StudentTrainer(job)
     trainer.setup()
     trainer.train()
+
+
+def _quiet_report_log() -> None:
+    """Ray 2.60 logs "Reporting training result N: TrainingReport(...)" for every report of every
+    rank through a logger named by its file path (not under ``ray.train``), so ``LoggingConfig``
+    does not reach it; at INFO it doubled the console output of a run."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray version: nothing to quiet
+        return
+    if isinstance(getattr(context, "logger", None), logging.Logger):
+        context.logger.setLevel(logging.WARNING)
 
 
 # --------------------------------------------------------------------------------------------
@@ -754,7 +765,7 @@ def train_loop_per_worker(job_dict: dict[str, Any]) -> None:
 def fit(cfg: RunConfig, job: TrainJob, examples: list[dict[str, Any]]) -> dict[str, Any]:
     """Run one ``TorchTrainer`` for ``job`` and return a summary; resumes from its own latest checkpoint."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchTrainer
 
@@ -771,6 +782,10 @@ def fit(cfg: RunConfig, job: TrainJob, examples: list[dict[str, Any]]) -> dict[s
                          ema_alpha=cfg.selection.ema_alpha)
     job.examples_ref = ray.put(examples)
     t = cfg.train
+    # Ray Train's print patch sends each worker print to its logger *and* (Ray having redirected
+    # stderr) to stderr, so every progress line reached the console twice. Ray Train hands this
+    # variable from the driver to its controller and workers.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=asdict(job),
@@ -778,7 +793,10 @@ def fit(cfg: RunConfig, job: TrainJob, examples: list[dict[str, Any]]) -> dict[s
                                      resources_per_worker={"CPU": 1} if not t.use_gpu else None),
         run_config=RayRunConfig(name="ray_train", storage_path=str(out.resolve()),
                                 failure_config=FailureConfig(max_failures=t.max_failures),
-                                checkpoint_config=CheckpointConfig(num_to_keep=t.keep_last or None)),
+                                checkpoint_config=CheckpointConfig(num_to_keep=t.keep_last or None),
+                                # Ray Train logs every report and checkpoint at INFO, a long line each:
+                                # our progress lines and metrics.jsonl say the same. Its files keep all.
+                                logging_config=LoggingConfig(log_level="WARNING")),
     )
     started = time.time()
     result = trainer.fit()
