@@ -64,6 +64,7 @@ def main() -> int:
         return 2
     name = torch.cuda.get_device_name() if device_under_test == "cuda" else "CPU (dry run)"
     print(f"torch {torch.__version__} on {name}", flush=True)
+    dut = device_under_test.upper()
 
     for ref in ("builtin:tiny-llama", "builtin:tiny-qwen3"):
         cpu, g_cpu, target = confidence_and_grad(ref, "cpu", torch.float32)
@@ -72,9 +73,9 @@ def main() -> int:
         diff = (cpu - gpu)[target].abs().max().item()
         gdiff = (g_cpu - g_gpu).abs().max().item() / max(g_cpu.abs().max().item(), 1e-12)
         bdiff = (cpu - half)[target].abs().max().item()
-        check(f"{ref} confidence, CUDA fp32 vs CPU", diff < 1e-4, f"max |diff| {diff:.2e}")
-        check(f"{ref} T3S loss gradient, CUDA fp32 vs CPU", gdiff < 1e-3, f"max relative diff {gdiff:.2e}")
-        check(f"{ref} confidence, CUDA bf16 vs CPU fp32", bdiff < 0.1, f"max |diff| {bdiff:.3f}")
+        check(f"{ref} confidence, {dut} fp32 vs CPU", diff < 1e-4, f"max |diff| {diff:.2e}")
+        check(f"{ref} T3S loss gradient, {dut} fp32 vs CPU", gdiff < 1e-3, f"max relative diff {gdiff:.2e}")
+        check(f"{ref} confidence, {dut} bf16 vs CPU fp32", bdiff < 0.1, f"max |diff| {bdiff:.3f}")
 
     rows = [{"id": str(i), "sample_index": 0, "prompt_text": p, "max_tokens": 16, "seed": 0}
             for i, p in enumerate(PROMPTS)]
@@ -83,7 +84,7 @@ def main() -> int:
         gen = HFGenerator("builtin:tiny-llama", temperature=0.0, top_p=1.0, topk_logprobs=0, dtype="float32",
                           device=device)
         outs[device] = [r["token_ids"] for r in gen.generate_rows(rows)]
-    check("HFGenerator greedy, CUDA vs CPU", outs["cpu"] == outs[device_under_test],
+    check(f"HFGenerator greedy, {dut} vs CPU", outs["cpu"] == outs[device_under_test],
           f"{sum(len(x) for x in outs['cpu'])} tokens, "
           f"{sum(a == b for a, b in zip(outs['cpu'], outs[device_under_test]))}/3 "
           "sequences equal")
@@ -96,7 +97,7 @@ def main() -> int:
         dl[device] = [o["token_ids"] for o in diffusion_generate(
             model, ids, 12, mask_id=mask_token_id(tok, "", "builtin:tiny-dllm"), pad_id=tok.pad_token_id,
             eos_ids={tok.eos_token_id}, steps=6, block_length=4, temperature=0.0, top_p=1.0)]
-    check("diffusion sampler greedy, CUDA vs CPU", dl["cpu"] == dl[device_under_test],
+    check(f"diffusion sampler greedy, {dut} vs CPU", dl["cpu"] == dl[device_under_test],
           f"{sum(a == b for a, b in zip(dl['cpu'], dl[device_under_test]))}/3 sequences equal")
 
     if device_under_test != "cuda":
