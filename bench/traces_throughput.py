@@ -43,9 +43,9 @@ def bare_hf(requests, spec: GenerationSpec) -> tuple[int, float]:
 
 
 def bare_vllm(requests, spec: GenerationSpec) -> tuple[int, float]:
+    start = time.perf_counter()  # both sides are timed end to end: import, engine start, generation
     from vllm import LLM, SamplingParams
 
-    start = time.perf_counter()  # both sides are timed end to end, engine start included
     # The same engine settings the pipeline uses on CPU (float32: no bf16 instructions; no chunked prefill).
     llm = LLM(model=resolve(spec.model_ref), max_model_len=spec.max_model_len, enforce_eager=True, dtype="float32",
               enable_chunked_prefill=False, max_num_batched_tokens=max(spec.max_model_len, 4096))
@@ -55,7 +55,7 @@ def bare_vllm(requests, spec: GenerationSpec) -> tuple[int, float]:
     outs = llm.generate([r["prompt_text"] for r in requests], params, use_tqdm=False)
     elapsed = time.perf_counter() - start
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    print(f"  (bare vLLM: engine start {started - start:.1f} s, generation {elapsed - started + start:.1f} s = "
+    print(f"  (bare vLLM: import + engine start {started - start:.1f} s, generation {elapsed - started + start:.1f} s = "
           f"{tokens / (elapsed - started + start):.1f} tok/s without the start)")
     return tokens, elapsed
 
