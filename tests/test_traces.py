@@ -64,14 +64,14 @@ def test_hf_traces_end_to_end(ray_local, tmp_path):
     assert len(ids) == 20 and all(ids.count(i) == 2 for i in set(ids))
 
 
-def test_actor_plan_gives_every_actor_work():
+def test_actor_plan_starts_no_idle_actor():
     from t3s_ray.generate import actor_plan
 
-    assert actor_plan(6, 2, 8) == (2, 3)      # 6 rows, 2 actors: batches of 3, one each (not 6 on one)
-    assert actor_plan(78, 2, 8) == (2, 8)     # enough work: the configured batch size
-    assert actor_plan(1, 4, 8) == (1, 1)      # one request: one actor, not four loading the model
-    assert actor_plan(10, 2, 5) == (2, 5)
-    assert actor_plan(3, 1, 16) == (1, 3)
+    assert actor_plan(6, 2, 8) == 1     # one batch: one actor (a second would only load the model)
+    assert actor_plan(78, 2, 8) == 2    # enough batches: the configured concurrency
+    assert actor_plan(1, 4, 8) == 1
+    assert actor_plan(10, 2, 5) == 2
+    assert actor_plan(17, 4, 8) == 3    # three batches, three actors
 
 
 def test_keep_policies():
