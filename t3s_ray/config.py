@@ -136,6 +136,9 @@ class DataConfig:
         limit: Read at most this many prompts (empty: all).
         builtin_size: Number of prompts per split of ``builtin:arith``.
         builtin_seed: Seed of ``builtin:arith``.
+        builtin_steps: Additions/subtractions per ``builtin:arith`` problem (1: "Ana has 7 coins.
+            Ana gets 5 more coins. How many ..."; each further step adds a sentence and a carry of
+            the running total, so the problems get harder).
         max_seq_len: Longest tokenised (prompt + response) the student trains on; longer rows are
             skipped and counted.
     """
@@ -151,6 +154,7 @@ class DataConfig:
     limit: Optional[int] = None
     builtin_size: int = 200
     builtin_seed: int = 0
+    builtin_steps: int = 1
     max_seq_len: int = 1024
 
     def check(self) -> list[tuple[str, str]]:
@@ -159,8 +163,9 @@ class DataConfig:
             errs.append(("source", "must not be empty"))
         if self.limit is not None and self.limit < 1:
             errs.append(("limit", "must be >= 1"))
-        if self.builtin_size < 1:
-            errs.append(("builtin_size", "must be >= 1"))
+        for name in ("builtin_size", "builtin_steps"):
+            if getattr(self, name) < 1:
+                errs.append((name, "must be >= 1"))
         if self.max_seq_len < 8:
             errs.append(("max_seq_len", "must be >= 8"))
         return errs
@@ -495,6 +500,7 @@ class BenchmarkConfig:
         split: Dataset split.
         subset: Hub dataset configuration name (empty: the default).
         size: ``builtin:arith`` only: how many problems to draw.
+        steps: ``builtin:arith`` only: additions/subtractions per problem (as ``data.builtin_steps``).
         id_field: Column with a unique problem id (empty: the row number).
         prompt_field: Column with the problem text.
         answer_field: Column with the gold answer (unused with ``choice_fields``).
@@ -516,6 +522,7 @@ class BenchmarkConfig:
     split: str = "test"
     subset: Optional[str] = None
     size: int = 100
+    steps: int = 1
     id_field: Optional[str] = "id"
     prompt_field: str = "problem"
     answer_field: Optional[str] = "answer"
@@ -545,8 +552,9 @@ class BenchmarkConfig:
         for name in ("samples", "max_tokens"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 errs.append((name, "must be >= 1"))
-        if self.size < 1:
-            errs.append(("size", "must be >= 1"))
+        for name in ("size", "steps"):
+            if getattr(self, name) < 1:
+                errs.append((name, "must be >= 1"))
         return errs
 
 
@@ -578,8 +586,9 @@ class SweepConfig:
         mode: ``max`` or ``min``.
         num_samples: Samples drawn from the space (each grid point is repeated this many times).
         max_concurrent_trials: Trials running at once.
-        search: ``random`` (random and grid search) or ``optuna`` (TPE, seeded with the run's
-            ``seed``; needs the ``optuna`` extra and takes no ``grid`` entries).
+        search: ``random`` (random and grid search, random draws seeded with the run's ``seed``)
+            or ``optuna`` (TPE, seeded with the run's ``seed``; needs the ``optuna`` extra and
+            takes no ``grid`` entries).
         scheduler: ``fifo`` or ``asha`` (stops weak trials early; needs ``eval_every``).
         eval_every: Report an intermediate benchmark score every this many training steps (0: only
             at the end).

@@ -194,8 +194,8 @@ def load_prompts(cfg: DataConfig, split: str | None = None, extra_fields: dict[s
                  on_empty: str = "raise") -> list[dict[str, Any]]:
     """The prompt rows a config names, checked, with ``data.prompt_suffix`` applied and ``limit`` taken."""
     split = split or cfg.split
-    if cfg.source == ARITH_SOURCE or cfg.source.startswith(ARITH_SOURCE + "?"):
-        rows = arith_rows(split, cfg.limit or cfg.builtin_size, seed=cfg.builtin_seed)
+    if cfg.source == ARITH_SOURCE:
+        rows = arith_rows(split, cfg.limit or cfg.builtin_size, seed=cfg.builtin_seed, steps=cfg.builtin_steps)
         unknown = [c for c in (extra_fields or {}).values() if c != "solution"]
         if unknown:
             raise DataError(f"{ARITH_SOURCE} has no column(s) {', '.join(unknown)} (it has: id, prompt, answer, solution)")

@@ -65,7 +65,7 @@ def _shuffled_choices(options: list[str], problem_id: str) -> tuple[list[str], s
 def benchmark_rows(bench: BenchmarkConfig, limit: int | None = None) -> list[dict[str, Any]]:
     """The benchmark's problems as prompt rows ``{id, prompt, answer}``, rendered with its template."""
     if bench.source == ARITH_SOURCE:
-        rows = arith_rows(bench.split, min(limit or bench.size, bench.size))
+        rows = arith_rows(bench.split, min(limit or bench.size, bench.size), steps=bench.steps)
         for row in rows:
             row.pop("solution")
     else:

@@ -153,8 +153,13 @@ def run_sweep(cfg: RunConfig) -> list[dict[str, Any]]:
 def _tune_config(sw: SweepConfig, seed: int):
     from ray import tune
 
-    search_alg = None
-    if sw.search == "optuna":
+    if sw.search == "random":
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        # Random draws seeded with the run's seed, so a rerun of the sweep tries the same values.
+        # The generator limits concurrency itself (Tune ignores max_concurrent_trials beside it).
+        search_alg = BasicVariantGenerator(random_state=seed, max_concurrent=sw.max_concurrent_trials)
+    elif sw.search == "optuna":
         try:
             from ray.tune.search.optuna import OptunaSearch
         except ImportError as e:
@@ -168,7 +173,8 @@ def _tune_config(sw: SweepConfig, seed: int):
 
         scheduler = ASHAScheduler(time_attr="training_iteration", grace_period=1, reduction_factor=2)
     return tune.TuneConfig(metric=sw.metric, mode=sw.mode, num_samples=sw.num_samples, search_alg=search_alg,
-                           scheduler=scheduler, max_concurrent_trials=sw.max_concurrent_trials)
+                           scheduler=scheduler,
+                           max_concurrent_trials=None if sw.search == "random" else sw.max_concurrent_trials)
 
 
 def results_table(grid, sw: SweepConfig, sweep_dir: Path) -> list[dict[str, Any]]:

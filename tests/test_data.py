@@ -15,24 +15,32 @@ def jsonl(tmp_path, rows, name="prompts.jsonl"):
     return p
 
 
-def test_arith_is_deterministic_and_splits_are_disjoint():
-    a = data.arith_rows("train", 300, seed=3)
-    assert a == data.arith_rows("train", 300, seed=3)
-    assert a != data.arith_rows("train", 300, seed=4)
-    test = data.arith_rows("test", 300, seed=3)
+@pytest.mark.parametrize("steps", [1, 3])
+def test_arith_is_deterministic_and_splits_are_disjoint(steps):
+    a = data.arith_rows("train", 300, seed=3, steps=steps)
+    assert a == data.arith_rows("train", 300, seed=3, steps=steps)
+    assert a != data.arith_rows("train", 300, seed=4, steps=steps)
+    test = data.arith_rows("test", 300, seed=3, steps=steps)
     assert not {r["prompt"] for r in a} & {r["prompt"] for r in test}
     assert len({r["id"] for r in a}) == 300
-    # The gold answer is right: recompute it from the sentences.
+    # The gold answer is right: recompute it from the sentences, one per step.
     for row in a[:50]:
         words = row["prompt"].split()
-        total = int(words[2])
+        total, actions = int(words[2]), 0
         for i, w in enumerate(words):
             if w == "gets":
-                total += int(words[i + 1])
+                total, actions = total + int(words[i + 1]), actions + 1
             if w == "away":
-                total -= int(words[i + 1])
-        assert str(total) == row["answer"]
+                total, actions = total - int(words[i + 1]), actions + 1
+            assert total >= 0
+        assert actions == steps and str(total) == row["answer"]
         assert row["solution"].endswith(f"The answer is {total}.")
+
+
+def test_load_prompts_takes_the_arith_steps_from_the_config():
+    rows = data.load_prompts(DataConfig(builtin_size=5, builtin_steps=2, builtin_seed=1))
+    assert [r["prompt"] for r in rows] == [r["prompt"] for r in data.arith_rows("train", 5, seed=1, steps=2)]
+    assert all(r["prompt"].count(" more ") + r["prompt"].count(" away ") == 2 for r in rows)
 
 
 def test_load_prompts_from_jsonl_with_column_mapping(tmp_path):

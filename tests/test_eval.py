@@ -87,6 +87,10 @@ def test_offline_benchmark_is_deterministic_and_disjoint_from_train():
     train_prompts = {r["prompt"] for r in arith_rows("train", 2000)}
     assert not train_prompts & {r["prompt"] for r in rows}
     assert all(r["answer"].isdigit() for r in rows)
+    # a multi-step variant (a benchmark YAML with `steps: 3`) draws other, longer problems
+    hard = benchmark_rows(BenchmarkConfig(name="arith3", source="builtin:arith", size=20, steps=3))
+    assert [r["prompt"] for r in hard] == [r["prompt"] for r in arith_rows("test", 20, steps=3)]
+    assert not {r["prompt"] for r in hard} & {r["prompt"] for r in rows}
 
 
 def test_missing_answer_column_names_column_and_file(tmp_path):

@@ -82,6 +82,33 @@ def test_four_trial_sweep_writes_table_best_config_and_plot(ray_local, tmp_path)
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
 
+def _random_search_draws(tmp_path, seed: int) -> list[dict]:
+    """The configurations `search: random` proposes for a run with this seed, drawn from the
+    search algorithm that run_sweep hands to Tune (no trial runs)."""
+    from ray.tune.experiment import Experiment
+
+    from t3s_ray.sweep import _tune_config, search_space
+
+    space = {"selection.tau": {"uniform": [0.0, 1.0]}, "selection.refresh_interval": {"grid": [1, 2]}}
+    cfg = config.load(sweep_config(tmp_path, space, num_samples=2, max_concurrent_trials=2))
+    tune_config = _tune_config(cfg.sweep, seed)
+    assert tune_config.max_concurrent_trials is None and tune_config.search_alg.max_concurrent == 2
+    tune_config.search_alg.add_configurations(
+        [Experiment("draws", lambda c: None, config=search_space(cfg.sweep), num_samples=cfg.sweep.num_samples)])
+    draws = []
+    while (trial := tune_config.search_alg.next_trial()) is not None:
+        draws.append(trial.config)
+    return draws
+
+
+def test_random_search_is_seeded_by_the_run_seed(tmp_path):
+    first, again, other = (_random_search_draws(tmp_path, seed) for seed in (7, 7, 8))
+    # 4 trials (num_samples 2 x the 2-point grid), but at most 2 at once and none has finished
+    assert [d["selection.refresh_interval"] for d in first] == [1, 2]
+    assert first == again  # a rerun of the sweep tries the same values
+    assert [d["selection.tau"] for d in first] != [d["selection.tau"] for d in other]
+
+
 def test_optuna_search_takes_no_grid(tmp_path):
     with pytest.raises(ConfigError, match=r"sweep.space.train.lr grid is not supported with search: optuna"):
         config.load(sweep_config(tmp_path, {"train.lr": {"grid": [1e-4]}}, search="optuna"))
