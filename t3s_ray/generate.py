@@ -249,13 +249,12 @@ def run_requests(requests: list[dict[str, Any]], spec: GenerationSpec) -> Iterat
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = False
-    batch_size = spec.batch_size
-    actors = actor_plan(len(requests), spec.concurrency, batch_size)
+    actors = actor_plan(len(requests), spec.concurrency, spec.batch_size)
     # One block per engine batch, so that finished batches stream back instead of waiting for all.
-    ds = ray.data.from_items(requests, override_num_blocks=-(-len(requests) // batch_size))
+    ds = ray.data.from_items(requests, override_num_blocks=-(-len(requests) // spec.batch_size))
     if spec.backend == "hf":
         ds = ds.map_batches(
-            HFGenerator, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
+            HFGenerator, batch_size=spec.batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
             num_gpus=spec.num_gpus_per_actor,
             num_cpus=1 if not spec.num_gpus_per_actor else None, batch_format="numpy",
             fn_constructor_kwargs={"model_ref": spec.model_ref, "temperature": spec.temperature, "top_p": spec.top_p,
@@ -270,7 +269,7 @@ def run_requests(requests: list[dict[str, Any]], spec: GenerationSpec) -> Iterat
         from .vllm_backend import vllm_generate
 
         ds = vllm_generate(ds, model_path=resolve(spec.model_ref), temperature=spec.temperature, top_p=spec.top_p,
-                           topk_logprobs=spec.topk_logprobs, concurrency=actors, batch_size=batch_size,
+                           topk_logprobs=spec.topk_logprobs, concurrency=actors, batch_size=spec.batch_size,
                            max_model_len=spec.max_model_len, engine_kwargs=spec.engine_kwargs,
                            num_gpus_per_actor=spec.num_gpus_per_actor, trust_remote_code=spec.trust_remote_code,
                            dtype=spec.dtype)
