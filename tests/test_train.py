@@ -345,6 +345,52 @@ def test_online_scoring_pass_refresh_and_bottleneck_accuracy(traces_root, tmp_pa
 
 
 @pytest.mark.slow
+def test_bottleneck_switch_rewinds_to_theta0(ray_local, tmp_path):
+    """switch: bottleneck with rewind, on data a tiny model can learn: every trace answers "The answer
+    is 7.", so train accuracy rises once the response is memorised (measured: 1.0 after the first
+    step, 0 for the next nine, 0.5 at step 11: a real dip and rise). At the first step where the
+    rule says the bottleneck has passed, masking switches on and the weights restart from θ0: the
+    checkpoint of that step holds exactly θ0, the one before it does not."""
+    from t3s_ray.models import resolve
+
+    rows = [{"id": f"p{i}", "prompt": f"Q{i}: what is {i} + {7 - i}?", "answer": "7",
+             "solution": "The answer is 7."} for i in range(8)]
+    data = tmp_path / "sevens.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = config.load(write_config(
+        tmp_path, "rewind", data={"source": str(data), "max_seq_len": 128},
+        train={"num_workers": 1, "micro_batch_size": 4, "max_steps": 24, "lr": 1e-2, "checkpoint_every": 1},
+        selection={"protocol": "t3s_online", "refresh_interval": 1, "switch": "bottleneck", "rewind": True},
+        probe={"eval_every": 1, "samples": 1, "temperature": 0.0, "max_tokens": 8, "max_prompts": 4,
+               "patience": 1}))
+    assert run_traces(cfg)["accepted_traces"] == 8
+    run_train(cfg)
+    m = metrics(cfg)
+    switched = [r["step"] for r in m if r.get("switched")]
+    assert len(switched) == 1, [(r["step"], r.get("train_accuracy")) for r in m]
+    s = switched[0]
+    accs = [r["train_accuracy"] for r in m if "train_accuracy" in r]
+    assert len(accs) == s  # measured every step until the switch, not after
+    assert bottleneck_passed(accs, patience=1) and not bottleneck_passed(accs[:-1], patience=1)
+    assert accs[-1] > min(accs)
+    assert all(r["masking_on"] == (r["step"] > s) for r in m)
+    theta0 = load_file(str(Path(resolve("builtin:tiny-llama")) / "model.safetensors"))
+
+    def checkpoint_weights(step):
+        for c in (cfg.run_dir / "train" / "ray_train").glob("checkpoint_*"):
+            if json.loads((c / "trainer_state.json").read_text())["step"] == step:
+                return load_file(str(c / "model" / "model.safetensors"))
+        raise AssertionError(f"no checkpoint of step {step}")
+
+    def same(a, b):
+        return a.keys() == b.keys() and all(torch.equal(a[k].float(), b[k].float()) for k in a)
+
+    assert same(checkpoint_weights(s), theta0)  # rewound at the switch
+    assert not same(checkpoint_weights(s - 1), theta0)  # trained before it
+    assert not same(final_weights(cfg), theta0)  # and trained again (with masking) after it
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("protocol", ["inverse", "random"])
 def test_inverse_and_random_diagnostics_use_the_static_anchors(static_run, traces_root, tmp_path, protocol):
     static, _ = static_run

@@ -129,6 +129,10 @@ def test_vllm_generate_tiny_llama(ray_local, tiny_llama_dir, monkeypatch):
         batch_size=16, max_model_len=MAX_MODEL_LEN, engine_kwargs={"max_num_batched_tokens": 256}, num_gpus_per_actor=0,
         trust_remote_code=False, dtype="float32")
     results = [{k: _plain(v) for k, v in r.items()} for r in out.take_all()]
+    # Each row map ran fused with the processor's own map, in a pool of one task per engine actor.
+    stats = out.stats()
+    assert "Map(_prepare)->Map(_preprocess)" in stats and "Map(_postprocess)->Map(_finalize)" in stats, stats
+    assert out._logical_plan.dag.compute.size == 1
 
     keys = sorted((r["id"], r["sample_index"]) for r in results)
     assert keys == sorted((r["id"], r["sample_index"]) for r in rows)  # every row exactly once
