@@ -137,8 +137,8 @@ class DataConfig:
         builtin_size: Number of prompts per split of ``builtin:arith``.
         builtin_seed: Seed of ``builtin:arith``.
         builtin_steps: Additions/subtractions per ``builtin:arith`` problem (1: "Ana has 7 coins.
-            Ana gets 5 more coins. How many ..."; each further step adds a sentence and a carry of
-            the running total, so the problems get harder).
+            Ana gets 5 more coins. How many ..."; each further step adds one more "gets N more" or
+            "gives away N" sentence to keep track of, so the problems get harder).
         max_seq_len: Longest tokenised (prompt + response) the student trains on; longer rows are
             skipped and counted.
     """
