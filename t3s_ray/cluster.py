@@ -16,8 +16,8 @@ from .config import RayConfig
 from .models import cache_dir
 
 # Variables forwarded from the driver's environment to every worker when they are set.
-_FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "HF_TOKEN", "VLLM_CPU_KVCACHE_SPACE",
-                  "VLLM_CPU_OMP_THREADS_BIND", "PIP_CONSTRAINT")
+_FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "HF_HUB_CACHE", "HF_TOKEN",
+                  "VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND", "PIP_CONSTRAINT")
 
 
 def worker_env(cfg: RayConfig) -> dict[str, str]:

@@ -98,7 +98,9 @@ class StudentConfig(ModelConfig):
         ref: Model reference of the student's starting weights θ0 (hub id, local folder or
             builtin, as for the teacher).
         revision: Hub revision (branch, tag or commit) for hub ids.
-        dtype: Weights dtype when loading: ``auto``, ``float32``, ``bfloat16`` or ``float16``.
+        dtype: Dtype of the trained models written out (final, probe and stop-point models):
+            ``auto`` (the dtype θ0 is stored in), ``float32``, ``bfloat16`` or ``float16``. Training
+            itself keeps fp32 master weights whatever this says (``train.dtype`` sets the compute).
         trust_remote_code: Run the model repository's own Python code (needed by LLaDA).
         kind: ``ar`` for an autoregressive student, ``dllm`` for a masked-diffusion student
             (forced-mask loss).
@@ -259,7 +261,10 @@ class TrainConfig:
         schedule: Learning-rate schedule after warmup: ``constant`` or ``cosine``.
         warmup_steps: Linear warmup steps.
         grad_clip: Clip the global gradient norm to this value (0: off).
-        dtype: Training precision of the weights: ``float32`` or ``bfloat16``.
+        dtype: Compute precision: ``float32``, or ``bfloat16`` (bf16 matmuls over fp32 master
+            weights: autocast under DDP, FSDP2's mixed-precision policy under FSDP; gradients are
+            reduced in fp32). Weights and AdamW state are always fp32, since at lr 1e-5 most
+            updates are smaller than half a bf16 ulp and a bf16 weight would not move.
         activation_checkpointing: Recompute activations in the backward pass to save memory.
         loss_normalization: ``token_mean`` (mean over kept tokens), ``sum`` or ``seq_mean``.
         confidence_chunk: Sequence positions per chunk when computing token log-probabilities,
@@ -268,6 +273,10 @@ class TrainConfig:
         keep_last: Keep only this many latest checkpoints (0: keep all).
         diagnostics_every: Measure the anchor/other gradient conflict every this many steps (0: off).
         max_failures: Restart the workers this many times after a failure, from the latest checkpoint.
+        collective_timeout_s: Seconds a collective may wait for the slowest rank before the process
+            group fails (NCCL and gloo; Ray Train's and PyTorch's default is 1800). Work that one
+            rank does while the others wait (a Hugging Face export, a store refresh) must stay
+            well inside it.
         seed: Seed of data order, initialisation of anything random, and masks.
     """
 
@@ -291,12 +300,13 @@ class TrainConfig:
     keep_last: int = 2
     diagnostics_every: int = 0
     max_failures: int = 0
+    collective_timeout_s: int = 1800
     seed: int = 0
 
     def check(self) -> list[tuple[str, str]]:
         errs = []
         for name in ("num_workers", "batch_size", "micro_batch_size", "max_steps", "confidence_chunk",
-                     "checkpoint_every"):
+                     "checkpoint_every", "collective_timeout_s"):
             if getattr(self, name) < 1:
                 errs.append((name, "must be >= 1"))
         for name in ("warmup_steps", "keep_last", "diagnostics_every", "max_failures", "weight_decay",

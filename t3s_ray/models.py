@@ -315,23 +315,99 @@ def load_tokenizer(ref: str, *, revision: str | None = None, trust_remote_code: 
 
 
 def load_model(ref: str, *, dtype: str = "auto", revision: str | None = None, trust_remote_code: bool = False,
-               device: str | None = None):
-    """Load a model ref as a causal LM, or as a masked LM when its architecture is one (dLLM denoisers)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
+               device: str | None = None, strict: bool = False):
+    """Load a model ref as a causal LM, or as a masked LM when its architecture is one (dLLM denoisers).
+
+    ``strict``: every weight of the architecture must be in the files (``from_pretrained`` would
+    otherwise initialise a missing one at random and only warn): a ModelRefError names those missing.
+    """
+    from transformers import AutoConfig
 
     _quiet_transformers()
     path = resolve(ref)
     kw = _hub_kwargs(revision, trust_remote_code)
     try:
         config = AutoConfig.from_pretrained(path, **kw)
-        archs = getattr(config, "architectures", None) or []
-        auto = AutoModelForMaskedLM if any(a.endswith("ForMaskedLM") for a in archs) else AutoModelForCausalLM
-        model = auto.from_pretrained(path, dtype=_torch_dtype(dtype), **kw)
+        model, info = _model_class(config).from_pretrained(path, dtype=_torch_dtype(dtype), output_loading_info=True,
+                                                           **kw)
     except (OSError, ValueError) as e:
         raise ModelRefError(f"could not load model '{ref}': {e}") from None
+    missing = sorted(info.get("missing_keys") or [])
+    if strict and missing:
+        raise ModelRefError(f"the weights of {ref} lack {missing[:5]}{' ...' if len(missing) > 5 else ''} "
+                            f"({len(missing)} tensors): refusing to start from randomly initialised weights")
     if device:
         model = model.to(device)
     return model
+
+
+def _model_class(config):
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    archs = getattr(config, "architectures", None) or []
+    return AutoModelForMaskedLM if any(a.endswith("ForMaskedLM") for a in archs) else AutoModelForCausalLM
+
+
+def load_config(ref: str, *, revision: str | None = None, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(resolve(ref), **_hub_kwargs(revision, trust_remote_code))
+    except (OSError, ValueError) as e:
+        raise ModelRefError(f"could not load the config of model '{ref}': {e}") from None
+
+
+def empty_model(ref: str, *, revision: str | None = None, trust_remote_code: bool = False,
+                attn_implementation: str | None = None):
+    """The architecture of ``ref`` with its parameters on the meta device (no memory, no weights read)
+    and its buffers built for real; fp32, tied weights tied. Shard it, ``distributed.materialize`` it,
+    then fill it with ``distributed.load_full_state``: how a training worker gets its shard of a model
+    that does not fit one device."""
+    import torch
+    from accelerate import init_empty_weights
+
+    config = load_config(ref, revision=revision, trust_remote_code=trust_remote_code)
+    kw: dict[str, Any] = {"trust_remote_code": bool(trust_remote_code), "dtype": torch.float32}
+    if attn_implementation:
+        kw["attn_implementation"] = attn_implementation
+    with init_empty_weights(include_buffers=False):
+        model = _model_class(config).from_config(config, **kw)
+    model.tie_weights()  # init_empty_weights re-registers parameters, which unties them
+    return model
+
+
+def saved_dtype(ref: str, *, revision: str | None = None, trust_remote_code: bool = False):
+    """The dtype a model ref's weights are stored in (its config's ``dtype``; fp32 when it names none)."""
+    import torch
+
+    config = load_config(ref, revision=revision, trust_remote_code=trust_remote_code)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def full_state(ref: str, *, dtype: str = "auto", revision: str | None = None, trust_remote_code: bool = False):
+    """Every tensor of a model ref, on the CPU, keyed as the model's own ``state_dict`` (tied weights
+    under both names): what rank 0 broadcasts into a sharded model. Hub ids are downloaded (or read
+    from the cache), so this works for every kind of ref."""
+    model = load_model(ref, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code, strict=True)
+    return model.state_dict()
+
+
+def local_folder(ref: str, *, revision: str | None = None) -> str:
+    """A local folder holding the model's files: builtins and local folders as they are, hub ids
+    downloaded into (or found in) the Hugging Face cache. For code that reads weight files itself."""
+    path = resolve(ref)
+    if Path(path).is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(ref, revision=revision, allow_patterns=[
+            "*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken", "*.py"])
+    except Exception as e:  # the hub raises many kinds; all mean the same to the user
+        raise ModelRefError(f"could not get the files of model '{ref}': {e}") from None
 
 
 def mask_token_id(tokenizer, mask_token: str, ref: str) -> int:

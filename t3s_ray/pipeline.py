@@ -74,13 +74,15 @@ def train_method(cfg: RunConfig, method: str) -> str:
 
 
 def rrt_model(cfg: RunConfig, sft_model: str) -> str:
-    from .models import resolve
+    from .models import local_folder
     from .t3s import rrt_merge
 
     probe = json.loads((cfg.run_dir / "probe" / "result.json").read_text())
     out = cfg.run_dir.resolve() / "methods" / "rrt" / "model"
     if not (out / "config.json").exists():
-        rrt_merge(resolve(cfg.student.ref), sft_model, probe["bottleneck_model"], out)
+        # θ0 may be a hub id: its files come from (or go into) the Hugging Face cache.
+        rrt_merge(local_folder(cfg.student.ref, revision=cfg.student.revision), sft_model,
+                  probe["bottleneck_model"], out)
     return str(out)
 
 

@@ -61,6 +61,7 @@ __all__ = [
     "connect_store",
     "create_store",
     "flatten_state",
+    "local_store",
     "load_state",
     "merge_stats",
     "save_state",
@@ -673,22 +674,38 @@ def _shard_name(name: str, shard: int) -> str:
     return f"{name}-shard{shard}"
 
 
+class _InProcessShard:
+    """A shard in this process behind the call shape of a Ray actor handle (``shard.method.remote(...)``
+    returns the result itself), so that one ``StoreClient`` serves both."""
+
+    def __init__(self, store: ConfidenceStore):
+        self._store = store
+
+    def __getattr__(self, name: str):
+        return _Remote(getattr(self._store, name))
+
+
+class _Remote:
+    def __init__(self, method):
+        self.remote = method
+
+
 class MaskFuture:
     """Masks being fetched from the shards; :meth:`result` assembles them in request order."""
 
-    def __init__(self, refs: list, positions: list[np.ndarray], count: int):
-        self._refs, self._positions, self._count = refs, positions, count
+    def __init__(self, refs: list, positions: list[np.ndarray], count: int, local: bool = False):
+        self._refs, self._positions, self._count, self._local = refs, positions, count, local
 
     def done(self) -> bool:
+        if self._local:
+            return True
         import ray
 
         ready, _ = ray.wait(self._refs, num_returns=len(self._refs), timeout=0)
         return len(ready) == len(self._refs)
 
     def result(self, timeout: float | None = None) -> tuple[int, list[np.ndarray]]:
-        import ray
-
-        parts = ray.get(self._refs, timeout=timeout)
+        parts = _get(self._refs, self._local, timeout)
         versions = [int(p[0]) for p in parts]
         if len(set(versions)) != 1:
             raise RuntimeError(f"store shards disagree on the mask version: {versions} (a shard was restarted "
@@ -701,12 +718,29 @@ class MaskFuture:
         return versions[0], out
 
 
-class StoreClient:
-    """Routes example ids to the shard actors of one store; picklable, so workers can hold it."""
+def _get(refs, local: bool, timeout: float | None = None):
+    """``ray.get`` for actor shards; in-process shards already returned their results."""
+    if local:
+        return refs
+    import ray
 
-    def __init__(self, name: str, handles: list, namespace: str | None = None):
-        self.name, self.namespace, self.handles = name, namespace, list(handles)
+    return ray.get(refs, timeout=timeout)
+
+
+class StoreClient:
+    """Routes example ids to the shard actors of one store; picklable, so workers can hold it.
+
+    With ``local=True`` the shards are :class:`ConfidenceStore` objects in this process (see
+    :func:`local_store`): the same client, for a training worker that runs without Ray.
+    """
+
+    def __init__(self, name: str, handles: list, namespace: str | None = None, local: bool = False):
+        self.name, self.namespace, self.handles, self.local = name, namespace, list(handles), local
         self.num_shards = len(self.handles)
+
+    def wait(self, pending: list) -> None:
+        """Wait until the pushes returned by :meth:`record` have reached their shards (raises their errors)."""
+        _get(list(pending), self.local)
 
     # ---------------------------------------------------------------- routing
     def _route(self, example_ids) -> list[tuple[int, np.ndarray, np.ndarray]]:
@@ -721,25 +755,20 @@ class StoreClient:
         return routes
 
     def _call_all(self, method: str, *args) -> list:
-        import ray
-
-        return ray.get([getattr(h, method).remote(*args) for h in self.handles])
+        return _get([getattr(h, method).remote(*args) for h in self.handles], self.local)
 
     def register(self, example_ids, lengths) -> None:
-        import ray
-
         lengths = np.asarray(lengths)
-        ray.get([self.handles[s].register.remote(ids, lengths[pos]) for s, pos, ids in self._route(example_ids)])
+        _get([self.handles[s].register.remote(ids, lengths[pos]) for s, pos, ids in self._route(example_ids)],
+             self.local)
 
     def set_base(self, example_ids, values) -> None:
-        import ray
-
-        ray.get(self._send("set_base", (), example_ids, values))
+        _get(self._send("set_base", (), example_ids, values), self.local)
 
     def record(self, step: int, example_ids, values) -> list:
         """Non-blocking: the refs of the shard calls, one per shard touched.
 
-        Wait on them (``ray.get``) before the next refresh: that is where a bad id or length of this
+        Wait on them (:meth:`wait`) before the next refresh: that is where a bad id or length of this
         push raises.  Calls from one process to a shard run in submission order, so a refresh sent
         by the same process after its records sees them; records pushed by other processes (training
         workers) are only guaranteed to be in once their refs have completed.
@@ -754,25 +783,21 @@ class StoreClient:
 
     def refresh(self, step: int, **rule) -> dict:
         """Refresh every shard with the same rule (blocking); the merged stats."""
-        import ray
-
-        return merge_stats(ray.get([h.refresh.remote(int(step), **rule) for h in self.handles]))
+        return merge_stats(_get([h.refresh.remote(int(step), **rule) for h in self.handles], self.local))
 
     def get_masks_async(self, example_ids) -> MaskFuture:
         routes = self._route(example_ids)
         if not routes:  # still ask a shard, for the version
             routes = [(0, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))]
         refs = [self.handles[s].get_masks_flat.remote(ids) for s, _, ids in routes]
-        return MaskFuture(refs, [pos for _, pos, _ in routes], len(np.asarray(example_ids)))
+        return MaskFuture(refs, [pos for _, pos, _ in routes], len(np.asarray(example_ids)), self.local)
 
     def get_masks(self, example_ids) -> tuple[int, list[np.ndarray]]:
         return self.get_masks_async(example_ids).result()
 
     def _gather(self, method: str, example_ids) -> tuple[list, list]:
-        import ray
-
         routes = self._route(example_ids)
-        parts = ray.get([getattr(self.handles[s], method).remote(ids) for s, _, ids in routes])
+        parts = _get([getattr(self.handles[s], method).remote(ids) for s, _, ids in routes], self.local)
         n = len(np.asarray(example_ids))
         first, second = [None] * n, [None] * n
         for (_, positions, _), (a, b) in zip(routes, parts):
@@ -805,12 +830,10 @@ class StoreClient:
         return {"num_shards": self.num_shards, "shards": self._call_all("state_dict")}
 
     def load_state_dict(self, state: dict) -> None:
-        import ray
-
         num_shards = int(_scalar(state["num_shards"]))
         if num_shards != self.num_shards or len(state["shards"]) != self.num_shards:
             raise ValueError(f"store snapshot has {num_shards} shards, this store has {self.num_shards}")
-        ray.get([h.load_state_dict.remote(s) for h, s in zip(self.handles, state["shards"])])
+        _get([h.load_state_dict.remote(s) for h, s in zip(self.handles, state["shards"])], self.local)
 
     def save(self, path: str | os.PathLike) -> None:
         save_state(path, self.state_dict())
@@ -821,6 +844,8 @@ class StoreClient:
     def kill(self, wait_s: float = 30.0) -> None:
         """``ray.kill`` every shard (no restart), then wait up to ``wait_s`` until their names are free,
         so that a ``create_store`` with the same name right after starts fresh actors."""
+        if self.local:
+            return
         import time
 
         import ray
@@ -877,3 +902,12 @@ def connect_store(name: str, num_shards: int, namespace: str | None = None) -> S
         if config["num_shards"] != num_shards:
             raise ValueError(f"confidence store {name!r} has {config['num_shards']} shards, not {num_shards}")
     return StoreClient(name, handles, namespace)
+
+
+def local_store(num_shards: int = 1, **store_kwargs) -> StoreClient:
+    """A store whose shards live in this process: for one training process without Ray (a plain
+    ``torch.distributed`` run of world size 1, ``bench/gpu_check.py``). Ranks of a multi-process
+    run each need the same store, which only the Ray actors give."""
+    shards = [_InProcessShard(ConfidenceStore(shard=i, num_shards=num_shards, **store_kwargs))
+              for i in range(num_shards)]
+    return StoreClient("in-process", shards, local=True)

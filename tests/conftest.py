@@ -12,6 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # Offline and quiet before anything imports transformers or Ray.
 os.environ.setdefault("T3S_CACHE", str(ROOT / ".cache" / "t3s_ray"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# A Hugging Face cache of the tests' own, where tests lay out fake hub repos (hub-id students).
+os.environ.setdefault("HF_HUB_CACHE", str(ROOT / ".cache" / "hf-hub"))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

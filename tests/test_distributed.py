@@ -1,0 +1,151 @@
+"""The collectives and sharded model state of ``t3s_ray.distributed`` on a real 2-process gloo group
+(the CPU equivalent of the NCCL path), and the device decision NCCL needs."""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from t3s_ray import distributed
+
+
+def test_collective_device_is_cuda_under_nccl_and_cpu_under_gloo(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert distributed.collective_device("nccl") == torch.device("cuda", 3)
+    assert distributed.collective_device("cpu:gloo,cuda:nccl") == torch.device("cuda", 3)
+    assert distributed.collective_device("gloo") == torch.device("cpu")
+    assert distributed.collective_device() == torch.device("cpu")  # no process group
+    # Under a group the backend is read from it.
+    monkeypatch.setattr(distributed, "initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    assert distributed.collective_device() == torch.device("cuda", 3)
+
+
+def tied_tiny_model(folder: Path) -> Path:
+    """A tiny Llama with tied input/output embeddings (as SmolLM2 has), saved as a model folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                         num_attention_heads=1, num_key_value_heads=1, head_dim=64, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_ranks(rank: int, world: int, port: int, model_dir: str, out: str, errors) -> None:
+    try:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+        ranks = distributed.init_process_group(torch.device("cpu"), timeout_s=120)
+        assert (ranks.rank, ranks.world) == (rank, world)
+        _checks(ranks, Path(model_dir), Path(out))
+    except BaseException:  # surfaced by the parent
+        errors.put(f"rank {rank}: {traceback.format_exc()}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _checks(ranks, model_dir: Path, out: Path) -> None:
+    from t3s_ray.models import empty_model, full_state
+    from t3s_ray.worker import decoder_layers
+
+    rank = ranks.rank
+    total = distributed.all_reduce(torch.tensor([rank + 1.0]))
+    assert total.item() == 3.0
+    assert distributed.all_reduce_numbers({"a": rank, "b": 10 * rank}, "max") == {"a": 1.0, "b": 10.0}
+    assert distributed.broadcast_object({"from": rank}) == {"from": 0}
+
+    reference = full_state(str(model_dir), dtype="float32")
+    x = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1))
+    from transformers import AutoModelForCausalLM
+
+    expected = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)(input_ids=x).logits
+
+    for sharded in (True, False):
+        model = empty_model(str(model_dir))
+        assert all(p.is_meta for p in model.parameters()) and not any(b.is_meta for b in model.buffers())
+        if sharded:
+            distributed.shard_model(model, decoder_layers(model), bf16_compute=False)
+        distributed.materialize(model, torch.device("cpu"))
+        assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+        # Only rank 0 holds the full copy; rank 1 gets its part by broadcast.
+        distributed.load_full_state(model, dict(reference) if rank == 0 else None, "the test model")
+        torch.testing.assert_close(model(input_ids=x).logits, expected)
+        gathered = distributed.gather_full_state(model, torch.bfloat16)
+        if rank == 0:
+            assert gathered.keys() == reference.keys()
+            assert all(gathered[k].dtype == torch.bfloat16 for k in reference)
+            assert all(torch.equal(gathered[k], reference[k].bfloat16()) for k in reference)
+        else:
+            assert gathered is None
+        if sharded:
+            local = model.model.layers[0].mlp.up_proj.weight.to_local()
+            assert local.shape[0] == 48  # half of the 96 rows on each rank
+
+    # A full state that lacks a key is refused on every rank (not a hang, not a half-load).
+    model = empty_model(str(model_dir))
+    distributed.materialize(model, torch.device("cpu"))
+    broken = {k: v for k, v in reference.items() if k != "model.norm.weight"} if rank == 0 else None
+    with pytest.raises(ValueError, match=r"missing \['model.norm.weight'\]"):
+        distributed.load_full_state(model, broken, "the test model")
+
+    # A sharded checkpoint: each rank writes its shard into a shared folder, a fresh sharded model and
+    # optimizer read it back, and one more step gives the same weights on both.
+    def build():
+        m = empty_model(str(model_dir))
+        distributed.shard_model(m, decoder_layers(m), bf16_compute=False)
+        distributed.materialize(m, torch.device("cpu"))
+        distributed.load_full_state(m, dict(reference) if rank == 0 else None, "the test model")
+        return m, torch.optim.AdamW(m.parameters(), lr=1e-2)
+
+    def step(m, opt):
+        m(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    a, opt_a = build()
+    step(a, opt_a)
+    distributed.save_sharded(out / "dcp", a, opt_a)
+    distributed.barrier()
+    b, opt_b = build()
+    distributed.load_sharded(out / "dcp", b, opt_b)
+    step(a, opt_a)
+    step(b, opt_b)
+    full_a, full_b = distributed.gather_full_state(a), distributed.gather_full_state(b)
+    if rank == 0:
+        assert all(torch.equal(full_a[k], full_b[k]) for k in full_a)
+        torch.save(full_a, out / "after_two_steps.pt")
+
+
+def test_shard_load_gather_and_sharded_checkpoint_on_two_gloo_ranks(tmp_path):
+    model_dir = tied_tiny_model(tmp_path / "model")
+    out = tmp_path / "out"
+    out.mkdir()
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    mp.start_processes(_two_ranks, args=(2, _free_port(), str(model_dir), str(out), errors), nprocs=2,
+                       start_method="spawn")
+    problems = []
+    while not errors.empty():
+        problems.append(errors.get())
+    assert not problems, "\n".join(problems)
+    files = {p.name for p in (out / "dcp").iterdir()}
+    assert files == {".metadata", "__0_0.distcp", "__1_0.distcp"}
+    # The checkpoint reads back whole in one process (another world size): the model after one step.
+    one_step = distributed.read_sharded_model(out / "dcp")
+    two_steps = torch.load(out / "after_two_steps.pt", map_location="cpu", weights_only=True)
+    assert one_step.keys() >= {"model.norm.weight", "lm_head.weight"}
+    assert any(not torch.equal(one_step[k], two_steps[k]) for k in two_steps)

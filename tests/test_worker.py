@@ -1,0 +1,168 @@
+"""The training worker without Ray: one rank, no process group, its store in process (what
+``bench/gpu_check.py`` runs on a bare GPU machine). Fast: the builtin tiny model, a few steps."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from t3s_ray import config
+from t3s_ray.distributed import Ranks
+from t3s_ray.models import load_tokenizer, resolve
+from t3s_ray.train import tokenize_traces
+from t3s_ray.worker import SelectionPlan, TrainJob, changed_settings, run_settings, train_standalone
+
+
+def tiny_examples(n: int = 8):
+    tok = load_tokenizer("builtin:tiny-llama")
+    rows = [{"id": str(i), "sample_index": 0, "prompt": f"What is {i} + {i + 3}?",
+             "response": f"{i} + {i + 3} = {2 * i + 3}. The answer is {2 * i + 3}."} for i in range(n)]
+    return tokenize_traces(rows, tok, system_prompt=None, chat_template=True, max_seq_len=256)[0]
+
+
+def make_job(out: Path, model_ref: str = "builtin:tiny-llama", stop_at: int | None = None, **sections) -> TrainJob:
+    data = {"name": "w", "output_dir": str(out), "student": {"ref": model_ref, "dtype": "float32"},
+            "train": {"batch_size": 4, "micro_batch_size": 4, "max_steps": 4, "lr": 1e-2, "checkpoint_every": 2,
+                      "keep_last": 0},
+            "selection": {"protocol": "sft"}}
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value}
+    cfg = config.from_dict(data)
+    return TrainJob(cfg=cfg.to_dict(), out_dir=str(out / "train"), model_ref=model_ref, model_kind="ar",
+                    scoring_ref=model_ref, plan=SelectionPlan.for_protocol(cfg), anchor_model=None,
+                    max_steps=cfg.train.max_steps, store_name="unused", stop_at=stop_at)
+
+
+def exported(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "train" / "model" / "model.safetensors"))
+
+
+def moved_past_bf16(weights: dict[str, torch.Tensor], theta0: dict[str, torch.Tensor]) -> float:
+    """Fraction of the weights whose bf16 rounding differs from that of θ0."""
+    changed = sum(int((weights[k].bfloat16() != theta0[k].bfloat16()).sum()) for k in theta0)
+    return changed / sum(v.numel() for v in theta0.values())
+
+
+def test_bf16_compute_over_fp32_master_weights_moves_the_weights_like_fp32(tmp_path):
+    """At the paper's lr 1e-5 an update is smaller than half a bf16 ulp of most weights: with bf16
+    compute over fp32 master weights a short training moves about as many weights past bf16
+    rounding of θ0 as fp32 training does, while training bf16 weights directly (the control, a
+    plain loop) loses most updates."""
+    examples = tiny_examples()
+    theta0 = load_file(str(Path(resolve("builtin:tiny-llama")) / "model.safetensors"))
+    settings = {"train": {"max_steps": 40, "lr": 1e-5, "checkpoint_every": 40}}
+    fractions = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / dtype
+        job = make_job(out, **{"train": {**settings["train"], "dtype": dtype}})
+        trainer = train_standalone(job, examples, Ranks())
+        fractions[dtype] = moved_past_bf16(exported(out), theta0)
+        assert all(p.dtype == torch.float32 for p in trainer.module.parameters())  # the master weights
+        assert all(s["exp_avg"].dtype == torch.float32 for s in trainer.optimizer.state.values())
+
+    from t3s_ray.batching import collate, global_batch
+    from t3s_ray.models import load_model
+    from t3s_ray.t3s import masked_token_loss, token_confidence
+
+    pure = load_model("builtin:tiny-llama", dtype="bfloat16")
+    optimizer = torch.optim.AdamW(pure.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0)
+    for step in range(40):
+        ids, attention, target = collate(examples, global_batch(step, len(examples), 4, 0), 0, torch.device("cpu"))
+        masked_token_loss(token_confidence(pure, ids, attention, target), target).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    pure_fraction = moved_past_bf16(pure.state_dict(), theta0)
+    assert fractions["float32"] > 0.5, fractions
+    assert abs(fractions["bfloat16"] - fractions["float32"]) < 0.1, fractions
+    assert pure_fraction < fractions["float32"] / 2, (pure_fraction, fractions)
+
+
+def test_exported_model_is_written_in_the_students_dtype(tmp_path):
+    job = make_job(tmp_path, stop_at=1, student={"dtype": "bfloat16"}, train={"max_steps": 2})
+    train_standalone(job, tiny_examples(), Ranks())
+    weights = exported(tmp_path)
+    assert {v.dtype for v in weights.values()} == {torch.bfloat16}
+    assert json.loads((tmp_path / "train" / "model" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_resume_matches_an_uninterrupted_run_and_refuses_other_settings(tmp_path):
+    examples = tiny_examples()
+    train_standalone(make_job(tmp_path / "full"), examples, Ranks())
+    part = tmp_path / "part"
+    train_standalone(make_job(part, stop_at=2), examples, Ranks())
+    assert sorted(p.name for p in (part / "train" / "checkpoints").iterdir()) == ["step-000002"]
+    train_standalone(make_job(part), examples, Ranks())  # resumes from step 2
+    a, b = exported(tmp_path / "full"), exported(part)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in (part / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match=r"other settings \(train\.lr\)"):
+        train_standalone(make_job(part, train={"lr": 1e-3, "max_steps": 6}), examples, Ranks())
+    # The operational keys may change on resume, and a constant schedule may be extended.
+    cfg = config.from_dict(make_job(part).cfg)
+    other = config.from_dict({**make_job(part).cfg, "train": {**make_job(part).cfg["train"], "keep_last": 5,
+                                                                "max_steps": 9}})
+    assert changed_settings(run_settings(cfg), run_settings(other)) == []
+
+
+def fake_hub_repo(repo_id: str, source: Path, drop: str | None = None) -> Path:
+    """Lay ``source`` out in the Hugging Face cache as the hub repo ``repo_id`` (so that, offline,
+    ``from_pretrained(repo_id)`` finds it), optionally without the tensor ``drop``."""
+    from huggingface_hub import constants
+
+    repo = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
+    commit = "0" * 39 + ("1" if drop else "0")
+    snapshot = repo / "snapshots" / commit
+    shutil.rmtree(repo, ignore_errors=True)
+    snapshot.mkdir(parents=True)
+    for f in source.iterdir():
+        if f.is_file() and not f.name.startswith("."):
+            shutil.copy(f, snapshot / f.name)
+    if drop:
+        weights = load_file(str(snapshot / "model.safetensors"))
+        weights.pop(drop)
+        save_file(weights, str(snapshot / "model.safetensors"), metadata={"format": "pt"})
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+def test_rewind_and_rrt_load_a_hub_id_student_strictly(tmp_path):
+    """``rewind`` used to glob ``*.safetensors`` in the hub id itself (nothing) and load that with
+    strict=False; now θ0 is read through the hub cache and every key must be there."""
+    from t3s_ray.models import local_folder
+    from t3s_ray.t3s import rrt_merge
+
+    source = Path(resolve("builtin:tiny-llama"))
+    fake_hub_repo("t3s-test/tiny-llama", source)
+    theta0 = load_file(str(source / "model.safetensors"))
+    job = make_job(tmp_path / "hub", model_ref="t3s-test/tiny-llama", train={"max_steps": 2, "checkpoint_every": 2})
+    trainer = train_standalone(job, tiny_examples(), Ranks())
+    state = {k.removeprefix("model."): v for k, v in trainer.module.state_dict().items()}
+    assert any(not torch.equal(state[k], theta0[k]) for k in theta0), "training was meant to move the weights"
+    old = trainer.optimizer
+    trainer.rewind()
+    state = {k.removeprefix("model."): v for k, v in trainer.module.state_dict().items()}
+    assert all(torch.equal(state[k], theta0[k]) for k in theta0)
+    assert trainer.optimizer is not old and not trainer.optimizer.state
+    assert {id(p) for g in trainer.optimizer.param_groups for p in g["params"]} == {
+        id(p) for p in trainer.module.parameters()}
+
+    # RRT merges θ0 + (θf − θb) with θ0 read from the hub cache.
+    snapshot = Path(local_folder("t3s-test/tiny-llama"))
+    assert (snapshot / "model.safetensors").is_file()
+    thetaf = tmp_path / "hub" / "train" / "model"
+    merged = rrt_merge(snapshot, thetaf, source, tmp_path / "rrt")
+    got, f = load_file(str(merged / "model.safetensors")), load_file(str(thetaf / "model.safetensors"))
+    for k in theta0:
+        torch.testing.assert_close(got[k], f[k])  # θb = θ0 here, so the merge is θf
+
+    # A hub repo that lacks a tensor is refused by name, not loaded half-way.
+    fake_hub_repo("t3s-test/tiny-llama", source, drop="model.norm.weight")
+    with pytest.raises(ValueError, match=r"the weights of t3s-test/tiny-llama lack \['model\.norm\.weight'\]"):
+        trainer.rewind()
