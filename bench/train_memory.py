@@ -1,19 +1,26 @@
 """Per-worker peak host memory of FSDP against DDP, 2 CPU workers each (``train.num_workers: 2``, gloo).
 
-The same short SFT run (setup, the c0 scoring pass, 2 optimizer steps, a checkpoint, the export) of a
-random Llama-shaped model of ``--hidden``/``--layers`` (default ~106M parameters, stored in bf16 like a
-hub checkpoint), through ``t3s_ray.train.run_train`` on an embedded Ray, once with ``strategy: ddp``
-and once with ``strategy: fsdp``. Each worker reports its peak RSS (``getrusage``) in every step's
-metrics (``peak_host_rss_gb``, the maximum over ranks): rank 0 is the worst worker in both, since
-it alone reads the full θ0.
+The same short SFT run (setup, the c0 scoring pass, 2 optimizer steps with bf16 compute, a sharded
+checkpoint, the export) of a random Llama-shaped model of ``--hidden``/``--layers``/``--vocab``
+(default 117M parameters, 14% of them in the embeddings and lm head as in Qwen3-8B's 15%; stored in
+bf16 like a hub checkpoint), through ``t3s_ray.train.run_train`` on an embedded Ray, once with
+``strategy: ddp`` and once with ``strategy: fsdp``. Each worker reports its peak RSS (``getrusage``)
+in every step's metrics (``peak_host_rss_gb``, the maximum over ranks): rank 0 is the worst worker
+in both, since it alone reads the full θ0.
 
 What to expect, per worker, from the arithmetic (P parameters, fp32 master weights):
   DDP : params 4P + grads 4P + DDP's gradient buckets 4P + AdamW 8P      = 20P bytes
   FSDP: (params 4P + grads 4P + AdamW 8P) / 2 workers                    =  8P bytes
-  rank 0 of both also holds θ0 as read (2P in bf16) while it broadcasts; both hold the Python,
-  torch, transformers and Ray runtime (~0.5-0.7 GB on these machines).
+  plus, under FSDP, the unsharded root (lm head, norm) and one layer at a time; rank 0 of both also
+  holds θ0 as read (2P in bf16) while it broadcasts; every worker holds the Python, torch,
+  transformers and Ray runtime (~0.25 GB plus Ray's own).
 
-Run: python bench/train_memory.py [--hidden 768 --layers 8 --vocab 32000 --rounds 1]
+The workers run with ``MALLOC_MMAP_THRESHOLD_=1048576``: glibc otherwise raises its mmap threshold
+to 32 MB after the first large free, so the per-layer all-gather and gradient buffers that FSDP frees
+every layer stay in the heap and RSS counts memory no tensor holds any more (measured: FSDP's peak
+was then no lower than DDP's). ``--default-malloc`` measures without it.
+
+Run: python bench/train_memory.py [--hidden 1024 --layers 8 --vocab 8192 --rounds 1 --default-malloc]
 Last line: ``ratio fsdp/ddp = X`` (target <= 0.65). Rounds alternate ABBA.
 """
 
@@ -60,12 +67,12 @@ def run(strategy: str, student: Path, root: Path, traces: Path) -> dict:
     from t3s_ray.train import run_train
 
     cfg = config.from_dict({
-        "name": f"mem-{strategy}-{time.time_ns()}", "output_dir": str(root), "ray": {"num_cpus": 2},
+        "name": f"mem-{strategy}-{time.time_ns()}", "output_dir": str(root),
         "student": {"ref": str(student), "dtype": "bfloat16"},
         "data": {"source": "builtin:arith", "builtin_size": 8, "max_seq_len": 256},
         "traces": {"source": "dataset", "response_field": "solution", "keep": "all_correct"},
         "train": {"num_workers": 2, "strategy": strategy, "batch_size": 2, "micro_batch_size": 1, "max_steps": 2,
-                  "checkpoint_every": 2, "keep_last": 1, "lr": 1e-5},
+                  "checkpoint_every": 2, "keep_last": 1, "lr": 1e-5, "dtype": "bfloat16"},
         "selection": {"protocol": "sft"},
     })
     shutil.copytree(traces, cfg.run_dir / "traces")
@@ -77,19 +84,22 @@ def run(strategy: str, student: Path, root: Path, traces: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--rounds", type=int, default=1, help="ABBA rounds (each runs both strategies twice)")
+    parser.add_argument("--default-malloc", action="store_true", help="leave glibc's dynamic mmap threshold on")
     args = parser.parse_args()
+    env = {} if args.default_malloc else {"MALLOC_MMAP_THRESHOLD_": "1048576"}
 
     from t3s_ray import config
     from t3s_ray.cluster import ray_session
     from t3s_ray.traces import run_traces
 
-    with tempfile.TemporaryDirectory() as tmp, ray_session(config.RayConfig(num_cpus=2)):
+    with tempfile.TemporaryDirectory() as tmp, ray_session(config.RayConfig(num_cpus=2, env_vars=env)):
         tmp = Path(tmp)
         n = random_student(tmp / "student", args.hidden, args.layers, args.vocab)
+        print(f"workers' malloc: {env or 'glibc defaults'}")
         print(f"random Llama: {n / 1e6:.1f}M parameters (fp32 master {4 * n / 1e9:.2f} GB, bf16 on disk "
               f"{2 * n / 1e9:.2f} GB); expected per worker: DDP ~{20 * n / 1e9:.2f} GB + runtime, "
               f"FSDP x2 ~{8 * n / 1e9:.2f} GB + runtime", flush=True)

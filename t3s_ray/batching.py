@@ -57,9 +57,9 @@ def collate(examples: list[dict[str, Any]], ids: list[int], pad_id: int, device:
     for b, i in enumerate(ids):
         ex = examples[i]
         n = len(ex["input_ids"])
-        input_ids[b, :n] = torch.as_tensor(np.asarray(ex["input_ids"]))
+        input_ids[b, :n] = torch.as_tensor(np.array(ex["input_ids"]))  # a copy: Ray hands read-only arrays
         attention[b, :n] = 1
-        target[b, :n] = torch.as_tensor(np.asarray(ex["target_mask"]))
+        target[b, :n] = torch.as_tensor(np.array(ex["target_mask"]))
     return input_ids.to(device), attention.to(device), target.to(device)
 
 

@@ -46,7 +46,9 @@ __all__ = [
     "load_sharded",
     "materialize",
     "read_sharded_model",
+    "rng_state",
     "save_sharded",
+    "set_rng_state",
     "shard_model",
 ]
 
@@ -135,9 +137,9 @@ def init_process_group(device: torch.device, timeout_s: float = 1800) -> Ranks:
 # --------------------------------------------------------------------------------------------
 
 
-def shard_model(module: torch.nn.Module, decoder_layers, *, bf16_compute: bool) -> torch.nn.Module:
-    """FSDP2 ``fully_shard`` over every decoder layer, then the root (which keeps the embeddings,
-    the final norm and the lm head, so that the chunked lm head can read its weight directly).
+def shard_model(module: torch.nn.Module, units, *, bf16_compute: bool) -> torch.nn.Module:
+    """FSDP2 ``fully_shard`` over each of ``units`` (decoder layers, an untied input embedding), then
+    the root, which holds the rest (the final norm and the lm head).
 
     Parameters stay fp32 (the master weights AdamW updates); ``bf16_compute`` all-gathers them as
     bf16 for the forward and backward, and gradients are reduce-scattered in fp32.
@@ -145,8 +147,8 @@ def shard_model(module: torch.nn.Module, decoder_layers, *, bf16_compute: bool) 
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16_compute else None, reduce_dtype=torch.float32)
-    for layer in decoder_layers or []:
-        fully_shard(layer, mp_policy=policy)
+    for unit in units or []:
+        fully_shard(unit, mp_policy=policy)
     fully_shard(module, mp_policy=policy)
     return module
 
@@ -187,7 +189,7 @@ def load_full_state(module: torch.nn.Module, full_state: dict[str, torch.Tensor]
         if missing or extra:
             problem = (f"the weights of {source} do not match the model: missing {missing[:5]}"
                        f"{' ...' if len(missing) > 5 else ''}, unexpected {extra[:5]}{' ...' if len(extra) > 5 else ''}")
-    if not initialized() or dist.get_world_size() == 1:
+    if not initialized():  # one process, plain tensors
         if problem:
             raise ValueError(problem)
         module.load_state_dict(full_state, strict=True)
@@ -230,6 +232,20 @@ def gather_full_state(module: torch.nn.Module, dtype: torch.dtype | None = None)
             out[name] = full.detach().to("cpu", cast, copy=True)
         del full
     return out if is_main else None
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """This process's random state: the CPU generator's, and the CUDA device's when training on one."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 # --------------------------------------------------------------------------------------------

@@ -363,10 +363,16 @@ def empty_model(ref: str, *, revision: str | None = None, trust_remote_code: boo
     and its buffers built for real; fp32, tied weights tied. Shard it, ``distributed.materialize`` it,
     then fill it with ``distributed.load_full_state``: how a training worker gets its shard of a model
     that does not fit one device."""
+    config = load_config(ref, revision=revision, trust_remote_code=trust_remote_code)
+    return empty_model_from_config(config, trust_remote_code=trust_remote_code,
+                                   attn_implementation=attn_implementation)
+
+
+def empty_model_from_config(config, *, trust_remote_code: bool = False, attn_implementation: str | None = None):
+    """:func:`empty_model` for a config object (a shape to build, such as a Qwen3-8B-shaped random model)."""
     import torch
     from accelerate import init_empty_weights
 
-    config = load_config(ref, revision=revision, trust_remote_code=trust_remote_code)
     kw: dict[str, Any] = {"trust_remote_code": bool(trust_remote_code), "dtype": torch.float32}
     if attn_implementation:
         kw["attn_implementation"] = attn_implementation

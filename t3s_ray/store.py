@@ -825,6 +825,11 @@ class StoreClient:
     def config(self) -> list[dict]:
         return self._call_all("config")
 
+    def reset(self) -> None:
+        """Forget every example, visit and mask version (the shards keep their configuration)."""
+        self.load_state_dict({"num_shards": self.num_shards,
+                              "shards": [ConfidenceStore(**c).state_dict() for c in self.config()]})
+
     # ---------------------------------------------------------------- snapshots
     def state_dict(self) -> dict:
         return {"num_shards": self.num_shards, "shards": self._call_all("state_dict")}

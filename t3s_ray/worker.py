@@ -211,15 +211,23 @@ class LogprobModule(torch.nn.Module):
         return token_confidence(self.model, input_ids, attention_mask, target_mask, self.chunk_size)
 
 
-def decoder_layers(model) -> list[torch.nn.Module]:
-    """The repeated blocks FSDP shards one by one (Llama/Qwen ``model.layers``, BERT ``encoder.layer``)."""
+def fsdp_units(model) -> list[torch.nn.Module]:
+    """The modules FSDP shards as units of their own, beside the root: every repeated block (Llama/Qwen
+    ``model.layers``, BERT ``encoder.layer``) and, when it is not tied to the lm head, the input
+    embedding (needed only at the start of the forward). The lm head and final norm stay in the root,
+    since the chunked lm head reads the weight directly rather than through the module's forward."""
+    units: list[torch.nn.Module] = []
     for path in ("model.layers", "bert.encoder.layer", "transformer.h", "model.decoder.layers"):
         node = model
         for part in path.split("."):
             node = getattr(node, part, None)
         if isinstance(node, torch.nn.ModuleList):
-            return list(node)
-    return []
+            units = list(node)
+            break
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if embed is not None and (head is None or head.weight is not embed.weight):
+        units.append(embed)
+    return units
 
 
 def _stable_seed(*parts: Any) -> int:
@@ -292,7 +300,7 @@ class StudentTrainer:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         module = LogprobModule(model, self.cfg.train.confidence_chunk)
         if self.sharded:
-            dist_utils.shard_model(module, decoder_layers(model), bf16_compute=self.bf16)
+            dist_utils.shard_model(module, fsdp_units(model), bf16_compute=self.bf16)
         dist_utils.materialize(module, self.device)
         module.train()
         return module
@@ -311,8 +319,9 @@ class StudentTrainer:
 
     def _build_optimizer(self) -> None:
         t = self.cfg.train
+        # fused: one kernel over all parameters, no per-step temporaries the size of the model.
         self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=t.lr, betas=tuple(t.adam_betas),
-                                           weight_decay=t.weight_decay)
+                                           weight_decay=t.weight_decay, fused=True)
 
     def _autocast(self):
         """bf16 compute over fp32 weights; under FSDP the mixed-precision policy does it instead."""
@@ -320,50 +329,23 @@ class StudentTrainer:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def lr_at(self, step: int) -> float:
-        t = self.cfg.train
-        if t.warmup_steps and step < t.warmup_steps:
-            return t.lr * (step + 1) / t.warmup_steps
-        if t.schedule == "cosine":
-            progress = (step - t.warmup_steps) / max(1, self.job.max_steps - t.warmup_steps)
-            return t.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        return t.lr
-
     # ---------------------------------------------------------------- scoring passes
     def _collate(self, ids: list[int]):
         return collate(self.examples, ids, self.tokenizer.pad_token_id or 0, self.device)
 
     def _score(self, module: LogprobModule) -> dict[int, np.ndarray]:
-        """Confidences of this rank's share of the examples (no grad). Every rank runs the same number
-        of forward passes, since under FSDP each one is a collective."""
-        mine = list(range(self.rank, self.n_examples, self.world))
-        batches = micro_batches(mine, self.cfg.train.micro_batch_size)
-        n_batches = math.ceil(math.ceil(self.n_examples / self.world) / self.cfg.train.micro_batch_size)
-        module.eval()
-        out = {}
-        with torch.no_grad(), self._autocast():
-            for k in range(n_batches):
-                ids = batches[min(k, len(batches) - 1)]
-                input_ids, attention, target = self._collate(ids)
-                conf = module(input_ids, attention, target)
-                if k < len(batches):
-                    out.update(zip(ids, per_example_values(conf, target)))
-        module.train()
-        return out
+        return score_examples(module, self._collate, self.n_examples, self.ranks, self.cfg.train.micro_batch_size,
+                              self._autocast)
 
     def _initial_scoring(self) -> None:
         """c0 for every token; for the static protocol also c(θb), then the one classification. The
         scorer is the training module itself (θb, then θ0, loaded into it) unless the scores come from
         another model (a dLLM's AR selector), which gets a sharded module of its own for the passes."""
         if self.ranks.is_main:
-            from .store import ConfidenceStore
-
-            # A from-scratch (re)start must not see an earlier attempt's visits or mask versions.
-            configs = self.store.config()
-            self.store.load_state_dict({"num_shards": len(configs),
-                                        "shards": [ConfidenceStore(**c).state_dict() for c in configs]})
-            # One rank registers every example in id order, so the store's layout (and its snapshots)
+            # A from-scratch (re)start must not see an earlier attempt's visits or mask versions. One
+            # rank registers every example in id order, so the store's layout (and its snapshots)
             # does not depend on which rank got there first.
+            self.store.reset()
             self.store.register(np.arange(self.n_examples),
                                 np.asarray([int(ex["target_mask"].sum()) for ex in self.examples]))
         dist_utils.barrier()
@@ -383,22 +365,17 @@ class StudentTrainer:
             self.store.wait(self.store.record(0, np.asarray(list(cb)), list(cb.values())))
         dist_utils.barrier()
         if self.job.anchor_model and self.ranks.is_main:
-            stats = self.store.refresh(0, **self._rule())
+            stats = self.store.refresh(0, **selection_rule(self.cfg, self.is_dllm))
             print(f"[train] static selection from {self.job.anchor_model}: anchor fraction "
                   f"{stats['anchor_frac']:.3f}", file=sys.stderr, flush=True)
         dist_utils.barrier()
-
-    def _rule(self) -> dict[str, Any]:
-        s = self.cfg.selection
-        if self.is_dllm:
-            return {"rule": "forced", "tau": s.tau, "max_anchor_frac": s.max_anchor_frac}
-        return {"rule": s.rule, "tau": s.tau, "top_frac": s.top_frac, "max_anchor_frac": s.max_anchor_frac}
 
     # ---------------------------------------------------------------- the loop
     def train(self) -> None:
         t = self.cfg.train
         pushes: list[Any] = []
-        prefetch = None
+        masks = MaskPrefetcher(self.store, lambda k: rank_share(
+            global_batch(k, self.n_examples, t.batch_size, t.seed), self.rank, self.world))
         last = min(self.job.stop_at or self.job.max_steps, self.job.max_steps)
         while self.state.step < last:
             step = self.state.step
@@ -409,16 +386,12 @@ class StudentTrainer:
                 self.store.wait(pushes)  # the only point where ranks wait for the store
                 pushes = []
                 self._refresh(step)
-                prefetch = None
-            if prefetch is None or prefetch[0] != step:
-                prefetch = (step, self.store.get_masks_async(np.asarray(mine)))
-            version, anchors = prefetch[1].result()
+                masks.drop()
+            version, anchors = masks.get(step)
             self.state.mask_version = version
-            prefetch = None  # prefetch the next step's masks now, so that step does not wait on the store
             if step + 1 < last and not self.plan.refreshes_before(step + 1, self.state.masking_on):
-                nb = rank_share(global_batch(step + 1, self.n_examples, t.batch_size, t.seed), self.rank, self.world)
-                prefetch = (step + 1, self.store.get_masks_async(np.asarray(nb)))
-            lr = self.lr_at(step)
+                masks.prefetch(step + 1)  # fetched during this step, so the next one does not wait
+            lr = learning_rate(t, step, self.job.max_steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             metrics = self._train_step(step, mine, anchors, pushes)
@@ -434,7 +407,7 @@ class StudentTrainer:
                             "batch": batch, "step_time_s": time.perf_counter() - started, **peaks})
             metrics["tokens_per_s"] = metrics["tokens"] / metrics["step_time_s"]
             if self.plan.measures_accuracy_after(step + 1, self.state.masking_on) and self._bottleneck_check(metrics):
-                prefetch = None  # masks were republished
+                masks.drop()  # masks were republished
             if t.diagnostics_every and (step + 1) % t.diagnostics_every == 0:
                 metrics.update(self._diagnostics(mine, anchors))
             if self.job.model_every and (step + 1) % self.job.model_every == 0:
@@ -460,7 +433,7 @@ class StudentTrainer:
             self.store.wait(self.store.record(step, np.asarray(list(scores)), list(scores.values())))
         dist_utils.barrier()
         if self.ranks.is_main:
-            self.store.refresh(step, **self._rule())
+            self.store.refresh(step, **selection_rule(self.cfg, self.is_dllm))
         dist_utils.barrier()
         self.state.refreshed_at = step
 
@@ -484,14 +457,8 @@ class StudentTrainer:
             generator = torch.Generator().manual_seed(_stable_seed(t.seed, step, *ids))
             keep = keep_mask(method, anchor_mask, target, generator=generator)
             collated.append((ids, input_ids, attention, target, keep, anchor_mask))
-        # The loss normaliser covers the whole global batch (all micro-batches of all ranks), so the
-        # update does not depend on how the batch is split into workers and micro-batches.
-        if self.is_dllm or t.loss_normalization == "sum":
-            denom = 1.0  # the dLLM loss is a mean per micro-batch, averaged below
-        else:
-            per_row = (lambda keep: keep.any(-1)) if t.loss_normalization == "seq_mean" else (lambda keep: keep)
-            local = torch.tensor([float(sum(per_row(c[4]).sum().item() for c in collated))], dtype=torch.float64)
-            denom = max(1.0, dist_utils.all_reduce(local).item())
+        # The dLLM loss is a mean per micro-batch, averaged below.
+        denom = 1.0 if self.is_dllm else loss_denominator([c[4] for c in collated], t.loss_normalization)
         totals = {"loss": 0.0, "kept": 0, "targets": 0, "anchors": 0, "conf_anchor": 0.0, "conf_other": 0.0,
                   "tokens": 0}
         for k, (ids, input_ids, attention, target, keep, anchor_mask) in enumerate(collated):
@@ -529,30 +496,18 @@ class StudentTrainer:
             grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        totals = dist_utils.all_reduce_numbers(totals)  # metrics describe the global batch, not one rank's share
-        n_other = totals["targets"] - totals["anchors"]
-        return {
-            "loss": totals["loss"],
-            "kept_frac": totals["kept"] / max(1, totals["targets"]),
-            "anchor_frac": totals["anchors"] / max(1, totals["targets"]),
-            "mean_conf_anchor": totals["conf_anchor"] / totals["anchors"] if totals["anchors"] else None,
-            "mean_conf_other": totals["conf_other"] / n_other if n_other else None,
-            "grad_norm": grad_norm,
-            "tokens": int(totals["tokens"]),
-        }
+        return {**step_metrics(dist_utils.all_reduce_numbers(totals)), "grad_norm": grad_norm}
 
     def _diagnostics(self, mine: list[int], anchors: list[np.ndarray]) -> dict[str, float]:
-        """The paper's gradient-conflict measurement on this rank's first micro-batch (DDP only)."""
+        """The paper's gradient-conflict measurement on this rank's first micro-batch (not under FSDP)."""
         from .t3s import gradient_conflict
 
         if self.is_dllm or self.sharded:
             return {}
-        ids = mine[: self.cfg.train.micro_batch_size]
-        input_ids, attention, target = self._collate(ids)
-        anchor_mask = to_positions(anchors[: len(ids)], target)
+        input_ids, attention, target = self._collate(mine[: self.cfg.train.micro_batch_size])
         with self._autocast():
             logprobs = self.module(input_ids, attention, target)  # unwrapped: no gradient synchronisation
-        d = gradient_conflict(self.model, logprobs, anchor_mask, target)
+        d = gradient_conflict(self.model, logprobs, to_positions(anchors[: len(input_ids)], target), target)
         self.optimizer.zero_grad(set_to_none=True)
         return {f"diag_{k}": v for k, v in d.items()}
 
@@ -586,22 +541,8 @@ class StudentTrainer:
 
     # ---------------------------------------------------------------- checkpoints and exports
     def _save_hf(self, folder: Path) -> None:
-        """A Hugging Face folder (safetensors in ``student.dtype``, tokenizer). Every rank takes part
-        in the gather; rank 0 writes (Qwen3-8B in bf16: 16 GB, a few seconds to a minute)."""
-        state = dist_utils.gather_full_state(self.module, self.export_dtype)
-        if not self.ranks.is_main:
-            return
-        state = {k.removeprefix("model."): v for k, v in state.items()}
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        # save_pretrained records the dtype of the module's (fp32 master) parameters, not of the files.
-        config_file = tmp / "config.json"
-        config_file.write_text(json.dumps({**json.loads(config_file.read_text()),
-                                           "dtype": str(self.export_dtype).removeprefix("torch.")}, indent=2) + "\n")
-        self.tokenizer.save_pretrained(tmp)
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
+        """A Hugging Face folder in ``student.dtype``: every rank takes part in the gather, rank 0 writes."""
+        export_hf_model(self.module, self.tokenizer, self.export_dtype, folder)
 
     def save_checkpoint(self, metrics: dict[str, Any], with_checkpoint: bool) -> None:
         """Report the step; at checkpoint steps every rank also writes its shard of the model and the
@@ -613,10 +554,7 @@ class StudentTrainer:
 
         def write(folder: Path) -> None:
             dist_utils.save_sharded(folder / "dcp", self.module, self.optimizer)
-            rng = {"cpu": torch.get_rng_state()}
-            if self.device.type == "cuda":
-                rng["cuda"] = torch.cuda.get_rng_state(self.device)
-            torch.save(rng, folder / f"rng_rank{self.rank}.pt")
+            torch.save(dist_utils.rng_state(self.device), folder / f"rng_rank{self.rank}.pt")
             if self.ranks.is_main:
                 self.store.save(folder / "store.npz")
                 self.state.save(folder / CHECKPOINT_STATE)
@@ -634,14 +572,113 @@ class StudentTrainer:
         dist_utils.load_sharded(ckpt / "dcp", self.module, self.optimizer)
         rng = ckpt / f"rng_rank{self.rank}.pt"
         if rng.exists():
-            states = torch.load(rng, map_location="cpu", weights_only=True)
-            torch.set_rng_state(states["cpu"])
-            if "cuda" in states and self.device.type == "cuda":
-                torch.cuda.set_rng_state(states["cuda"], self.device)
+            dist_utils.set_rng_state(torch.load(rng, map_location="cpu", weights_only=True), self.device)
         if self.ranks.is_main:
             self.store.load(ckpt / "store.npz")  # a restarted store shard comes back empty
             print(f"[train] resumed from step {self.state.step} ({ckpt})", file=sys.stderr, flush=True)
         dist_utils.barrier()
+
+
+class MaskPrefetcher:
+    """This rank's anchor masks for a step, fetched from the store one step ahead."""
+
+    def __init__(self, store, share_of_step: Callable[[int], list[int]]):
+        self.store, self.share_of_step, self.pending = store, share_of_step, None
+
+    def prefetch(self, step: int) -> None:
+        self.pending = (step, self.store.get_masks_async(np.asarray(self.share_of_step(step))))
+
+    def drop(self) -> None:
+        """A refresh published a new version: what was fetched before it is stale."""
+        self.pending = None
+
+    def get(self, step: int) -> tuple[int, list[np.ndarray]]:
+        if self.pending is None or self.pending[0] != step:
+            self.prefetch(step)
+        version, anchors = self.pending[1].result()
+        self.pending = None
+        return version, anchors
+
+
+def score_examples(module: LogprobModule, collate_ids, n_examples: int, ranks: Ranks, micro_batch_size: int,
+                   autocast) -> dict[int, np.ndarray]:
+    """Confidences (no grad) of this rank's share of the examples, ``id % world == rank``. Every rank
+    runs the same number of forward passes (the last batch repeated where a rank has fewer), since
+    under FSDP each one is a collective."""
+    batches = micro_batches(list(range(ranks.rank, n_examples, ranks.world)), micro_batch_size)
+    n_batches = math.ceil(math.ceil(n_examples / ranks.world) / micro_batch_size)
+    module.eval()
+    out = {}
+    with torch.no_grad(), autocast():
+        for k in range(n_batches):
+            ids = batches[min(k, len(batches) - 1)]
+            input_ids, attention, target = collate_ids(ids)
+            conf = module(input_ids, attention, target)
+            if k < len(batches):
+                out.update(zip(ids, per_example_values(conf, target)))
+    module.train()
+    return out
+
+
+def loss_denominator(keeps: list[torch.Tensor], normalization: str) -> float:
+    """The loss normaliser of a step: kept tokens (``token_mean``) or rows with a kept token
+    (``seq_mean``) over the whole global batch, every micro-batch of every rank, so that the update
+    does not depend on how the batch is split over workers and micro-batches; 1 for ``sum``."""
+    if normalization == "sum":
+        return 1.0
+    count = sum(float((k.any(-1) if normalization == "seq_mean" else k).sum()) for k in keeps)
+    return max(1.0, dist_utils.all_reduce(torch.tensor([count], dtype=torch.float64)).item())
+
+
+def step_metrics(totals: dict[str, float]) -> dict[str, Any]:
+    """A step's metrics from its totals summed over ranks."""
+    n_other = totals["targets"] - totals["anchors"]
+    return {
+        "loss": totals["loss"],
+        "kept_frac": totals["kept"] / max(1, totals["targets"]),
+        "anchor_frac": totals["anchors"] / max(1, totals["targets"]),
+        "mean_conf_anchor": totals["conf_anchor"] / totals["anchors"] if totals["anchors"] else None,
+        "mean_conf_other": totals["conf_other"] / n_other if n_other else None,
+        "tokens": int(totals["tokens"]),
+    }
+
+
+def learning_rate(t, step: int, max_steps: int) -> float:
+    """``train.lr`` at ``step``: linear warmup, then constant or cosine decay to ``max_steps``."""
+    if t.warmup_steps and step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    if t.schedule == "cosine":
+        progress = (step - t.warmup_steps) / max(1, max_steps - t.warmup_steps)
+        return t.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return t.lr
+
+
+def selection_rule(cfg: RunConfig, is_dllm: bool) -> dict[str, Any]:
+    """The store's refresh rule: AR anchors ``Δc > tau`` (or top fraction); dLLM forced ``Δc < −tau``."""
+    s = cfg.selection
+    if is_dllm:
+        return {"rule": "forced", "tau": s.tau, "max_anchor_frac": s.max_anchor_frac}
+    return {"rule": s.rule, "tau": s.tau, "top_frac": s.top_frac, "max_anchor_frac": s.max_anchor_frac}
+
+
+def export_hf_model(module: LogprobModule, tokenizer, dtype: torch.dtype, folder: Path) -> None:
+    """Write ``module``'s model as a Hugging Face folder (safetensors in ``dtype``, tokenizer). A
+    collective under FSDP (every rank gathers); rank 0 writes (Qwen3-8B in bf16: 16 GB, about a
+    minute at 1 GB/s), so the others wait at most that long in their next collective."""
+    state = dist_utils.gather_full_state(module, dtype)
+    if state is None:
+        return
+    state = {k.removeprefix("model."): v for k, v in state.items()}
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    module.model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+    # save_pretrained records the dtype of the module's (fp32 master) parameters, not of the files.
+    config_file = tmp / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()),
+                                       "dtype": str(dtype).removeprefix("torch.")}, indent=2) + "\n")
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
 
 
 def bottleneck_passed(accuracies: list[float], patience: int) -> bool:

@@ -60,7 +60,7 @@ def _two_ranks(rank: int, world: int, port: int, model_dir: str, out: str, error
 
 def _checks(ranks, model_dir: Path, out: Path) -> None:
     from t3s_ray.models import empty_model, full_state
-    from t3s_ray.worker import decoder_layers
+    from t3s_ray.worker import fsdp_units
 
     rank = ranks.rank
     total = distributed.all_reduce(torch.tensor([rank + 1.0]))
@@ -78,7 +78,7 @@ def _checks(ranks, model_dir: Path, out: Path) -> None:
         model = empty_model(str(model_dir))
         assert all(p.is_meta for p in model.parameters()) and not any(b.is_meta for b in model.buffers())
         if sharded:
-            distributed.shard_model(model, decoder_layers(model), bf16_compute=False)
+            distributed.shard_model(model, fsdp_units(model), bf16_compute=False)
         distributed.materialize(model, torch.device("cpu"))
         assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
         # Only rank 0 holds the full copy; rank 1 gets its part by broadcast.
@@ -106,7 +106,7 @@ def _checks(ranks, model_dir: Path, out: Path) -> None:
     # optimizer read it back, and one more step gives the same weights on both.
     def build():
         m = empty_model(str(model_dir))
-        distributed.shard_model(m, decoder_layers(m), bf16_compute=False)
+        distributed.shard_model(m, fsdp_units(m), bf16_compute=False)
         distributed.materialize(m, torch.device("cpu"))
         distributed.load_full_state(m, dict(reference) if rank == 0 else None, "the test model")
         return m, torch.optim.AdamW(m.parameters(), lr=1e-2)

@@ -1,0 +1,94 @@
+"""The per-GPU memory plan of FSDP training for the paper's students (arithmetic, no GPU needed).
+
+Shapes are the public Hugging Face configs of Qwen/Qwen3-8B and Qwen/Qwen3-32B (nothing is
+downloaded). Each row is what one GPU holds at the peak of a training step under FSDP2 with fp32
+master weights, bf16 compute (``train.dtype: bfloat16``) and full activation checkpointing (every
+decoder layer recomputed in backward), for ``--seq`` tokens per row and the configs' micro-batch:
+
+* sharded, for the whole run: fp32 parameters 4P/N, fp32 gradients 4P/N, AdamW moments 8P/N;
+* the FSDP root (final norm and lm head, which the chunked lm head reads directly) unsharded in bf16,
+  and at the end of backward its fp32 gradient before the reduce-scatter;
+* one decoder layer all-gathered in bf16, with the next one prefetched, and its fp32 gradient;
+* activations: the checkpointed input of every layer (bf16, T x hidden each), plus the working set
+  of the one layer being recomputed and backpropagated (about twice its forward activations);
+* the chunked lm head: a few fp32 [chunk x vocab] tensors (never the [T x vocab] logits).
+
+These are estimates from tensor sizes (an allocator adds fragmentation, NCCL its buffers, CUDA its
+context, ~3-5 GB together); ``bench/gpu_check.py`` measures the real peak of an 8B-shaped model on
+one GPU. Run: python bench/memory_plan.py [--seq 16384]
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+GB = 1e9
+
+
+@dataclass
+class Shape:
+    name: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+
+    @property
+    def layer_params(self) -> int:
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return 2 * self.hidden * q + 2 * self.hidden * kv + 3 * self.hidden * self.intermediate + 2 * self.hidden \
+            + 2 * self.head_dim
+
+    @property
+    def params(self) -> int:
+        return self.layers * self.layer_params + 2 * self.vocab * self.hidden + self.hidden
+
+    def layer_activation_bytes(self, tokens: int) -> int:
+        """bf16 forward activations of one decoder layer (norm, q/k/v, attention output, o_proj, MLP)."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return 2 * tokens * (4 * self.hidden + 2 * q + 2 * kv + 3 * self.intermediate)
+
+
+QWEN3_8B = Shape("Qwen3-8B", 4096, 12288, 36, 32, 8, 128, 151936)
+QWEN3_32B = Shape("Qwen3-32B", 5120, 25600, 64, 64, 8, 128, 151936)
+
+
+def plan(shape: Shape, gpus: int, micro_batch: int, seq: int, chunk: int = 256) -> dict[str, float]:
+    p, tokens = shape.params, micro_batch * seq
+    head = shape.vocab * shape.hidden
+    rows = {
+        "fp32 params (sharded)": 4 * p / gpus,
+        "fp32 grads (sharded)": 4 * p / gpus,
+        "AdamW moments (sharded)": 8 * p / gpus,
+        "root: lm head bf16 + its fp32 grad": 2 * head + 4 * head,
+        "layer all-gather x2 bf16 + fp32 grad": 2 * 2 * shape.layer_params + 4 * shape.layer_params,
+        "activations: layer inputs (AC)": 2 * tokens * shape.hidden * shape.layers,
+        "activations: one layer recomputed": 2 * shape.layer_activation_bytes(tokens),
+        "chunked lm head (fp32)": 3 * 4 * chunk * shape.vocab,
+    }
+    rows["total"] = sum(rows.values())
+    return {k: v / GB for k, v in rows.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq", type=int, default=16384, help="tokens per row (data.max_seq_len)")
+    args = parser.parse_args()
+    setups = [(QWEN3_8B, 8, 2, "configs/qwen3-8b-boba200.yaml, 8x H100/H200"),
+              (QWEN3_32B, 16, 1, "configs/qwen3-32b.yaml, 16x H100"),
+              (QWEN3_32B, 8, 2, "Qwen3-32B on 8x H200 (141 GB)")]
+    for shape, gpus, mb, where in setups:
+        print(f"{shape.name}: {shape.params / 1e9:.2f}B parameters, {gpus} GPUs, micro-batch {mb} x {args.seq} "
+              f"tokens ({where})")
+        for key, value in plan(shape, gpus, mb, args.seq).items():
+            print(f"  {key:38s} {value:7.1f} GB")
+        print(f"  (DDP would hold 16 B/param = {16 * shape.params / GB:.0f} GB per GPU before activations; "
+              f"rank 0's host reads θ0 once: {2 * shape.params / GB:.1f} GB in bf16)")
+
+
+if __name__ == "__main__":
+    main()
