@@ -173,6 +173,76 @@ class DataConfig:
         return errs
 
 
+def engine_gpus(engine_kwargs: dict[str, Any]) -> int:
+    """GPUs one vLLM engine spans: ``tensor_parallel_size × pipeline_parallel_size`` of its options."""
+    return int(engine_kwargs.get("tensor_parallel_size", 1) or 1) * int(engine_kwargs.get("pipeline_parallel_size", 1) or 1)
+
+
+def engine_problems(backend: str, engine_kwargs: dict[str, Any], num_gpus_per_actor: float | None,
+                    section: str, key_prefix: str = "") -> list[tuple[str, str]]:
+    """Where an engine's GPUs do not add up: a vLLM engine of TP×PP > 1 holds exactly TP×PP GPUs (one
+    per placement bundle), so ``num_gpus_per_actor`` must say that. ``section`` names the keys in the
+    message; ``key_prefix`` is prepended to the returned key (for a check run above the section)."""
+    gpus = engine_gpus(engine_kwargs or {})
+    if backend != "vllm" or gpus == 1 or num_gpus_per_actor is None or num_gpus_per_actor == gpus:
+        return []
+    return [(f"{key_prefix}num_gpus_per_actor",
+             f"is {num_gpus_per_actor:g}, but {section}.engine_kwargs asks for tensor_parallel_size x "
+             f"pipeline_parallel_size = {gpus} GPUs per engine: set {section}.num_gpus_per_actor: {gpus}")]
+
+
+@dataclass
+class EndpointConfig:
+    """An OpenAI-compatible server that samples the teacher's traces (``traces.backend: openai``):
+    ``vllm serve``, SGLang, DeepSeek's API, ...
+
+    Attributes:
+        base_url: The API root, up to and including ``/v1`` (``http://127.0.0.1:8000/v1``,
+            ``https://api.deepseek.com/v1``).
+        model: The model name the server knows (``deepseek-reasoner``; for ``vllm serve``, the
+            served name or path).
+        api_key_env: Name of the environment variable that holds the API key (the key itself
+            never appears in a config, a log or a manifest); empty: send no key.
+        qps: Requests per second at most, over all request actors (0: no limit).
+        max_concurrency: Requests in flight at once, over all request actors.
+        max_retries: Retries of a request that failed with 429, a 5xx or a broken connection,
+            with exponential backoff (other 4xx are not retried: recorded in ``errors.jsonl``).
+        timeout_s: Seconds one request may take before it counts as failed (and is retried).
+        backoff_s: First retry delay; each further retry doubles it (with jitter), up to 60 s.
+        request_logprobs: Ask for the sampled tokens' log-probabilities (and ``traces.topk_logprobs``
+            alternatives). DeepSeek's reasoner API refuses the parameter: set false there.
+        send_seed: Send each sample's seed (servers that ignore it sample as they like).
+    """
+
+    base_url: str = "http://127.0.0.1:8000/v1"
+    model: str = ""
+    api_key_env: Optional[str] = None
+    qps: float = 0.0
+    max_concurrency: int = 8
+    max_retries: int = 5
+    timeout_s: float = 600.0
+    backoff_s: float = 1.0
+    request_logprobs: bool = True
+    send_seed: bool = True
+
+    def check(self) -> list[tuple[str, str]]:
+        errs = []
+        if not re.match(r"^https?://", self.base_url):
+            errs.append(("base_url", f"must start with http:// or https://, got {self.base_url!r}"))
+        if self.api_key_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env):
+            errs.append(("api_key_env", "must be the name of an environment variable (not the key itself)"))
+        if self.qps < 0:
+            errs.append(("qps", "must be >= 0"))
+        for name in ("max_concurrency",):
+            if getattr(self, name) < 1:
+                errs.append((name, "must be >= 1"))
+        if self.max_retries < 0:
+            errs.append(("max_retries", "must be >= 0"))
+        if self.timeout_s <= 0 or self.backoff_s < 0:
+            errs.append(("timeout_s", "must be > 0 (and backoff_s >= 0)"))
+        return errs
+
+
 @dataclass
 class TracesConfig:
     """Stage 1: sampling, verifying and keeping teacher traces.
@@ -181,8 +251,14 @@ class TracesConfig:
         source: ``generate`` samples traces from the teacher; ``dataset`` imports traces that the
             dataset already holds (column ``response_field``).
         response_field: For ``source: dataset``: the column holding the trace text.
-        backend: ``vllm`` (vLLM engine actors through ``ray.data.llm``) or ``hf`` (transformers
-            ``generate`` in a Ray Data actor pool; runs anywhere).
+        reasoning_field: For ``source: dataset``: a column holding the teacher's thinking that goes
+            before ``response_field`` (s1K's ``deepseek_thinking_trajectory``); the trace becomes
+            ``<think>\n{thinking}\n</think>\n\n{response}``, the layout Qwen3's chat template
+            renders (an OpenAI endpoint's ``reasoning_content`` is joined the same way).
+        backend: ``vllm`` (vLLM engine actors through ``ray.data.llm``), ``hf`` (transformers
+            ``generate`` in a Ray Data actor pool; runs anywhere) or ``openai`` (requests to the
+            OpenAI-compatible server of ``traces.endpoint``).
+        endpoint: The server of ``backend: openai``.
         concurrency: Number of engine actors the prompts are sharded over.
         batch_size: Prompts per Ray Data batch sent to one engine actor.
         samples_per_prompt: Traces sampled per prompt (the paper: 16).
@@ -200,13 +276,17 @@ class TracesConfig:
         max_model_len: Longest prompt + generation an engine accepts; longer prompts are written
             to the errors file and counted.
         engine_kwargs: Extra engine options passed through unchanged (vLLM:
-            ``tensor_parallel_size``, ``gpu_memory_utilization``, ...).
-        num_gpus_per_actor: GPUs per engine actor (0 on CPU machines).
+            ``tensor_parallel_size``, ``pipeline_parallel_size``, ``gpu_memory_utilization``,
+            ``quantization``, ...). An engine spans TP × PP GPUs, one per placement bundle.
+        num_gpus_per_actor: GPUs per engine actor (0 on CPU machines). With TP × PP > 1 it must
+            equal TP × PP.
     """
 
     source: Literal["generate", "dataset"] = "generate"
     response_field: Optional[str] = None
-    backend: Literal["vllm", "hf"] = "hf"
+    reasoning_field: Optional[str] = None
+    backend: Literal["vllm", "hf", "openai"] = "hf"
+    endpoint: EndpointConfig = field(default_factory=EndpointConfig)
     concurrency: int = 1
     batch_size: int = 16
     samples_per_prompt: int = 16
@@ -239,7 +319,13 @@ class TracesConfig:
             errs.append(("max_model_len", f"must be larger than max_tokens ({self.max_tokens})"))
         if self.num_gpus_per_actor < 0:
             errs.append(("num_gpus_per_actor", "must be >= 0"))
-        return errs
+        if self.reasoning_field and self.source != "dataset":
+            errs.append(("reasoning_field", "only applies with source: dataset"))
+        if self.backend == "openai" and self.source == "generate" and not self.endpoint.model:
+            errs.append(("endpoint.model", "is required with backend: openai (the model name the server knows)"))
+        if self.backend == "openai" and self.topk_logprobs > 20:
+            errs.append(("topk_logprobs", "must be <= 20 with backend: openai (the API's top_logprobs limit)"))
+        return errs + engine_problems(self.backend, self.engine_kwargs, self.num_gpus_per_actor, "traces")
 
 
 @dataclass
@@ -407,6 +493,13 @@ class ProbeConfig:
         max_tokens: Maximum generated tokens per accuracy sample.
         patience: ``switch: bottleneck``: evaluations of rising accuracy after the minimum before
             masking is switched on.
+        backend: Generation backend of the static probe's accuracy measurement (``vllm`` or
+            ``hf``); empty: ``eval.backend``. (``switch: bottleneck`` samples inside the training
+            workers, from their own replica, with ``hf``.)
+        concurrency: Generation actors of the probe (empty: ``eval.concurrency``).
+        batch_size: Requests per engine batch (empty: ``eval.batch_size``).
+        engine_kwargs: Engine options (empty: ``eval.engine_kwargs``).
+        num_gpus_per_actor: GPUs per generation actor (empty: ``eval.num_gpus_per_actor``).
     """
 
     steps: int = 50
@@ -416,12 +509,22 @@ class ProbeConfig:
     temperature: float = 0.6
     max_tokens: int = 1024
     patience: int = 1
+    backend: Optional[Literal["vllm", "hf"]] = None
+    concurrency: Optional[int] = None
+    batch_size: Optional[int] = None
+    engine_kwargs: Optional[dict[str, Any]] = None
+    num_gpus_per_actor: Optional[float] = None
 
     def check(self) -> list[tuple[str, str]]:
         errs = []
         for name in ("steps", "eval_every", "samples", "max_tokens", "patience"):
             if getattr(self, name) < 1:
                 errs.append((name, "must be >= 1"))
+        for name in ("concurrency", "batch_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                errs.append((name, "must be >= 1"))
+        if self.num_gpus_per_actor is not None and self.num_gpus_per_actor < 0:
+            errs.append(("num_gpus_per_actor", "must be >= 0"))
         if self.max_prompts is not None and self.max_prompts < 1:
             errs.append(("max_prompts", "must be >= 1"))
         if self.temperature < 0:
@@ -448,7 +551,8 @@ class EvalConfig:
         batch_size: Requests per engine batch.
         max_model_len: Engine context length; longer prompts are counted as errors (scored wrong).
         engine_kwargs: Extra vLLM engine options (``tensor_parallel_size``, ``gpu_memory_utilization``...).
-        num_gpus_per_actor: GPUs per generation actor (0 on CPU machines).
+            An engine spans TP × PP GPUs.
+        num_gpus_per_actor: GPUs per generation actor (0 on CPU machines); TP × PP when that is > 1.
         seed: Sampling seed (empty: the run's ``seed``).
         limit: Evaluate at most this many problems per benchmark (empty: all).
         pass_k: Which pass@k values to report (each <= samples).
@@ -497,7 +601,7 @@ class EvalConfig:
             errs.append(("limit", "must be >= 1"))
         if self.temperature < 0:
             errs.append(("temperature", "must be >= 0"))
-        return errs
+        return errs + engine_problems(self.backend, self.engine_kwargs, self.num_gpus_per_actor, "eval")
 
 
 @dataclass
@@ -697,6 +801,10 @@ class RunConfig:
             problem = _key_path_problem(RunConfig, key.split("."))
             if problem:
                 errs.append((f"sweep.space.{key}", problem))
+        probe = self.engine("probe")
+        if self.probe.engine_kwargs is not None or self.probe.num_gpus_per_actor is not None:
+            errs += engine_problems(probe.backend, probe.engine_kwargs, probe.num_gpus_per_actor, "probe",
+                                    key_prefix="probe.")
         if self.train.strategy == "fsdp" and self.selection.switch == "bottleneck":
             errs.append(("selection.switch", "'bottleneck' measures accuracy by sampling from each worker's "
                          "replica, which FSDP does not hold: use strategy ddp or switch immediate"))
@@ -705,6 +813,29 @@ class RunConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
+
+    def engine(self, stage: str) -> EngineSettings:
+        """The generation engine of a stage that samples: ``traces`` (the teacher), ``eval`` (and the
+        sweeps' trial evaluations), ``probe`` (the static probe's train accuracy: ``eval``'s engine
+        unless a ``probe`` key overrides it)."""
+        if stage == "traces":
+            t = self.traces
+            return EngineSettings(t.backend, t.concurrency, t.batch_size, t.max_model_len, dict(t.engine_kwargs),
+                                  t.num_gpus_per_actor)
+        e = self.eval
+        settings = EngineSettings(e.backend, e.concurrency, e.batch_size, e.max_model_len, dict(e.engine_kwargs),
+                                  e.num_gpus_per_actor)
+        if stage == "eval":
+            return settings
+        if stage != "probe":
+            raise ValueError(f"no generation engine for stage {stage!r}")
+        p = self.probe
+        return EngineSettings(
+            backend=p.backend or settings.backend, concurrency=p.concurrency or settings.concurrency,
+            batch_size=p.batch_size or settings.batch_size,
+            max_model_len=self.data.max_seq_len + p.max_tokens,
+            engine_kwargs=dict(p.engine_kwargs if p.engine_kwargs is not None else settings.engine_kwargs),
+            num_gpus_per_actor=settings.num_gpus_per_actor if p.num_gpus_per_actor is None else p.num_gpus_per_actor)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -718,6 +849,24 @@ class RunConfig:
         if sections:
             d = {s: d[s] for s in sections}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """How one stage samples: the backend, its actors and their GPUs (``RunConfig.engine``)."""
+
+    backend: str
+    concurrency: int
+    batch_size: int
+    max_model_len: int
+    engine_kwargs: dict[str, Any]
+    num_gpus_per_actor: float
+
+    @property
+    def gpus_per_engine(self) -> float:
+        """GPUs one engine actor holds: TP × PP when that is > 1, else ``num_gpus_per_actor``."""
+        tp_pp = engine_gpus(self.engine_kwargs) if self.backend == "vllm" else 1
+        return float(tp_pp) if tp_pp > 1 else self.num_gpus_per_actor
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ Finished benchmarks are kept: rerunning the same evaluation only runs the benchm
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import random
@@ -145,7 +146,9 @@ def evaluate(cfg: RunConfig, model_ref: str | None = None, label: str | None = N
     label = label or label_of(model_ref)
     ev = cfg.eval
     diffusion = is_diffusion_model(cfg, model_ref)
-    backend = "hf" if diffusion else ev.backend  # vLLM does not serve masked-diffusion models
+    engine = cfg.engine("eval")
+    if diffusion:  # vLLM does not serve masked-diffusion models
+        engine = dataclasses.replace(engine, backend="hf", engine_kwargs={})
     out = Path(out_dir) if out_dir else cfg.run_dir / "eval" / label
     out.mkdir(parents=True, exist_ok=True)
     scores_path, samples_path = out / "scores.json", out / "samples.jsonl"
@@ -163,14 +166,12 @@ def evaluate(cfg: RunConfig, model_ref: str | None = None, label: str | None = N
         if any(p > k for p in ev.pass_k):
             raise ConfigError(f"eval.pass_k {ev.pass_k}: benchmark '{bench.name}' draws only {k} samples per problem")
         rows = benchmark_rows(bench, ev.limit)
-        spec = GenerationSpec(
-            model_ref=model_ref, backend=backend, n=k,
+        spec = GenerationSpec.for_engine(
+            dataclasses.replace(engine, concurrency=max(1, min(engine.concurrency, len(rows)))), model_ref, n=k,
             temperature=ev.temperature if bench.temperature is None else bench.temperature,
             top_p=ev.top_p if bench.top_p is None else bench.top_p,
             max_tokens=bench.max_tokens or ev.max_tokens, seed=cfg.seed if ev.seed is None else ev.seed,
-            system_prompt=bench.system_prompt, concurrency=max(1, min(ev.concurrency, len(rows))),
-            batch_size=ev.batch_size, max_model_len=ev.max_model_len, engine_kwargs=ev.engine_kwargs,
-            num_gpus_per_actor=ev.num_gpus_per_actor, dtype=cfg.student.dtype,
+            system_prompt=bench.system_prompt, dtype=cfg.student.dtype,
             trust_remote_code=cfg.student.trust_remote_code, sampler="diffusion" if diffusion else "ar",
             diffusion_steps=ev.diffusion_steps, diffusion_block_length=ev.diffusion_block_length,
             mask_token=cfg.student.mask_token)

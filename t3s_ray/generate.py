@@ -5,7 +5,14 @@ Prompts are rendered with the model's chat template on the driver, checked (empt
 own seed, and sharded over engine actors by Ray Data:
 
 * ``hf``: ``map_batches`` over an actor pool running transformers ``generate`` with left padding;
-* ``vllm``: ``ray.data.llm`` engine actors (``t3s_ray.vllm_backend``).
+* ``vllm``: ``ray.data.llm`` engine actors (``t3s_ray.vllm_backend``);
+* ``openai``: requests to an OpenAI-compatible server (``t3s_ray.openai_backend``; traces only):
+  prompts go as chat messages, rendered by the server.
+
+Every stage that samples builds its spec from ``RunConfig.engine(stage)`` (``GenerationSpec.for_engine``),
+so traces, the static probe, evaluation and sweep trials choose backends, GPUs and engine options
+the same way. After a stage, the engines' placement groups are removed and their resources awaited
+(``run_requests``), so that a training started next in the same driver finds its CPUs and GPUs.
 
 Both backends return, per sample, the text, the generated token ids and the log-probabilities of the
 sampled tokens (and with ``topk_logprobs: k`` the engine's top-k alternatives), plus ``error`` when
@@ -54,6 +61,15 @@ class GenerationSpec:
     diffusion_steps: int = 0         # total denoising steps per answer (0: one per token)
     diffusion_block_length: int = 32
     mask_token: str = ""             # empty: the tokenizer's own mask token
+    endpoint: dict[str, Any] | None = None   # backend "openai": traces.endpoint as a dict
+    api_key: str | None = None               # backend "openai": an openai_backend.Secret
+
+    @classmethod
+    def for_engine(cls, engine, model_ref: str, **sampling) -> "GenerationSpec":
+        """A spec on a stage's engine (``RunConfig.engine(stage)``) with the stage's sampling settings."""
+        return cls(model_ref=model_ref, backend=engine.backend, concurrency=engine.concurrency,
+                   batch_size=engine.batch_size, max_model_len=engine.max_model_len,
+                   engine_kwargs=dict(engine.engine_kwargs), num_gpus_per_actor=engine.gpus_per_engine, **sampling)
 
 
 def sample_seed(seed: int, prompt_id: str, sample_index: int) -> int:
@@ -62,14 +78,34 @@ def sample_seed(seed: int, prompt_id: str, sample_index: int) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
+def chat_messages(prompt: str | list[dict[str, Any]], system_prompt: str | None) -> list[dict[str, Any]]:
+    """The prompt as chat messages (an OpenAI request's ``messages``), the system prompt first."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
+    if system_prompt and not any(m.get("role") == "system" for m in messages):
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return messages
+
+
 def prepare_requests(rows: list[dict[str, Any]], spec: GenerationSpec, tokenizer
                      ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Render and check prompts; return (one request per sample, error records for bad prompts)."""
+    """Render and check prompts; return (one request per sample, error records for bad prompts).
+
+    For the ``openai`` backend (``tokenizer`` None) the prompt travels as chat messages and the
+    server renders and checks it."""
+    import json
+
     requests, errors = [], []
     for row in rows:
         prompt = row.get("prompt")
         if prompt is None or (isinstance(prompt, str) and not prompt.strip()) or (isinstance(prompt, list) and not prompt):
             errors.append({"id": row["id"], "reason": "empty prompt", "retryable": False})
+            continue
+        if spec.backend == "openai":
+            messages = json.dumps(chat_messages(prompt, spec.system_prompt))
+            for k in range(spec.n):
+                requests.append({"id": row["id"], "sample_index": k, "prompt_text": messages, "messages": messages,
+                                 "prompt_tokens": 0, "seed": sample_seed(spec.seed, row["id"], k),
+                                 "max_tokens": spec.max_tokens})
             continue
         try:
             text = render_prompt(tokenizer, prompt, system_prompt=spec.system_prompt, chat_template=spec.chat_template)
@@ -139,31 +175,30 @@ class HFGenerator:
 
         if self.diffusion:
             return self._diffuse(prompts, max_tokens, seed)
+        from transformers import LogitsProcessorList
+
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         torch.manual_seed(seed)
         do_sample = self.temperature > 0
+        recorder = SampledLogprobs(self.topk)
         with torch.inference_mode():
-            out = self.model.generate(
+            sequences = self.model.generate(
                 **enc, max_new_tokens=max_tokens, do_sample=do_sample,
                 temperature=self.temperature if do_sample else None, top_p=self.top_p if do_sample else None,
-                top_k=0 if do_sample else None, return_dict_in_generate=True, output_logits=True,
+                top_k=0 if do_sample else None, logits_processor=LogitsProcessorList([recorder]),
                 pad_token_id=self.tokenizer.pad_token_id, eos_token_id=sorted(self.eos_ids))
-        gen = out.sequences[:, enc["input_ids"].shape[1]:]
-        # Log-probabilities under the model's own distribution (raw logits), as vLLM reports them.
-        logprobs = torch.stack(out.logits, dim=1).float().log_softmax(-1)  # [B, steps, V]
+            gen = sequences[:, enc["input_ids"].shape[1]:]
+            logprobs, top_ids, top_lps = recorder.finish(gen)
         results = []
         for b in range(gen.shape[0]):
             ids = gen[b].tolist()
             length = next((i + 1 for i, t in enumerate(ids) if t in self.eos_ids), None)
             finish = "stop" if length is not None else "length"
             length = length or len(ids)
-            ids = ids[:length]
-            lp = logprobs[b, :length]
-            res = self._result(ids, lp.gather(-1, torch.tensor(ids, device=lp.device)[:, None])[:, 0].tolist(), finish)
+            res = self._result(ids[:length], logprobs[b, :length].tolist(), finish)
             if self.topk:
-                top = lp.topk(self.topk, dim=-1)
-                res["topk_ids"] = top.indices.tolist()
-                res["topk_logprobs"] = top.values.tolist()
+                res["topk_ids"] = top_ids[b, :length].tolist()
+                res["topk_logprobs"] = top_lps[b, :length].tolist()
             results.append(res)
         return results
 
@@ -216,6 +251,56 @@ class HFGenerator:
         return {k: [o.get(k) for o in out] for k in out[0]} if out else {}
 
 
+class SampledLogprobs:
+    """A logits processor that keeps, step by step, each row's log-probability of the token it then
+    sampled (and the top-k), instead of every step's full-vocabulary logits.
+
+    ``generate`` calls it with step t's logits before the sampling warpers (temperature, top-p):
+    the model's own distribution, which is what vLLM reports by default. The token drawn from it
+    is known one call later (the last column of ``input_ids``), so one ``[B, V]`` fp32 log-softmax
+    is kept between calls: memory O(B·V) instead of O(B·steps·V) (at Qwen3's vocabulary, 0.6 MB a
+    token, 10 GB for a 16k-token sample, with ``output_logits``).
+    """
+
+    def __init__(self, topk: int = 0):
+        self.topk = topk
+        self.previous = None
+        self.sampled: list = []
+        self.top_ids: list = []
+        self.top_lps: list = []
+
+    def __call__(self, input_ids, scores):
+        if self.previous is not None:
+            self._take(input_ids[:, -1])
+        self.previous = scores.float().log_softmax(-1)
+        return scores
+
+    def _take(self, tokens) -> None:
+        self.sampled.append(self.previous.gather(-1, tokens[:, None].to(self.previous.device))[:, 0])
+        if self.topk:
+            top = self.previous.topk(self.topk, dim=-1)
+            self.top_ids.append(top.indices)
+            self.top_lps.append(top.values)
+        self.previous = None
+
+    def finish(self, generated):
+        """``[B, steps]`` log-probabilities of ``generated`` (and ``[B, steps, k]`` top-k ids / values)."""
+        import torch
+
+        if self.previous is not None:  # the last step's token is only in the output
+            self._take(generated[:, -1])
+        steps = generated.shape[1]
+        if len(self.sampled) != steps:
+            raise RuntimeError(f"recorded {len(self.sampled)} steps' log-probabilities for {steps} generated tokens")
+        if not steps:
+            empty = torch.zeros((generated.shape[0], 0))
+            return empty, empty.long()[..., None], empty[..., None]
+        logprobs = torch.stack(self.sampled, dim=1).cpu()
+        if not self.topk:
+            return logprobs, None, None
+        return logprobs, torch.stack(self.top_ids, dim=1).cpu(), torch.stack(self.top_lps, dim=1).cpu()
+
+
 def _plain(value: Any) -> Any:
     """Ray Data hands list columns back as numpy arrays; the driver wants plain Python values."""
     if isinstance(value, np.ndarray):
@@ -239,13 +324,47 @@ def actor_plan(n_requests: int, concurrency: int, batch_size: int) -> int:
 
 
 def run_requests(requests: list[dict[str, Any]], spec: GenerationSpec) -> Iterator[dict[str, Any]]:
-    """Stream generated samples (one dict per request) back from the engine actors as they finish."""
+    """Stream generated samples (one dict per request) back from the engine actors as they finish.
+
+    When the stream ends (or is abandoned), the placement groups the engines were given are removed
+    and the CPUs and GPUs the stage held are awaited: ray.data.llm creates a placement group per
+    multi-GPU engine and never removes it (ray-project/ray#64035)."""
+    import ray
+
+    if not requests:
+        return
+    before = ray.available_resources()
+    placement_groups: list = []
+    try:
+        yield from _stream(requests, spec, placement_groups)
+    finally:
+        # vLLM engines take seconds to exit after their last batch; HF actors are gone at once.
+        release_generation_resources(placement_groups, before, wait_s=30.0 if spec.backend == "vllm" else 0.0)
+
+
+def release_generation_resources(placement_groups: list, before: dict[str, float], wait_s: float = 30.0) -> None:
+    """Remove the engines' placement groups; wait (at most ``wait_s``) until the CPUs and GPUs that
+    were free before the stage are free again (its actors take a moment to exit)."""
+    import ray
+
+    for pg in placement_groups:
+        try:
+            ray.util.remove_placement_group(pg)
+        except Exception:  # already removed, or the cluster is going away
+            pass
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        now = ray.available_resources()
+        if all(now.get(r, 0.0) >= before.get(r, 0.0) - 1e-6 for r in ("CPU", "GPU")):
+            return
+        time.sleep(0.2)
+
+
+def _stream(requests: list[dict[str, Any]], spec: GenerationSpec, placement_groups: list) -> Iterator[dict[str, Any]]:
     import ray.data
 
     from .models import resolve
 
-    if not requests:
-        return
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = False
@@ -272,9 +391,15 @@ def run_requests(requests: list[dict[str, Any]], spec: GenerationSpec) -> Iterat
                            topk_logprobs=spec.topk_logprobs, concurrency=actors, batch_size=spec.batch_size,
                            max_model_len=spec.max_model_len, engine_kwargs=spec.engine_kwargs,
                            num_gpus_per_actor=spec.num_gpus_per_actor, trust_remote_code=spec.trust_remote_code,
-                           dtype=spec.dtype)
+                           dtype=spec.dtype, placement_groups=placement_groups)
+    elif spec.backend == "openai":
+        from .openai_backend import openai_generate
+
+        ds = openai_generate(ds, endpoint=spec.endpoint or {}, api_key=spec.api_key, temperature=spec.temperature,
+                             top_p=spec.top_p, topk_logprobs=spec.topk_logprobs, concurrency=actors,
+                             batch_size=spec.batch_size)
     else:
-        raise ValueError(f"unknown generation backend {spec.backend!r} (use 'hf' or 'vllm')")
+        raise ValueError(f"unknown generation backend {spec.backend!r} (use 'hf', 'vllm' or 'openai')")
     for row in ds.iter_rows():
         yield {k: _plain(v) for k, v in row.items()}
 
@@ -306,7 +431,8 @@ def generate_and_verify(rows: list[dict[str, Any]], spec: GenerationSpec, verifi
     from .models import load_tokenizer
 
     check = get_verifier(verifier)
-    tokenizer = load_tokenizer(spec.model_ref, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    tokenizer = None if spec.backend == "openai" else load_tokenizer(
+        spec.model_ref, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
     requests, errors = prepare_requests(rows, spec, tokenizer)
     for err in errors:
         yield err["id"], None, err
@@ -326,12 +452,16 @@ def generate_and_verify(rows: list[dict[str, Any]], spec: GenerationSpec, verifi
             verdict = check(s["response"], gold) if not s.get("error") else None
             s["correct"] = bool(verdict and verdict.correct)
             s["extracted_answer"] = verdict.extracted if verdict else None
-            tokens += len(s["token_ids"])
+            tokens += len(s["token_ids"]) or len(s.get("logprobs") or [])
         finished += 1
         progress.update(finished, f", {tokens} tokens, {tokens / max(1e-9, time.time() - progress.start):.1f} tok/s")
-        if not ok:
-            yield sample["id"], None, {"id": sample["id"], "retryable": True,
-                                       "reason": f"generation failed: {samples[0].get('error')}"}
+        # A sample that failed for a passing reason (an endpoint that went away) fails its prompt, so
+        # that a rerun draws all its samples again (same seeds) instead of keeping it one short.
+        passing = [s for s in samples if s.get("error") and s.get("retryable") is True]
+        if passing or not ok:
+            failed = passing or samples
+            yield sample["id"], None, {"id": sample["id"], "retryable": any(s.get("retryable", True) for s in failed),
+                                       "reason": f"generation failed: {failed[0].get('error')}"}
         else:
             yield sample["id"], samples, None
     if pending:  # an engine lost rows without reporting them: never drop a prompt silently

@@ -15,7 +15,9 @@ temporary name and renamed, ``traces/`` before ``samples/``, so a shard counts o
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import random
 import sys
 import time
@@ -26,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .cluster import ray_session
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 from .data import load_prompts
 from .generate import GenerationSpec, generate_and_verify
 from .verify import get_verifier
@@ -59,13 +61,41 @@ def traces_dir(cfg: RunConfig) -> Path:
 
 def generation_spec(cfg: RunConfig) -> GenerationSpec:
     t = cfg.traces
-    return GenerationSpec(
-        model_ref=cfg.teacher.ref, backend=t.backend, n=t.samples_per_prompt, temperature=t.temperature,
-        top_p=t.top_p, max_tokens=t.max_tokens, seed=t.seed, topk_logprobs=t.topk_logprobs,
-        chat_template=t.chat_template, system_prompt=cfg.data.system_prompt, concurrency=t.concurrency,
-        batch_size=t.batch_size, max_model_len=t.max_model_len, engine_kwargs=t.engine_kwargs,
-        num_gpus_per_actor=t.num_gpus_per_actor, dtype=cfg.teacher.dtype,
-        trust_remote_code=cfg.teacher.trust_remote_code, revision=cfg.teacher.revision)
+    endpoint, api_key = None, None
+    if t.backend == "openai":
+        endpoint, api_key = dataclasses.asdict(t.endpoint), endpoint_key(cfg)
+    return GenerationSpec.for_engine(
+        cfg.engine("traces"), cfg.teacher.ref, n=t.samples_per_prompt, temperature=t.temperature, top_p=t.top_p,
+        max_tokens=t.max_tokens, seed=t.seed, topk_logprobs=t.topk_logprobs, chat_template=t.chat_template,
+        system_prompt=cfg.data.system_prompt, dtype=cfg.teacher.dtype, trust_remote_code=cfg.teacher.trust_remote_code,
+        revision=cfg.teacher.revision, endpoint=endpoint, api_key=api_key)
+
+
+def endpoint_key(cfg: RunConfig):
+    """The API key of ``traces.endpoint`` from the variable ``api_key_env`` names (None without one),
+    as a Secret: its repr hides it."""
+    from .openai_backend import Secret
+
+    name = cfg.traces.endpoint.api_key_env
+    if not name:
+        return None
+    if not os.environ.get(name):
+        raise ConfigError(f"traces.endpoint.api_key_env names {name}, which is not set in this environment "
+                          f"(export {name}=... before running, or leave api_key_env empty for a server without keys)")
+    return Secret(os.environ[name])
+
+
+def teacher_name(cfg: RunConfig) -> str:
+    """Who wrote the traces, for the trace rows and the manifest."""
+    t = cfg.traces
+    if t.source == "dataset":
+        return f"dataset:{cfg.data.source}"
+    return f"openai:{t.endpoint.model}" if t.backend == "openai" else cfg.teacher.ref
+
+
+def _n_tokens(record: dict[str, Any]) -> int:
+    """Generated tokens of a sample: its token ids, or (an endpoint returns text) its log-probabilities."""
+    return len(record.get("token_ids") or []) or len(record.get("logprobs") or [])
 
 
 def choose_kept(samples: list[dict[str, Any]], policy: str, seed: int, prompt_id: str) -> set[int]:
@@ -167,7 +197,11 @@ def _sample_record(sample: dict[str, Any], row: dict[str, Any], teacher: str, ve
 
 
 def _imported_samples(rows: list[dict[str, Any]], cfg: RunConfig):
-    """``traces.source: dataset``: the dataset's own traces, verified where a gold answer exists."""
+    """``traces.source: dataset``: the dataset's own traces, verified where a gold answer exists. With
+    ``traces.reasoning_field`` the thinking goes first, as ``<think>\n...\n</think>\n\n`` (the
+    answer is verified on the whole trace, as a generated one would be)."""
+    from .openai_backend import join_reasoning
+
     check = get_verifier(cfg.traces.verifier)
     for row in rows:
         response = row.get("response")
@@ -175,6 +209,8 @@ def _imported_samples(rows: list[dict[str, Any]], cfg: RunConfig):
             yield row["id"], None, {"id": row["id"], "reason": f"empty trace in column '{cfg.traces.response_field}'",
                                     "retryable": False}
             continue
+        if cfg.traces.reasoning_field:
+            response = join_reasoning(row.get("reasoning") if isinstance(row.get("reasoning"), str) else None, response)
         verdict = check(response, row["answer"]) if row.get("answer") is not None else None
         yield row["id"], [{"sample_index": 0, "response": response, "token_ids": [], "logprobs": [],
                            "finish_reason": "imported", "error": None,
@@ -188,7 +224,9 @@ def run_traces(cfg: RunConfig, flush_every: int | None = None) -> dict[str, Any]
     out = traces_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     t = cfg.traces
-    extra = {"response": t.response_field} if t.source == "dataset" else None
+    extra = None
+    if t.source == "dataset":
+        extra = {"response": t.response_field, **({"reasoning": t.reasoning_field} if t.reasoning_field else {})}
     rows = load_prompts(cfg.data, extra_fields=extra, on_empty="keep")
     done, final_errors, next_index = _finished_state(out)
     pending = [r for r in rows if r["id"] not in done and r["id"] not in final_errors]
@@ -201,7 +239,7 @@ def run_traces(cfg: RunConfig, flush_every: int | None = None) -> dict[str, Any]
     run_stats = {"prompts": 0, "samples": 0, "tokens": 0, "errors": 0}
     in_buffer = 0
     errors_file = open(out / "errors.jsonl", "a")
-    teacher = cfg.teacher.ref if t.source == "generate" else f"dataset:{cfg.data.source}"
+    teacher = teacher_name(cfg)
 
     def handle(results) -> None:
         nonlocal in_buffer
@@ -219,7 +257,7 @@ def run_traces(cfg: RunConfig, flush_every: int | None = None) -> dict[str, Any]
             writer.add(records)
             run_stats["prompts"] += 1
             run_stats["samples"] += len(records)
-            run_stats["tokens"] += sum(len(r["token_ids"]) for r in records)
+            run_stats["tokens"] += sum(_n_tokens(r) for r in records)
             in_buffer += 1
             if in_buffer >= flush_every:
                 writer.flush()
@@ -242,7 +280,7 @@ def run_traces(cfg: RunConfig, flush_every: int | None = None) -> dict[str, Any]
 
 def write_manifest(cfg: RunConfig, out: Path, run_stats: dict[str, Any], elapsed: float, n_rows: int) -> dict[str, Any]:
     """Counts over everything written so far (all runs of this folder), plus this run's speed."""
-    samples = read_shards(out / "samples", columns=["id", "correct", "kept", "token_ids"])
+    samples = read_shards(out / "samples", columns=["id", "correct", "kept", "token_ids", "logprobs"])
     ids, n_samples, n_correct, n_kept, tokens, no_correct = set(), 0, 0, 0, 0, []
     if samples is not None:
         per_id: dict[str, bool] = {}
@@ -251,7 +289,7 @@ def write_manifest(cfg: RunConfig, out: Path, run_stats: dict[str, Any], elapsed
             n_samples += 1
             n_correct += bool(rec["correct"])
             n_kept += bool(rec["kept"])
-            tokens += len(rec["token_ids"] or [])
+            tokens += _n_tokens(rec)
             per_id[rec["id"]] = per_id.get(rec["id"], False) or bool(rec["correct"])
         no_correct = sorted(pid for pid, ok in per_id.items() if not ok)
     errors = _read_errors(out)
@@ -261,7 +299,8 @@ def write_manifest(cfg: RunConfig, out: Path, run_stats: dict[str, Any], elapsed
     open_errors = [e for pid, e in sorted(latest_error.items()) if pid not in ids]
     manifest = {
         "config_hash": cfg.hash("teacher", "data", "traces"),
-        "teacher": cfg.teacher.ref,
+        "teacher": teacher_name(cfg),
+        "backend": cfg.traces.backend if cfg.traces.source == "generate" else "dataset",
         "source": cfg.traces.source,
         "prompts_total": n_rows,
         "prompts_finished": len(ids),

@@ -14,6 +14,7 @@ Read top to bottom:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -228,12 +229,13 @@ def run_probe(cfg: RunConfig, examples, prompts, scoring_ref: str, tokenizer_ref
         candidates = [(0, scoring_ref)] + [(int(d.name.split("-")[1]), str(d))
                                            for d in sorted((probe_dir / "models").glob("step-*"))]
         accuracies = []
+        engine = cfg.engine("probe")  # eval's engine unless a probe key overrides it
+        engine = dataclasses.replace(engine, concurrency=max(1, min(engine.concurrency, len(rows))))
         for step, ref in candidates:
-            spec = GenerationSpec(model_ref=ref, backend="hf", n=p.samples, temperature=p.temperature,
-                                  max_tokens=p.max_tokens, seed=cfg.seed, system_prompt=cfg.data.system_prompt,
-                                  concurrency=max(1, min(cfg.traces.concurrency, len(rows))),
-                                  batch_size=cfg.traces.batch_size,
-                                  max_model_len=cfg.data.max_seq_len + p.max_tokens)
+            spec = GenerationSpec.for_engine(engine, ref, n=p.samples, temperature=p.temperature,
+                                             max_tokens=p.max_tokens, seed=cfg.seed,
+                                             system_prompt=cfg.data.system_prompt, dtype=cfg.student.dtype,
+                                             trust_remote_code=cfg.student.trust_remote_code)
             # Train accuracy is avg@k over the train prompts, scored as the evaluation stage scores.
             counts = [(len(samples), sum(s["correct"] for s in samples)) if samples else (p.samples, 0)
                       for _, samples, _err in generate_and_verify(rows, spec, cfg.traces.verifier,
@@ -242,7 +244,9 @@ def run_probe(cfg: RunConfig, examples, prompts, scoring_ref: str, tokenizer_ref
             accuracies.append({"step": step, "accuracy": accuracy, "model": ref})
             print(f"[probe] step {step}: train accuracy {sum(c for _, c in counts)}/{sum(n for n, _ in counts)} "
                   f"= {accuracy:.3f}", file=sys.stderr, flush=True)
-    result = choose_bottleneck(accuracies)
+    result = {**choose_bottleneck(accuracies), "backend": engine.backend,
+              "engine": {"concurrency": engine.concurrency, "gpus_per_engine": engine.gpus_per_engine,
+                         "engine_kwargs": engine.engine_kwargs}}
     result_path.write_text(json.dumps(result, indent=2) + "\n")
     return result
 

