@@ -9,7 +9,8 @@ builtin tiny models and a random model built from a config):
 
 1. chunked token confidence of a causal LM: CUDA fp32 == CPU fp32 (and CUDA bf16 close), values and
    the gradient of the masked T3S loss;
-2. greedy generation (``HFGenerator``): the same token ids on CUDA as on the CPU;
+2. greedy generation (``HFGenerator``): the same token ids on CUDA as on the CPU, and the same
+   step-by-step log-probabilities of the sampled tokens;
 3. the diffusion sampler (tiny denoiser, greedy): the same token ids on CUDA as on the CPU;
 4. the training worker without Ray (``worker.train_standalone``) under an NCCL process group of
    world size 1, FSDP2: a tiny model's losses and final weights match the same run on the CPU (no
@@ -227,11 +228,16 @@ def main() -> int:
 
     rows = [{"id": str(i), "sample_index": 0, "prompt_text": p, "max_tokens": 16, "seed": 0}
             for i, p in enumerate(PROMPTS)]
-    outs = {}
+    outs, lps = {}, {}
     for device in ("cpu", device_under_test):
-        gen = HFGenerator("builtin:tiny-llama", temperature=0.0, top_p=1.0, topk_logprobs=0, dtype="float32",
+        gen = HFGenerator("builtin:tiny-llama", temperature=0.0, top_p=1.0, topk_logprobs=2, dtype="float32",
                           device=device)
-        outs[device] = [r["token_ids"] for r in gen.generate_rows(rows)]
+        generated = gen.generate_rows(rows)
+        outs[device] = [r["token_ids"] for r in generated]
+        lps[device] = [lp for r in generated for lp in r["logprobs"]]
+    lp_diff = max(abs(a - b) for a, b in zip(lps["cpu"], lps[device_under_test]))
+    check(f"HFGenerator step-by-step logprobs, {dut} vs CPU", lp_diff < 1e-3 and len(lps["cpu"]) == len(
+        lps[device_under_test]), f"max |diff| {lp_diff:.2e} over {len(lps['cpu'])} tokens")
     check(f"HFGenerator greedy, {dut} vs CPU", outs["cpu"] == outs[device_under_test],
           f"{sum(len(x) for x in outs['cpu'])} tokens, "
           f"{sum(a == b for a, b in zip(outs['cpu'], outs[device_under_test]))}/3 "
