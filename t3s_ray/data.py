@@ -18,6 +18,7 @@ from typing import Any, Iterable
 from .config import DataConfig
 
 ARITH_SOURCE = "builtin:arith"
+LAB_SOURCE = "builtin:lab"  # the imitation-shock lab's problems (t3s_ray/lab.py)
 
 
 class DataError(ValueError):
@@ -194,11 +195,16 @@ def load_prompts(cfg: DataConfig, split: str | None = None, extra_fields: dict[s
                  on_empty: str = "raise") -> list[dict[str, Any]]:
     """The prompt rows a config names, checked, with ``data.prompt_suffix`` applied and ``limit`` taken."""
     split = split or cfg.split
-    if cfg.source == ARITH_SOURCE:
-        rows = arith_rows(split, cfg.limit or cfg.builtin_size, seed=cfg.builtin_seed, steps=cfg.builtin_steps)
+    if cfg.source in (ARITH_SOURCE, LAB_SOURCE):
+        if cfg.source == ARITH_SOURCE:
+            rows = arith_rows(split, cfg.limit or cfg.builtin_size, seed=cfg.builtin_seed, steps=cfg.builtin_steps)
+        else:
+            from .lab import lab_rows
+
+            rows = lab_rows(split, cfg.limit or cfg.builtin_size, seed=cfg.builtin_seed)
         unknown = [c for c in (extra_fields or {}).values() if c != "solution"]
         if unknown:
-            raise DataError(f"{ARITH_SOURCE} has no column(s) {', '.join(unknown)} (it has: id, prompt, answer, solution)")
+            raise DataError(f"{cfg.source} has no column(s) {', '.join(unknown)} (it has: id, prompt, answer, solution)")
         for row in rows:
             solution = row.pop("solution")
             for name in extra_fields or {}:

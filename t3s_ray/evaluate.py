@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import BenchmarkConfig, ConfigError, EvalConfig, RunConfig, load_benchmark
-from .data import ARITH_SOURCE, DataError, arith_rows, normalize_rows, read_records
+from .data import ARITH_SOURCE, LAB_SOURCE, DataError, arith_rows, normalize_rows, read_records
+from .stats import mean_ci, paired_difference
 from .verify import score_counts
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -65,8 +66,14 @@ def _shuffled_choices(options: list[str], problem_id: str) -> tuple[list[str], s
 
 def benchmark_rows(bench: BenchmarkConfig, limit: int | None = None) -> list[dict[str, Any]]:
     """The benchmark's problems as prompt rows ``{id, prompt, answer}``, rendered with its template."""
-    if bench.source == ARITH_SOURCE:
-        rows = arith_rows(bench.split, min(limit or bench.size, bench.size), steps=bench.steps)
+    if bench.source in (ARITH_SOURCE, LAB_SOURCE):
+        n = min(limit or bench.size, bench.size)
+        if bench.source == ARITH_SOURCE:
+            rows = arith_rows(bench.split, n, steps=bench.steps)
+        else:
+            from .lab import lab_rows
+
+            rows = lab_rows(bench.split, n)
         for row in rows:
             row.pop("solution")
     else:
@@ -127,7 +134,7 @@ def is_diffusion_model(cfg: RunConfig, model_ref: str) -> bool:
 
 
 def _eval_hash(cfg: RunConfig, bench: BenchmarkConfig, model_ref: str) -> str:
-    d = {"eval": {k: v for k, v in cfg.to_dict()["eval"].items() if k not in ("benchmarks", "sources")},
+    d = {"eval": {k: v for k, v in cfg.to_dict()["eval"].items() if k not in ("benchmarks", "sources", "trajectory_every")},
          "benchmark": vars(bench), "model": model_ref, "seed": cfg.seed}
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -166,25 +173,29 @@ def evaluate(cfg: RunConfig, model_ref: str | None = None, label: str | None = N
         if any(p > k for p in ev.pass_k):
             raise ConfigError(f"eval.pass_k {ev.pass_k}: benchmark '{bench.name}' draws only {k} samples per problem")
         rows = benchmark_rows(bench, ev.limit)
+        # The teacher (``compare: teacher``) loads with its own settings; every other model is the student's.
+        who = cfg.teacher if model_ref == cfg.teacher.ref and model_ref != cfg.student.ref else cfg.student
         spec = GenerationSpec.for_engine(
             dataclasses.replace(engine, concurrency=max(1, min(engine.concurrency, len(rows)))), model_ref, n=k,
             temperature=ev.temperature if bench.temperature is None else bench.temperature,
             top_p=ev.top_p if bench.top_p is None else bench.top_p,
             max_tokens=bench.max_tokens or ev.max_tokens, seed=cfg.seed if ev.seed is None else ev.seed,
-            system_prompt=bench.system_prompt, dtype=cfg.student.dtype,
-            trust_remote_code=cfg.student.trust_remote_code, sampler="diffusion" if diffusion else "ar",
+            system_prompt=bench.system_prompt, dtype=who.dtype,
+            trust_remote_code=who.trust_remote_code, sampler="diffusion" if diffusion else "ar",
             diffusion_steps=ev.diffusion_steps, diffusion_block_length=ev.diffusion_block_length,
             mask_token=cfg.student.mask_token)
         start = time.time()
-        counts, errors, tokens = [], [], 0
+        counts, errors, tokens, per_problem = [], [], 0, {}
         answers = {r["id"]: r["answer"] for r in rows}
         lines = []
         for pid, samples, err in generate_and_verify(rows, spec, bench.verifier, label=f"eval {bench.name}"):
             if samples is None:
                 errors.append(err)
                 counts.append((k, 0))  # a problem that could not be answered is scored wrong, and listed
+                per_problem[pid] = 0.0
                 continue
             counts.append((len(samples), sum(s["correct"] for s in samples)))
+            per_problem[pid] = counts[-1][1] / counts[-1][0]
             for s in samples:
                 tokens += len(s["token_ids"])
                 lines.append({"benchmark": bench.name, "id": pid, "sample_index": s["sample_index"],
@@ -195,9 +206,12 @@ def evaluate(cfg: RunConfig, model_ref: str | None = None, label: str | None = N
         with open(samples_path, "a") as f:
             f.writelines(json.dumps(line) + "\n" for line in lines)
         seconds = time.time() - start
-        results[bench.name] = {**score_counts(counts, ev.pass_k), "k": k, "n": len(counts), "samples": len(lines),
+        spread = mean_ci(list(per_problem.values()))
+        results[bench.name] = {**score_counts(counts, ev.pass_k), "avg@k_stderr": spread["stderr"],
+                               "avg@k_ci95": spread["ci95"], "k": k, "n": len(counts), "samples": len(lines),
                                "errors": len(errors), "error_list": errors[:50], "tokens": tokens,
-                               "seconds": round(seconds, 1), "verifier": bench.verifier, "hash": key}
+                               "seconds": round(seconds, 1), "verifier": bench.verifier, "hash": key,
+                               "per_problem": dict(sorted(per_problem.items()))}
         _write_scores(scores_path, model_ref, label, results)
     scores = _write_scores(scores_path, model_ref, label, results)
     if not quiet:
@@ -214,7 +228,8 @@ def _drop_samples(path: Path, bench_name: str) -> None:
 
 
 def _write_scores(path: Path, model_ref: str, label: str, results: dict[str, Any]) -> dict[str, Any]:
-    metrics = [m for m in next(iter(results.values()), {}) if m == "avg@k" or m.startswith("pass@")]
+    metrics = [m for m in next(iter(results.values()), {}) if m == "avg@k" or (m.startswith("pass@")
+                                                                               and not m.endswith(("_stderr", "_ci95")))]
     mean = {m: sum(r[m] for r in results.values()) / len(results) for m in metrics}
     scores = {"model": model_ref, "label": label, "benchmarks": results, "mean": mean}
     tmp = path.with_suffix(".tmp")
@@ -224,17 +239,52 @@ def _write_scores(path: Path, model_ref: str, label: str, results: dict[str, Any
 
 
 def format_table(scores_by_label: dict[str, dict[str, Any]], bench_names: list[str], metric: str = "avg@k") -> str:
-    """A method x benchmark table of one metric (percent), with the mean column, as in the paper."""
-    width = max([10] + [len(n) for n in bench_names])
+    """A method x benchmark table of one metric (percent, ± the 95 % CI half-width for avg@k), with the
+    mean column, as in the paper."""
+    width = max([16] + [len(n) for n in bench_names])
     head = f"{'model':<12}" + "".join(f"{n:>{width + 2}}" for n in bench_names) + f"{'mean':>8}"
-    lines = [f"{metric} (%)", head, "-" * len(head)]
+    lines = [f"{metric} (%)" + (", ± 95% CI over problems" if metric == "avg@k" else ""), head, "-" * len(head)]
     for label, scores in scores_by_label.items():
         cells = []
         for n in bench_names:
             b = scores["benchmarks"].get(n)
-            cells.append(f"{100 * b[metric]:>{width + 2}.1f}" if b else f"{'-':>{width + 2}}")
+            if b and metric == "avg@k" and "avg@k_ci95" in b:
+                half = 100 * (b["avg@k_ci95"][1] - b["avg@k_ci95"][0]) / 2
+                cells.append(f"{f'{100 * b[metric]:.1f} ± {half:.1f}':>{width + 2}}")
+            else:
+                cells.append(f"{100 * b[metric]:>{width + 2}.1f}" if b else f"{'-':>{width + 2}}")
         mean = scores.get("mean", {}).get(metric)
         lines.append(f"{label:<12}" + "".join(cells) + (f"{100 * mean:>8.1f}" if mean is not None else f"{'-':>8}"))
+    return "\n".join(lines)
+
+
+def paired_table(scores_by_label: dict[str, dict[str, Any]], bench_names: list[str],
+                 against: tuple[str, ...] = ("sft", "base"), seed: int = 0) -> tuple[dict[str, Any], str]:
+    """Each model against ``against`` on the same problems: the avg@k difference, its paired-bootstrap
+    95 % CI and a sign-flip p-value, per benchmark. Returns (the numbers, ``format_paired`` of them)."""
+    out: dict[str, Any] = {}
+    refs = [r for r in against if r in scores_by_label]
+    for label, scores in scores_by_label.items():
+        for ref in refs:
+            if ref == label:
+                continue
+            for n in bench_names:
+                a, b = scores["benchmarks"].get(n, {}), scores_by_label[ref]["benchmarks"].get(n, {})
+                if "per_problem" in a and "per_problem" in b:
+                    d = paired_difference(a["per_problem"], b["per_problem"], seed=seed)
+                    out.setdefault(label, {}).setdefault(f"vs_{ref}", {})[n] = d
+    return out, format_paired(out)
+
+
+def format_paired(paired: dict[str, Any]) -> str:
+    """The paired differences of ``paired_table`` as lines: model - reference, benchmark, points, CI, p."""
+    lines = ["paired difference in avg@k (points) [95% CI], p: each model minus the reference, same problems"]
+    for label, refs in paired.items():
+        for ref, benches in refs.items():
+            for n, d in benches.items():
+                lines.append(f"  {label:<10} - {ref[3:]:<6} {n:<16} {100 * d['diff']:+6.1f} "
+                             f"[{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}]  p={d['p']:.3g}  "
+                             f"(n={d['n']}, {d['wins']} better, {d['losses']} worse)")
     return "\n".join(lines)
 
 

@@ -223,11 +223,24 @@ def _make_smollm2(out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+def _make_lab(name: str) -> Callable[[Path], None]:
+    def make(out: Path) -> None:
+        from .lab import make_lab_model
+
+        print(f"[t3s] training builtin:{name} from scratch (once, ~3 min on 2 cores) ...", file=sys.stderr, flush=True)
+        make_lab_model(out, name)
+
+    return make
+
+
 BUILTINS: dict[str, Callable[[Path], None]] = {
     "smollm2-135m-instruct": _make_smollm2,
     "tiny-llama": _make_tiny_llama,
     "tiny-qwen3": _make_tiny_qwen3,
     "tiny-dllm": _make_tiny_dllm,
+    "lab-student": _make_lab("lab-student"),
+    "lab-student-familiar": _make_lab("lab-student-familiar"),
+    "lab-teacher": _make_lab("lab-teacher"),
 }
 
 

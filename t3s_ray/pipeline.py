@@ -3,6 +3,7 @@
 For every method of ``compare``:
 
 * ``base``: the student as it is (``student.ref``);
+* ``teacher``: the teacher model itself (``teacher.ref``), as the paper lists R1's score;
 * ``sft``: plain SFT on the traces;
 * ``t3s``: the config's T3S protocol (``selection.protocol`` when it is ``t3s_static`` or
   ``t3s_online``, else ``t3s_static``);
@@ -12,8 +13,12 @@ For every method of ``compare``:
 Each trained method is a run of its own under ``run_dir/methods/<method>/`` that shares the run's
 traces and its static probe (``run_dir/traces``, ``run_dir/probe``), then every model is evaluated
 on ``eval.benchmarks``. The method × benchmark table (avg@k, plus the mean) is printed and written
-to ``results.json`` / ``results.md``, and the report (``report/``) is drawn. Every stage resumes, so
-rerunning after an interruption continues where it stopped.
+to ``results.json`` / ``results.md`` with each method's paired difference from ``sft`` and ``base``
+(same problems: bootstrap CI and sign-flip p), and the report (``report/``) is drawn. With
+``eval.trajectory_every`` every trained method (and the probe) is also evaluated at its saved steps:
+the accuracy trajectories. ``t3s run --seeds 0,1,2`` repeats the run per seed (``run_seeds``) and
+writes mean ± sd over seeds. Every stage resumes, so rerunning after an interruption continues
+where it stopped.
 """
 
 from __future__ import annotations
@@ -55,10 +60,10 @@ def _check_methods(cfg: RunConfig) -> None:
         if "sft" not in before or not ({"t3s", "inverse", "random"} & set(before)):
             raise ConfigError("compare: 'rrt' merges θ0 + (θ_sft − θb): list it after 'sft' and a method with a "
                               "static probe ('t3s' with t3s_static, 'inverse' or 'random')")
-    if cfg.student.kind == "dllm" and set(cfg.compare) - {"base", "sft", "t3s"}:
+    if cfg.student.kind == "dllm" and set(cfg.compare) - {"base", "teacher", "sft", "t3s"}:
         # The static probe of a dLLM student trains its AR selector, so θb (and rrt) are not the
         # student's weights; inverse and random are AR-only diagnostics.
-        raise ConfigError(f"compare: a dLLM student supports base, sft and t3s; got {cfg.compare}")
+        raise ConfigError(f"compare: a dLLM student supports base, teacher, sft and t3s; got {cfg.compare}")
 
 
 def train_method(cfg: RunConfig, method: str) -> str:
@@ -89,7 +94,7 @@ def rrt_model(cfg: RunConfig, sft_model: str) -> str:
 def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
     """Run every stage for every method of ``compare``; returns the scores by method."""
     from .cluster import ray_session
-    from .evaluate import evaluate, format_table, resolve_benchmarks
+    from .evaluate import evaluate, format_table, paired_table, resolve_benchmarks
     from .report import write_report
     from .traces import run_traces
 
@@ -101,11 +106,14 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
     started = time.time()
     scores: dict[str, Any] = {}
     models: dict[str, str] = {}
+    trajectories: dict[str, list[dict[str, Any]]] = {}
     with ray_session(cfg.ray):
         run_traces(cfg)
         for method in cfg.compare:
             if method == "base":
                 models[method] = cfg.student.ref
+            elif method == "teacher":
+                models[method] = cfg.teacher.ref
             elif method == "rrt":
                 models[method] = rrt_model(cfg, models["sft"])
             else:
@@ -113,14 +121,119 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
             scores[method] = evaluate(cfg, models[method], label=method, quiet=True)
             print(f"[run] {method}: mean avg@k {100 * scores[method]['mean']['avg@k']:.1f}%", file=sys.stderr,
                   flush=True)
+        if cfg.eval.trajectory_every:
+            trajectories = evaluate_trajectories(cfg, scores)
     table = format_table(scores, benches)
+    paired, paired_text = paired_table(scores, benches, seed=cfg.seed)
     seconds = round(time.time() - started, 1)
-    (run_dir / "results.json").write_text(json.dumps({"models": models, "scores": scores, "seconds": seconds},
-                                                     indent=2) + "\n")
-    (run_dir / "results.md").write_text(f"# {cfg.name}\n\n```\n{table}\n```\n")
+    (run_dir / "results.json").write_text(json.dumps(
+        {"models": models, "scores": _without_per_problem(scores), "paired": paired, "trajectories": trajectories,
+         "seconds": seconds}, indent=2) + "\n")
+    (run_dir / "results.md").write_text(f"# {cfg.name}\n\n```\n{table}\n\n{paired_text}\n```\n")
     page = write_report(run_dir)
     print(table)
+    print(paired_text)
     figures = sorted(str(p) for p in page.parent.glob("*.png"))
     print(f"[run] done in {seconds:.0f}s\n[run] report: {page}\n" + "\n".join(f"[run] plot: {p}" for p in figures),
           flush=True)
     return scores
+
+
+def _without_per_problem(scores: dict[str, Any]) -> dict[str, Any]:
+    """The scores with their per-problem lists left in each evaluation's own scores.json."""
+    return {m: {**s, "benchmarks": {b: {k: v for k, v in r.items() if k != "per_problem"}
+                                    for b, r in s["benchmarks"].items()}} for m, s in scores.items()}
+
+
+def evaluate_trajectories(cfg: RunConfig, scores: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Held-out accuracy over training: every saved model of each trained method (every
+    ``eval.trajectory_every`` steps) and of the static probe (plain SFT from θ0, with its train
+    accuracy), evaluated like the final models. Step 0 is the base student."""
+    from .evaluate import evaluate
+
+    base = scores.get("base") or evaluate(cfg, cfg.student.ref, label="base", quiet=True)
+    out: dict[str, list[dict[str, Any]]] = {}
+    folders = {"probe": cfg.run_dir / "probe"}
+    folders.update({m: cfg.run_dir / "methods" / m / "train" for m in cfg.compare if m in PROTOCOL_OF_METHOD or m == "t3s"})
+    probe_acc = {}
+    result = cfg.run_dir / "probe" / "result.json"
+    if result.exists():
+        probe_acc = {a["step"]: a["accuracy"] for a in json.loads(result.read_text())["accuracies"]}
+    for method, folder in folders.items():
+        saved = sorted((folder / "models").glob("step-*"))
+        if not saved:
+            continue
+        points = [{"step": 0, "heldout": base["mean"]["avg@k"],
+                   "train_accuracy": probe_acc.get(0) if method == "probe" else None}]
+        for model in saved:
+            step = int(model.name.split("-")[1])
+            if method in scores and step == cfg.train.max_steps:
+                s = scores[method]  # the final model, evaluated already
+            else:
+                s = evaluate(cfg, str(model.resolve()), label=f"{method}@{step}", quiet=True)
+            points.append({"step": step, "heldout": s["mean"]["avg@k"],
+                           "train_accuracy": probe_acc.get(step) if method == "probe" else None})
+        out[method] = points
+        print(f"[run] trajectory {method}: " + ", ".join(f"{p['step']}: {100 * p['heldout']:.1f}" for p in points),
+              file=sys.stderr, flush=True)
+    return out
+
+
+def seed_config(cfg: RunConfig, seed: int) -> RunConfig:
+    """The run of one seed: ``NAME-seedS``, with the run, training and sampling seeds set to S (the
+    prompts and benchmarks stay the same, so seeds differ in training order, masks and sampling)."""
+    data = cfg.to_dict()
+    data.update({"name": f"{cfg.name}-seed{seed}", "seed": seed})
+    data["train"]["seed"] = seed
+    data["traces"]["seed"] = seed
+    return from_dict(data, f"{cfg.name}: seed {seed}")
+
+
+def run_seeds(cfg: RunConfig, seeds: list[int]) -> dict[str, Any]:
+    """``t3s run --seeds``: the pipeline once per seed, then ``NAME-seeds/summary.json`` and
+    ``summary.md``: per method and benchmark the mean ± sd over seeds of avg@k, the per-seed table,
+    and each seed's paired differences with sft and base."""
+    from .evaluate import resolve_benchmarks
+    from .stats import mean_sd
+
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds: expected distinct seeds, got {seeds}")
+    per_seed = {}
+    for seed in seeds:
+        print(f"[run] seed {seed}", file=sys.stderr, flush=True)
+        scfg = seed_config(cfg, seed)
+        run_pipeline(scfg)
+        per_seed[seed] = json.loads((scfg.run_dir / "results.json").read_text())
+    benches = [b.name for b in resolve_benchmarks(cfg.eval)]
+    methods = list(cfg.compare)
+    summary: dict[str, Any] = {"seeds": seeds, "methods": {}}
+    lines = [f"# {cfg.name}: {len(seeds)} seeds ({', '.join(map(str, seeds))})", "",
+             "avg@k (%), mean ± sd over seeds", "",
+             "| method | " + " | ".join(benches) + " | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+             "|---|" + "---|" * (len(benches) + len(seeds))]
+    for method in methods:
+        by_bench = {}
+        for b in benches:
+            values = [per_seed[s]["scores"][method]["benchmarks"][b]["avg@k"] for s in seeds]
+            mean, sd = mean_sd(values)
+            by_bench[b] = {"mean": mean, "sd": sd, "per_seed": values}
+        means = [per_seed[s]["scores"][method]["mean"]["avg@k"] for s in seeds]
+        summary["methods"][method] = {"benchmarks": by_bench, "mean_per_seed": means,
+                                      "paired": {s: per_seed[s].get("paired", {}).get(method, {}) for s in seeds}}
+        lines.append(f"| {method} | " + " | ".join(f"{100 * by_bench[b]['mean']:.1f} ± {100 * by_bench[b]['sd']:.1f}"
+                                                  for b in benches) + " | "
+                     + " | ".join(f"{100 * m:.1f}" for m in means) + " |")
+    lines += ["", "paired difference with sft, per seed (points, [95% CI]):", ""]
+    for method in methods:
+        cells = []
+        for s in seeds:
+            d = per_seed[s].get("paired", {}).get(method, {}).get("vs_sft", {})
+            cells.append("; ".join(f"{100 * v['diff']:+.1f} [{100 * v['ci95'][0]:+.1f}, {100 * v['ci95'][1]:+.1f}]"
+                                   for v in d.values()) or "-")
+        lines.append(f"* {method}: " + " | ".join(f"seed {s}: {c}" for s, c in zip(seeds, cells)))
+    out = cfg.run_dir.with_name(f"{cfg.name}-seeds")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return summary

@@ -10,6 +10,11 @@ Figures, under ``RUN_DIR/report/``:
 * ``train_curves.png``: loss of every trained method over steps, and the probe's train accuracy with
   the bottleneck θb marked.
 * ``anchor_fraction.png``: anchor and kept-token fractions over steps.
+* ``anchor_classes.png`` (and ``anchors.json``): which tokens became anchors: the anchor fraction per
+  token class (the lab's wrapper / operand / result / borrow-fix digits, else digit / punctuation /
+  word) and of the most frequent tokens.
+* ``trajectories.png``: the paper's first figure: held-out accuracy of every method over its training
+  steps (``eval.trajectory_every``), the probe's train accuracy and every loss, θb marked.
 * ``scores.png``: avg@k of every method on every benchmark.
 * ``report.md``: the score table and links to the figures.
 """
@@ -102,9 +107,91 @@ def confidence_trajectories(cfg, run_dir: Path) -> dict[str, Any] | None:
               flush=True)
     delta = conf[result["bottleneck_step"]] - conf[steps[0]]
     anchors = select_delta(delta, target, cfg.selection.tau)
+    tokens, classes, is_anchor, deltas = [], [], [], []
+    for b in range(len(examples)):  # the target tokens of each trace, in order, with their class
+        row = [tokenizer.convert_ids_to_tokens(int(t)) for t in input_ids[b][target[b]]]
+        tokens += row
+        classes += token_classes(row, cfg.data.source)
+        is_anchor += anchors[b][target[b]].tolist()
+        deltas += delta[b][target[b]].tolist()
     return {"steps": steps, "bottleneck_step": result["bottleneck_step"], "tau": cfg.selection.tau,
             "anchor": np.stack([conf[s][anchors].numpy() for s in steps]),            # [steps, n_anchor]
-            "other": np.stack([conf[s][target & ~anchors].numpy() for s in steps])}   # [steps, n_other]
+            "other": np.stack([conf[s][target & ~anchors].numpy() for s in steps]),   # [steps, n_other]
+            "tokens": tokens, "classes": classes, "is_anchor": is_anchor, "delta": deltas}
+
+
+def token_classes(tokens: list[str], source: str) -> list[str]:
+    """A class per response token: the lab's own classes (``lab.token_classes``: wrapper, operand,
+    result, borrow-fix, ...) for its problems, else digit / punctuation / word / special."""
+    from .data import LAB_SOURCE
+
+    if source == LAB_SOURCE:
+        from .lab import token_classes as lab_classes
+
+        return lab_classes(tokens)
+    out = []
+    for t in tokens:
+        text = t.lstrip("Ġ▁#").strip()
+        if t.startswith(("<", "[")) and t.endswith((">", "]")):
+            out.append("special")
+        elif text.isdigit():
+            out.append("digit")
+        elif not text or not any(ch.isalnum() for ch in text):
+            out.append("punctuation/space")
+        else:
+            out.append("word")
+    return out
+
+
+def anchor_classes(traj: dict[str, Any], top: int = 20) -> dict[str, Any]:
+    """Which tokens became anchors: per class, the token count, the anchor count and fraction, the
+    class's share of all anchors and its Δc quartiles (where a ``selection.tau`` would cut it); and
+    the ``top`` most frequent token strings with their anchor fraction."""
+    classes: dict[str, dict[str, Any]] = {}
+    words: dict[str, list[int]] = {}
+    deltas: dict[str, list[float]] = {}
+    total_anchors = max(1, sum(traj["is_anchor"]))
+    for tok, cls, a, d in zip(traj["tokens"], traj["classes"], traj["is_anchor"], traj["delta"]):
+        c = classes.setdefault(cls, {"tokens": 0, "anchors": 0})
+        c["tokens"] += 1
+        c["anchors"] += int(a)
+        deltas.setdefault(cls, []).append(d)
+        w = words.setdefault(tok, [0, 0])
+        w[0] += 1
+        w[1] += int(a)
+    for name, c in classes.items():
+        c["anchor_frac"] = c["anchors"] / c["tokens"]
+        c["share_of_anchors"] = c["anchors"] / total_anchors
+        # Where a threshold tau would cut this class: its Δc quartiles (nats).
+        c["delta_quartiles"] = [round(float(q), 3) for q in np.percentile(deltas[name], [25, 50, 75])]
+    frequent = sorted(words.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"anchor_frac": sum(traj["is_anchor"]) / max(1, len(traj["is_anchor"])), "tokens": len(traj["tokens"]),
+            "classes": dict(sorted(classes.items(), key=lambda kv: -kv[1]["tokens"])),
+            "frequent_tokens": [{"token": t, "count": n, "anchor_frac": a / n} for t, (n, a) in frequent]}
+
+
+def plot_anchor_classes(stats: dict[str, Any], tau: float, path: Path) -> None:
+    plt = _plt()
+    fig, (ax_c, ax_t) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1, 1.6]})
+    names = list(stats["classes"])
+    fracs = [stats["classes"][n]["anchor_frac"] for n in names]
+    bars = ax_c.bar(names, fracs, color="tab:orange")
+    ax_c.bar_label(bars, labels=[f"{stats['classes'][n]['anchors']}/{stats['classes'][n]['tokens']}" for n in names],
+                   fontsize=7)
+    ax_c.axhline(stats["anchor_frac"], color="gray", linestyle="--", label=f"all tokens: {stats['anchor_frac']:.2f}")
+    ax_c.set_ylim(0, 1.08)
+    ax_c.set_ylabel("fraction that are anchors")
+    ax_c.set_title(f"Anchors (Δc > {tau} at θb) by token class")
+    ax_c.tick_params(axis="x", rotation=30, labelsize=8)
+    ax_c.legend(fontsize=8)
+    toks = stats["frequent_tokens"]
+    ax_t.bar(range(len(toks)), [t["anchor_frac"] for t in toks], color="tab:blue")
+    ax_t.set_xticks(range(len(toks)), [f"{t['token']}\n({t['count']})" for t in toks], fontsize=7)
+    ax_t.set_ylim(0, 1.02)
+    ax_t.set_title(f"The {len(toks)} most frequent tokens (count): anchor fraction")
+    for ax in (ax_c, ax_t):
+        ax.grid(alpha=0.3, axis="y")
+    _save(fig, path)
 
 
 def plot_bifurcation(traj: dict[str, Any], path: Path) -> None:
@@ -179,6 +266,49 @@ def plot_train_curves(run_dir: Path, path: Path) -> bool:
     return True
 
 
+def plot_trajectories(run_dir: Path, path: Path) -> bool:
+    """The paper's first figure, per method: held-out accuracy over training steps (``t3s run`` with
+    ``eval.trajectory_every``), the probe's train accuracy, and the training loss, θb marked."""
+    results = run_dir / "results.json"
+    traj = json.loads(results.read_text()).get("trajectories") if results.exists() else None
+    if not traj:
+        return False
+    plt = _plt()
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.3))
+    colors = {}
+    for method, points in traj.items():
+        line = ax_acc.plot([p["step"] for p in points], [100 * p["heldout"] for p in points], marker="o",
+                           label=f"{method}: held-out")
+        colors[method] = line[0].get_color()
+        train = [p for p in points if p.get("train_accuracy") is not None]
+        if train:
+            ax_acc.plot([p["step"] for p in train], [100 * p["train_accuracy"] for p in train], linestyle="--",
+                        marker="x", color=colors[method], label=f"{method}: train prompts")
+    loss_dirs = {"probe": run_dir / "probe"}
+    loss_dirs.update({m: d / "train" for m, d in _method_dirs(run_dir).items()})
+    for method, d in loss_dirs.items():
+        m = _read_jsonl(d / "metrics.jsonl")
+        if m:
+            ax_loss.plot([r["step"] for r in m], [r["loss"] for r in m], color=colors.get(method),
+                         label=method, linewidth=1.2)
+    probe = run_dir / "probe" / "result.json"
+    if probe.exists():
+        step = json.loads(probe.read_text())["bottleneck_step"]
+        for ax in (ax_acc, ax_loss):
+            ax.axvline(step, color="gray", linestyle=":", label=f"bottleneck θb (step {step})")
+    ax_acc.set_ylabel("accuracy (%)")
+    ax_acc.set_title("Accuracy over training: the dip is the bottleneck")
+    ax_loss.set_ylabel("training loss (on the method's kept tokens)")
+    ax_loss.set_yscale("log")
+    ax_loss.set_title("Loss over training")
+    for ax in (ax_acc, ax_loss):
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    _save(fig, path)
+    return True
+
+
 def plot_anchor_fraction(run_dir: Path, path: Path) -> bool:
     methods = _method_dirs(run_dir)
     if not methods:
@@ -236,7 +366,7 @@ def load_scores(run_dir: Path) -> dict[str, dict[str, Any]]:
 def write_report(run_dir: str | Path) -> Path:
     """Write every figure the run has data for and ``report.md``; returns the page's path."""
     from . import config as config_mod
-    from .evaluate import format_table
+    from .evaluate import format_paired, format_table
 
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.yaml"
@@ -250,6 +380,14 @@ def write_report(run_dir: str | Path) -> Path:
     if traj is not None:
         plot_bifurcation(traj, out / "confidence_bifurcation.png")
         figures.append(("Confidence trajectories of anchors vs yet-to-learn tokens", "confidence_bifurcation.png"))
+    anchors = None
+    if traj is not None:
+        anchors = anchor_classes(traj)
+        (out / "anchors.json").write_text(json.dumps(anchors, indent=2) + "\n")
+        plot_anchor_classes(anchors, traj["tau"], out / "anchor_classes.png")
+        figures.append(("Which tokens became anchors", "anchor_classes.png"))
+    if plot_trajectories(run_dir, out / "trajectories.png"):
+        figures.append(("Held-out and train accuracy and loss over training (bottleneck marked)", "trajectories.png"))
     if plot_train_curves(run_dir, out / "train_curves.png"):
         figures.append(("Loss and train accuracy over steps (bottleneck marked)", "train_curves.png"))
     if plot_anchor_fraction(run_dir, out / "anchor_fraction.png"):
@@ -262,12 +400,18 @@ def write_report(run_dir: str | Path) -> Path:
              f"(tau {cfg.selection.tau}), methods {', '.join(cfg.compare)}.", ""]
     if scores:
         benches = list(next(iter(scores.values()))["benchmarks"])
-        lines += ["## Scores", "", "```", format_table(scores, benches), "```", ""]
+        paired = json.loads((run_dir / "results.json").read_text()).get("paired")
+        lines += ["## Scores", "", "```", format_table(scores, benches)] + (
+            ["", format_paired(paired)] if paired else []) + ["```", ""]
     if traj is not None:
         lines += [f"Bifurcation: over the probe, anchors' mean confidence went {traj['anchor'].mean(1)[0]:.3f} → "
                   f"{traj['anchor'].mean(1)[-1]:.3f}, yet-to-learn tokens' {traj['other'].mean(1)[0]:.3f} → "
                   f"{traj['other'].mean(1)[-1]:.3f} ({traj['anchor'].shape[1]} anchors, {traj['other'].shape[1]} "
                   "others).", ""]
+    if anchors is not None:
+        lines += [f"Anchors: {100 * anchors['anchor_frac']:.1f}% of {anchors['tokens']} response tokens; by class: "
+                  + ", ".join(f"{name} {100 * c['anchor_frac']:.0f}% ({c['anchors']}/{c['tokens']}, median Δc "
+                              f"{c['delta_quartiles'][1]:+.2f})" for name, c in anchors["classes"].items()) + ".", ""]
     for title, name in figures:
         lines += [f"## {title}", "", f"![{title}]({name})", ""]
     page = out / "report.md"

@@ -298,7 +298,7 @@ def run_train(cfg: RunConfig, stop_at: int | None = None) -> dict[str, Any]:
     job = TrainJob(cfg=cfg.to_dict(), out_dir=str(out.resolve()), model_ref=cfg.student.ref, model_kind=kind,
                    scoring_ref=scoring_ref, plan=plan, anchor_model=probe["bottleneck_model"] if probe else None,
                    max_steps=cfg.train.max_steps, store_name=f"t3s-store-{cfg.name}", prompts=prompts,
-                   stop_at=target)
+                   stop_at=target, model_every=cfg.eval.trajectory_every)
     with ray_session(cfg.ray):
         summary = fit(cfg, job, examples)
     summary.update({"step": target, "protocol": s.protocol, "skipped": {k: len(v) for k, v in skipped.items()},

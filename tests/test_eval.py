@@ -11,7 +11,7 @@ from t3s_ray import config
 from t3s_ray.cli import main as cli_main
 from t3s_ray.config import BENCHMARK_PRESETS, BenchmarkConfig, ConfigError, load_benchmark
 from t3s_ray.data import DataError, arith_rows
-from t3s_ray.evaluate import benchmark_rows, evaluate, format_table
+from t3s_ray.evaluate import benchmark_rows, evaluate, format_paired, format_table, paired_table
 from t3s_ray.verify import get_verifier, pass_at_k, score_counts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,6 +55,31 @@ def test_format_table_shows_percent_and_mean():
     base_line = next(line for line in table.splitlines() if line.startswith("base"))
     assert base_line.split()[1:] == ["25.0", "50.0", "37.5"]
     assert next(line for line in table.splitlines() if line.startswith("t3s")).split()[1:] == ["100.0", "-", "100.0"]
+
+
+def test_table_shows_the_interval_and_the_paired_differences():
+    ids = [f"p{i}" for i in range(100)]
+    sft = {i: float(k < 50) for k, i in enumerate(ids)}          # 50 %
+    t3s = {i: float(k < 60) for k, i in enumerate(ids)}          # 60 %: 10 problems better, none worse
+    base = {i: float(k % 2 == 0) for k, i in enumerate(ids)}     # 50 %, other problems
+
+    def entry(per):
+        from t3s_ray.stats import mean_ci
+
+        spread = mean_ci(list(per.values()))
+        return {"benchmarks": {"lab": {"avg@k": spread["mean"], "avg@k_ci95": spread["ci95"], "per_problem": per}},
+                "mean": {"avg@k": spread["mean"]}}
+
+    scores = {"base": entry(base), "sft": entry(sft), "t3s": entry(t3s)}
+    table = format_table(scores, ["lab"])
+    half = 1.96 * (0.24 / 99) ** 0.5 * 100  # t3s: sd of a 60 % Bernoulli sample over 100 problems
+    assert f"60.0 ± {half:.1f}" in next(line for line in table.splitlines() if line.startswith("t3s"))
+    paired, text = paired_table(scores, ["lab"])
+    d = paired["t3s"]["vs_sft"]["lab"]
+    assert d["diff"] == pytest.approx(0.10) and (d["wins"], d["losses"]) == (10, 0) and d["p"] < 0.01
+    assert paired["t3s"]["vs_base"]["lab"]["wins"] == 30 and "vs_sft" not in paired["sft"]
+    assert any(line.split()[:4] == ["t3s", "-", "sft", "lab"] and "+10.0" in line for line in text.splitlines())
+    assert format_paired(paired) == text
 
 
 # ------------------------------------------------------------------ benchmark definitions
@@ -148,6 +173,14 @@ def _check_outputs(out: Path, scores: dict, problems: int, k: int) -> list[dict]
     expected = score_counts([(len(v), sum(v)) for v in per_problem.values()], [1, 2])
     assert b["avg@k"] == pytest.approx(expected["avg@k"]) and b["pass@2"] == pytest.approx(expected["pass@2"])
     assert scores["mean"]["avg@k"] == pytest.approx(b["avg@k"])
+    # Per-problem scores and the standard error over problems, computed here by hand.
+    fractions = {pid: sum(v) / len(v) for pid, v in per_problem.items()}
+    assert b["per_problem"] == pytest.approx(fractions)
+    mean = sum(fractions.values()) / len(fractions)
+    sd = (sum((x - mean) ** 2 for x in fractions.values()) / (len(fractions) - 1)) ** 0.5
+    assert b["avg@k_stderr"] == pytest.approx(sd / len(fractions) ** 0.5)
+    assert b["avg@k_ci95"] == pytest.approx([mean - 1.96 * b["avg@k_stderr"], mean + 1.96 * b["avg@k_stderr"]],
+                                            abs=1e-3)
     return lines
 
 

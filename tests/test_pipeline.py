@@ -40,21 +40,41 @@ def test_rrt_needs_sft_and_a_probe_before_it(tmp_path):
 def test_dllm_students_compare_base_sft_and_t3s_only(tmp_path):
     dllm = {"ref": "builtin:tiny-dllm", "kind": "dllm", "selector_ref": "builtin:tiny-llama"}
     cfg = config.from_dict(pipeline_data(tmp_path, student=dllm, compare=["base", "sft", "t3s", "rrt"]))
-    with pytest.raises(ConfigError, match=r"a dLLM student supports base, sft and t3s; got \['base', 'sft', 't3s', 'rrt'\]"):
+    with pytest.raises(ConfigError, match=r"a dLLM student supports base, teacher, sft and t3s; got \['base', 'sft', 't3s', 'rrt'\]"):
         run_pipeline(cfg)
 
 
 @pytest.mark.slow
 def test_pipeline_end_to_end_with_report_and_resume(ray_local, tmp_path, capsys, monkeypatch):
-    cfg = config.from_dict(pipeline_data(tmp_path))
+    cfg = config.from_dict(pipeline_data(tmp_path, compare=["base", "teacher", "sft", "t3s", "rrt"],
+                                         eval={"trajectory_every": 2}))
     scores = run_pipeline(cfg)
     run_dir = cfg.run_dir
     out = capsys.readouterr().out
-    assert list(scores) == ["base", "sft", "t3s", "rrt"]
+    assert list(scores) == ["base", "teacher", "sft", "t3s", "rrt"]
     for method in scores:  # the printed table has a row per method
         assert any(line.startswith(method) for line in out.splitlines())
     results = json.loads((run_dir / "results.json").read_text())
-    assert results["scores"] == scores and results["models"]["base"] == "builtin:tiny-llama"
+    assert results["models"]["base"] == "builtin:tiny-llama" and results["models"]["teacher"] == "builtin:tiny-llama"
+    for method, s in scores.items():  # results.json has the scores; per-problem lists stay in each scores.json
+        bench = s["benchmarks"]["builtin:arith"]
+        assert results["scores"][method]["benchmarks"]["builtin:arith"] == {
+            k: v for k, v in bench.items() if k != "per_problem"}
+        assert len(bench["per_problem"]) == bench["n"] == 3
+    # Paired differences of every method with sft and base, on the same problems.
+    assert set(results["paired"]["t3s"]) == {"vs_sft", "vs_base"} and "vs_sft" not in results["paired"]["sft"]
+    d = results["paired"]["t3s"]["vs_sft"]["builtin:arith"]
+    per = {m: scores[m]["benchmarks"]["builtin:arith"]["per_problem"] for m in ("t3s", "sft")}
+    assert d["diff"] == pytest.approx(sum(per["t3s"][i] - per["sft"][i] for i in per["sft"]) / 3)
+    assert "paired difference" in out
+    # Trajectories: the probe's and every trained method's saved models, step 0 being the base.
+    traj = results["trajectories"]
+    assert set(traj) == {"probe", "sft", "t3s"}
+    assert [p["step"] for p in traj["probe"]] == [0, 1, 2] and [p["step"] for p in traj["sft"]] == [0, 2]
+    assert traj["sft"][-1]["heldout"] == scores["sft"]["mean"]["avg@k"]
+    assert traj["probe"][1]["train_accuracy"] is not None
+    assert traj["sft"][0]["train_accuracy"] is None and traj["sft"][1]["train_accuracy"] is None
+    assert (run_dir / "eval" / "probe@1" / "scores.json").exists()
     for method in ("sft", "t3s"):
         model = Path(results["models"][method])
         assert model == (run_dir / "methods" / method / "train" / "model").resolve() and (model / "config.json").exists()
@@ -78,10 +98,14 @@ def test_pipeline_end_to_end_with_report_and_resume(ray_local, tmp_path, capsys,
     assert rrt[key].float().sub(expected).abs().max() < 1e-2
     # The report: every figure and the page.
     report = run_dir / "report"
-    for name in ("confidence_bifurcation.png", "train_curves.png", "anchor_fraction.png", "scores.png"):
+    for name in ("confidence_bifurcation.png", "train_curves.png", "anchor_fraction.png", "scores.png",
+                 "anchor_classes.png", "trajectories.png"):
         assert (report / name).read_bytes()[:4] == b"\x89PNG", name
     page = (report / "report.md").read_text()
-    assert "confidence_bifurcation.png" in page and "t3s" in page
+    assert "confidence_bifurcation.png" in page and "t3s" in page and "paired difference" in page
+    anchors = json.loads((report / "anchors.json").read_text())
+    assert sum(c["tokens"] for c in anchors["classes"].values()) == anchors["tokens"] > 0
+    assert set(anchors["classes"]) <= {"digit", "word", "punctuation/space", "special"}
     # Rerunning resumes every stage: nothing is trained or generated again, the table is the same.
     import t3s_ray.generate as generate
     import t3s_ray.train as train
@@ -116,3 +140,43 @@ def test_jobs_scripts_call_their_stage():
         text = (ROOT / "jobs" / f"{stage}.py").read_text()
         assert f'main(["{stage}", *sys.argv[1:]])' in text
     assert yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())["name"] == "demo"
+
+
+def test_seeds_repeat_the_run_and_aggregate_mean_and_sd(tmp_path, monkeypatch, capsys):
+    import t3s_ray.pipeline as pipeline
+
+    cfg = config.from_dict(pipeline_data(tmp_path, compare=["base", "sft", "t3s"]))
+    made = {}
+    accuracy = {0: {"base": 0.5, "sft": 0.4, "t3s": 0.6}, 1: {"base": 0.5, "sft": 0.5, "t3s": 0.7},
+                2: {"base": 0.5, "sft": 0.6, "t3s": 0.8}}
+
+    def fake_pipeline(scfg):  # stands in for the real run: writes what run_pipeline writes
+        seed = scfg.seed
+        made[seed] = scfg
+        scfg.run_dir.mkdir(parents=True)
+        scores = {m: {"benchmarks": {"builtin:arith": {"avg@k": a}}, "mean": {"avg@k": a}}
+                  for m, a in accuracy[seed].items()}
+        paired = {"t3s": {"vs_sft": {"builtin:arith": {"diff": accuracy[seed]["t3s"] - accuracy[seed]["sft"],
+                                                       "ci95": [0.0, 0.4]}}}}
+        (scfg.run_dir / "results.json").write_text(json.dumps({"scores": scores, "paired": paired}))
+
+    monkeypatch.setattr(pipeline, "run_pipeline", fake_pipeline)
+    summary = pipeline.run_seeds(cfg, [0, 1, 2])
+    assert [made[s].name for s in (0, 1, 2)] == ["pipe-seed0", "pipe-seed1", "pipe-seed2"]
+    assert all(made[s].train.seed == made[s].traces.seed == s for s in (0, 1, 2))
+    assert made[1].data == cfg.data and made[1].eval == cfg.eval  # same prompts and benchmarks
+    t3s = summary["methods"]["t3s"]["benchmarks"]["builtin:arith"]
+    assert t3s["mean"] == pytest.approx(0.7) and t3s["sd"] == pytest.approx(0.1)
+    assert summary["methods"]["base"]["benchmarks"]["builtin:arith"]["sd"] == 0
+    md = (cfg.run_dir.with_name("pipe-seeds") / "summary.md").read_text()
+    assert "| t3s | 70.0 ± 10.0 | 60.0 | 70.0 | 80.0 |" in md and "+20.0 [+0.0, +40.0]" in md
+    assert json.loads((cfg.run_dir.with_name("pipe-seeds") / "summary.json").read_text())["seeds"] == [0, 1, 2]
+    with pytest.raises(ConfigError, match="distinct seeds"):
+        pipeline.run_seeds(cfg, [1, 1])
+
+
+def test_cli_seeds_must_be_integers(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(pipeline_data(tmp_path)))
+    assert cli_main(["run", str(path), "--seeds", "0,x"]) == 2
+    assert "--seeds '0,x': expected comma-separated integers" in capsys.readouterr().err

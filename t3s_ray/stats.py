@@ -1,0 +1,63 @@
+"""Statistics of benchmark scores: the uncertainty of one model's avg@k, and paired differences.
+
+A benchmark score is a mean over problems of a per-problem score (the fraction of a problem's k
+samples that are correct), so:
+
+* ``mean_ci``: its standard error is the sample standard deviation over problems / sqrt(n), and
+  the 95 % interval the normal one, mean ± 1.96 · stderr (as lm-eval-harness reports);
+* ``paired_difference``: two models on the *same* problems differ by the mean of the per-problem
+  differences; its interval comes from a paired bootstrap over problems (seeded) and its p-value from
+  a sign-flip permutation test (the exact null of "no difference" for paired data). Pairing removes
+  the between-problem variance: two models 2 points apart at 60 % on 500 problems are unresolvable
+  unpaired (each stderr ~2.2 points) and often resolvable paired.
+
+Plain numpy: no Ray, no torch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+Z95 = 1.959963984540054
+
+
+def mean_ci(values: Sequence[float]) -> dict[str, float | list[float]]:
+    """``{"mean", "stderr", "ci95": [lo, hi], "n"}`` of per-problem scores."""
+    x = np.asarray(values, dtype=np.float64)
+    n = x.size
+    if n == 0:
+        return {"mean": 0.0, "stderr": 0.0, "ci95": [0.0, 0.0], "n": 0}
+    mean = float(x.mean())
+    stderr = float(x.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
+    return {"mean": mean, "stderr": stderr, "ci95": [mean - Z95 * stderr, mean + Z95 * stderr], "n": int(n)}
+
+
+def paired_difference(a: dict[str, float], b: dict[str, float], *, resamples: int = 10000,
+                      seed: int = 0) -> dict[str, float | list[float] | int]:
+    """Model a minus model b on the problems both were scored on (per-problem scores keyed by id):
+    ``{"diff", "stderr", "ci95": [lo, hi] (paired bootstrap percentiles), "p" (two-sided sign-flip
+    permutation test), "n", "wins", "losses"}``."""
+    ids = sorted(set(a) & set(b))
+    d = np.asarray([a[i] - b[i] for i in ids], dtype=np.float64)
+    n = d.size
+    if n == 0:
+        return {"diff": 0.0, "stderr": 0.0, "ci95": [0.0, 0.0], "p": 1.0, "n": 0, "wins": 0, "losses": 0}
+    rng = np.random.default_rng(seed)
+    boot = d[rng.integers(0, n, size=(resamples, n))].mean(axis=1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    observed = abs(d.mean())
+    flips = rng.choice(np.array([-1.0, 1.0]), size=(resamples, n))
+    null = np.abs((flips * d).mean(axis=1))
+    p = float((1 + np.sum(null >= observed - 1e-12)) / (resamples + 1))
+    return {"diff": float(d.mean()), "stderr": float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0,
+            "ci95": [float(lo), float(hi)], "p": p, "n": int(n), "wins": int((d > 0).sum()),
+            "losses": int((d < 0).sum())}
+
+
+def mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (over seeds); sd 0 for a single value."""
+    x = np.asarray(values, dtype=np.float64)
+    return float(x.mean()), float(x.std(ddof=1)) if x.size > 1 else 0.0
