@@ -40,6 +40,8 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -211,6 +213,7 @@ def make_lab_model(out: Path, name: str) -> None:
                              max_position_embeddings=256, tie_word_embeddings=False,
                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
         model = LlamaForCausalLM(config)
+        started = time.time()
         optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.98), weight_decay=0.01)
         batches: list[list[tuple[list[int], int]]] = []
         for step in range(steps):
@@ -238,6 +241,9 @@ def make_lab_model(out: Path, name: str) -> None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if (step + 1) % 500 == 0 or step + 1 == steps:
+                print(f"[t3s] builtin:{name}: step {step + 1}/{steps}, loss {loss.item():.3f}, "
+                      f"{time.time() - started:.0f}s", file=sys.stderr, flush=True)
     finally:
         torch.set_num_threads(threads)
     model.save_pretrained(out, safe_serialization=True)

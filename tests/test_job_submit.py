@@ -54,7 +54,8 @@ def test_ray_job_submit_runs_the_pipeline_on_a_local_cluster(tmp_path):
             assert time.time() < deadline, "the cluster's job server did not come up"
             time.sleep(2)
         overrides = ["name=job", f"output_dir={out_dir}", "teacher.ref=builtin:tiny-llama",
-                     "student.ref=builtin:tiny-llama", "data.builtin_size=4", "traces.source=dataset",
+                     "student.ref=builtin:tiny-llama", "data.source=builtin:arith", "data.builtin_size=4",
+                     "eval.benchmarks=[builtin:arith]", "traces.source=dataset",
                      "traces.response_field=solution", "traces.keep=all", "eval.limit=2", "eval.samples=1",
                      "eval.max_tokens=4", "eval.concurrency=1", "compare=[base]"]
         command = ["job", "submit", "--address", address, "--submission-id", "t3s-test-job", "--no-wait",
