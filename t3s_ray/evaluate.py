@@ -228,8 +228,7 @@ def _drop_samples(path: Path, bench_name: str) -> None:
 
 
 def _write_scores(path: Path, model_ref: str, label: str, results: dict[str, Any]) -> dict[str, Any]:
-    metrics = [m for m in next(iter(results.values()), {}) if m == "avg@k" or (m.startswith("pass@")
-                                                                               and not m.endswith(("_stderr", "_ci95")))]
+    metrics = [m for m in next(iter(results.values()), {}) if m == "avg@k" or m.startswith("pass@")]
     mean = {m: sum(r[m] for r in results.values()) / len(results) for m in metrics}
     scores = {"model": model_ref, "label": label, "benchmarks": results, "mean": mean}
     tmp = path.with_suffix(".tmp")
