@@ -5,6 +5,7 @@ Plain numpy and torch, no Ray: the driver, the worker and the tests use the same
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -47,32 +48,133 @@ def micro_batches(ids: list[int], micro_batch_size: int) -> list[list[int]]:
     return [ids[i:i + micro_batch_size] for i in range(0, len(ids), micro_batch_size)]
 
 
-def collate(examples: list[dict[str, Any]], ids: list[int], pad_id: int, device: torch.device):
-    """``input_ids``, ``attention_mask`` and ``target_mask`` of the examples ``ids``, right-padded
-    to the longest of them."""
-    length = max(len(examples[i]["input_ids"]) for i in ids)
+def token_budget_micro_batches(lengths: list[int], max_tokens: int, padding_free: bool) -> list[list[int]]:
+    """Cut a rank's share of a step into micro-batches under a token budget (verl's
+    ``max_token_len_per_gpu``): lists of indices into ``lengths``, as few micro-batches as the budget
+    allows, each costing at most ``max_tokens`` (a row longer than the budget is one of its own).
+
+    * ``padding_free``: the cost is the sum of the lengths; rows go longest first into the first
+      micro-batch with room (first-fit decreasing), and there is no padding.
+    * padded: the cost is rows × the longest row. Rows sorted by length are cut into contiguous runs
+      (an exchange argument shows that mixing the order only adds padding): the fewest runs, and among
+      those the least padding, found exactly by a small dynamic programme (a rank holds tens of rows).
+
+    The longest rows come first, so a budget that does not fit memory shows at the first micro-batch.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    if padding_free:
+        parts: list[list[int]] = []
+        room: list[int] = []
+        for i in order:
+            k = next((k for k, r in enumerate(room) if lengths[i] <= r), None)
+            if k is None:
+                parts.append([i])
+                room.append(max_tokens - lengths[i])
+            else:
+                parts[k].append(i)
+                room[k] -= lengths[i]
+        return parts
+    n = len(order)
+    sorted_lengths = [lengths[i] for i in order]
+    # best[j] = (micro-batches, computed tokens, start of the last run) for the first j sorted rows.
+    best: list[tuple[int, int, int]] = [(0, 0, 0)] + [(n + 1, 0, 0)] * n
+    for j in range(1, n + 1):
+        for i in range(j - 1, -1, -1):
+            cost = (j - i) * sorted_lengths[i]  # the run's longest row is its first
+            if cost > max_tokens and j - i > 1:
+                break  # longer runs only cost more
+            candidate = (best[i][0] + 1, best[i][1] + cost, i)
+            if candidate[:2] < best[j][:2]:
+                best[j] = candidate
+    runs, j = [], n
+    while j:
+        i = best[j][2]
+        runs.append(order[i:j])
+        j = i
+    return runs[::-1]
+
+
+@dataclass
+class MicroBatch:
+    """The tensors of one forward pass and where each example sits in them.
+
+    Padded (the default): one row per example, right-padded to the longest, with an attention mask.
+    Padding-free (``packed``): every example concatenated into one row, ``position_ids`` restarting
+    at 0 at each example and no attention mask, which flash attention (and transformers' packed-
+    sequence masks) turn into attention within each example only. ``spans[k] = (row, start, end)``
+    is example ``ids[k]``'s slice, so per-example arrays (confidences, anchor masks, loss weights)
+    go in and out the same way in both layouts.
+    """
+
+    ids: list[int]
+    input_ids: torch.Tensor
+    target_mask: torch.Tensor
+    attention_mask: torch.Tensor | None
+    position_ids: torch.Tensor | None
+    spans: list[tuple[int, int, int]]
+
+    @property
+    def computed_tokens(self) -> int:
+        """Positions the forward pass computes, padding included."""
+        return self.input_ids.numel()
+
+    @property
+    def real_tokens(self) -> int:
+        return sum(end - start for _, start, end in self.spans)
+
+    @property
+    def predicted_mask(self) -> torch.Tensor:
+        """``target_mask`` without each example's first position, which nothing of its own predicts
+        (in a packed row the position before it belongs to the previous example)."""
+        mask = self.target_mask.clone()
+        for r, s, _ in self.spans:
+            mask[r, s] = False
+        return mask
+
+    def per_example(self, values: torch.Tensor) -> list[np.ndarray]:
+        """Split per-position values ``[B, T]`` into one array per example over its target positions."""
+        values = values.detach().float().cpu().numpy()
+        mask = self.target_mask.cpu().numpy()
+        return [values[r, s:e][mask[r, s:e]] for r, s, e in self.spans]
+
+    def to_positions(self, per_example: list[np.ndarray], dtype=torch.bool) -> torch.Tensor:
+        """The inverse of :meth:`per_example`: ``[B, T]`` of ``dtype``, zero outside the targets."""
+        out = torch.zeros(self.target_mask.shape, dtype=dtype)
+        mask = self.target_mask.cpu()
+        for (r, s, e), values in zip(self.spans, per_example):
+            row = out[r, s:e]
+            row[mask[r, s:e]] = torch.as_tensor(np.asarray(values)).to(dtype)
+        return out.to(self.target_mask.device)
+
+
+def build_micro_batch(examples: list[dict[str, Any]], ids: list[int], pad_id: int, device: torch.device,
+                      packed: bool = False) -> MicroBatch:
+    """The :class:`MicroBatch` of the examples ``ids`` (``packed``: padding-free, one row)."""
+    # Copies: Ray hands read-only arrays, which torch refuses to wrap.
+    seqs = [np.array(examples[i]["input_ids"], dtype=np.int64) for i in ids]
+    targets = [np.array(examples[i]["target_mask"], dtype=bool) for i in ids]
+    lengths = [len(x) for x in seqs]
+    if packed:
+        starts = np.cumsum([0] + lengths[:-1])
+        input_ids = torch.as_tensor(np.concatenate(seqs))[None]
+        target = torch.as_tensor(np.concatenate(targets))[None]
+        position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+        spans = [(0, int(s), int(s) + n) for s, n in zip(starts, lengths)]
+        return MicroBatch(list(ids), input_ids.to(device), target.to(device), None, position_ids.to(device), spans)
+    length = max(lengths)
     input_ids = torch.full((len(ids), length), pad_id, dtype=torch.long)
     attention = torch.zeros((len(ids), length), dtype=torch.long)
     target = torch.zeros((len(ids), length), dtype=torch.bool)
-    for b, i in enumerate(ids):
-        ex = examples[i]
-        n = len(ex["input_ids"])
-        input_ids[b, :n] = torch.as_tensor(np.array(ex["input_ids"]))  # a copy: Ray hands read-only arrays
-        attention[b, :n] = 1
-        target[b, :n] = torch.as_tensor(np.array(ex["target_mask"]))
-    return input_ids.to(device), attention.to(device), target.to(device)
+    for b, (seq, tgt) in enumerate(zip(seqs, targets)):
+        input_ids[b, :len(seq)] = torch.as_tensor(seq)
+        attention[b, :len(seq)] = 1
+        target[b, :len(seq)] = torch.as_tensor(tgt)
+    spans = [(b, 0, n) for b, n in enumerate(lengths)]
+    return MicroBatch(list(ids), input_ids.to(device), target.to(device), attention.to(device), None, spans)
 
 
-def per_example_values(values: torch.Tensor, target_mask: torch.Tensor) -> list[np.ndarray]:
-    """Split ``[B, T]`` per-token values into one array per example over its target positions."""
-    values = values.detach().float().cpu().numpy()
-    mask = target_mask.cpu().numpy()
-    return [values[b][mask[b]] for b in range(values.shape[0])]
-
-
-def to_positions(per_example: list[np.ndarray], target_mask: torch.Tensor) -> torch.Tensor:
-    """The inverse of :func:`per_example_values` for boolean masks: ``[B, T]``, False elsewhere."""
-    out = torch.zeros(target_mask.shape, dtype=torch.bool)
-    for b, values in enumerate(per_example):
-        out[b, target_mask[b].cpu()] = torch.from_numpy(np.asarray(values, dtype=bool))
-    return out.to(target_mask.device)
+def collate(examples: list[dict[str, Any]], ids: list[int], pad_id: int, device: torch.device):
+    """``input_ids``, ``attention_mask`` and ``target_mask`` of the examples ``ids``, right-padded
+    to the longest of them."""
+    batch = build_micro_batch(examples, ids, pad_id, device)
+    return batch.input_ids, batch.attention_mask, batch.target_mask

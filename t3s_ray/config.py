@@ -107,12 +107,17 @@ class StudentConfig(ModelConfig):
         selector_ref: For ``kind: dllm``: the autoregressive model that shares the student's
             tokenizer and computes the confidence change that picks forced tokens.
         mask_token: For ``kind: dllm``: the mask token's text; empty uses the tokenizer's own.
+        attn_implementation: Attention kernel of the student in training, passed to
+            ``from_pretrained``: ``sdpa`` (PyTorch's, everywhere), ``eager``, ``flash_attention_2``
+            / ``flash_attention_3`` (the ``flash-attn`` package, GPU; micro-batches are then
+            padding-free: see ``train.padding_free``) or ``flex_attention``.
     """
 
     ref: str = "builtin:smollm2-135m-instruct"
     kind: Literal["ar", "dllm"] = "ar"
     selector_ref: Optional[str] = None
     mask_token: Optional[str] = None
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"] = "sdpa"
 
     def check(self) -> list[tuple[str, str]]:
         errs = super().check()
@@ -341,6 +346,17 @@ class TrainConfig:
         batch_size: Sequences per optimizer step, summed over workers and accumulation.
         micro_batch_size: Sequences per forward pass on one worker; ``batch_size`` must be a
             multiple of ``micro_batch_size * num_workers`` (the rest is gradient accumulation).
+            Also the batch of the scoring passes.
+        max_tokens_per_micro_batch: Token budget of one forward pass (0: off, fixed
+            ``micro_batch_size`` rows). Each worker's share of a step is sorted by length and cut
+            into micro-batches whose computed tokens (rows x longest row, or the sum of the lengths
+            when padding-free) stay within it, as verl's ``max_token_len_per_gpu``: on long-tailed
+            traces (1k-16k tokens) fixed micro-batches spend a third or more of the compute on
+            padding. The loss is normalised over the whole step, so the update does not depend on
+            the split. ``batch_size`` must then be a multiple of ``num_workers`` only.
+        padding_free: Concatenate a micro-batch's rows into one, ``position_ids`` restarting at
+            each row, no padding (empty: on exactly when ``student.attn_implementation`` is a flash
+            attention kernel, whose variable-length path keeps the rows apart). AR students only.
         max_steps: Optimizer steps to train (the paper: 50).
         lr: Peak learning rate of AdamW (the paper: 1e-5).
         weight_decay: AdamW weight decay.
@@ -354,8 +370,15 @@ class TrainConfig:
             updates are smaller than half a bf16 ulp and a bf16 weight would not move.
         activation_checkpointing: Recompute activations in the backward pass to save memory.
         loss_normalization: ``token_mean`` (mean over kept tokens), ``sum`` or ``seq_mean``.
-        confidence_chunk: Sequence positions per chunk when computing token log-probabilities,
-            so that batch x chunk x vocab is the largest fp32 tensor.
+        confidence_chunk: Target positions whose logits are formed at once (training loss,
+            confidences, scoring passes): ``chunk x vocab`` fp32 is the largest logits tensor
+            (256 x 151,936 x 4 B = 156 MB for Qwen3). Larger chunks make fewer, larger lm-head
+            matmuls (on GPUs 1024-4096 is faster and still small next to the activations).
+        fsdp_reduce_every_micro_batch: FSDP only. False (default): gradients are reduce-scattered
+            once per step, after the last micro-batch; in between every rank accumulates the whole
+            model's gradient unsharded in fp32 (4 bytes/parameter: 33 GB for Qwen3-8B, 131 GB for
+            Qwen3-32B). True: reduce-scatter after every micro-batch (one collective per
+            micro-batch, only sharded gradients kept): needed for 32B students.
         checkpoint_every: Save a checkpoint every this many steps (and at the end).
         keep_last: Keep only this many latest checkpoints (0: keep all).
         diagnostics_every: Measure the anchor/other gradient conflict every this many steps (0: off).
@@ -372,6 +395,8 @@ class TrainConfig:
     strategy: Literal["ddp", "fsdp"] = "ddp"
     batch_size: int = 8
     micro_batch_size: int = 4
+    max_tokens_per_micro_batch: int = 0
+    padding_free: Optional[bool] = None
     max_steps: int = 50
     lr: float = 1e-5
     weight_decay: float = 0.0
@@ -383,6 +408,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     loss_normalization: Literal["token_mean", "sum", "seq_mean"] = "token_mean"
     confidence_chunk: int = 256
+    fsdp_reduce_every_micro_batch: bool = False
     checkpoint_every: int = 10
     keep_last: int = 2
     diagnostics_every: int = 0
@@ -397,16 +423,18 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 errs.append((name, "must be >= 1"))
         for name in ("warmup_steps", "keep_last", "diagnostics_every", "max_failures", "weight_decay",
-                     "grad_clip"):
+                     "grad_clip", "max_tokens_per_micro_batch"):
             if getattr(self, name) < 0:
                 errs.append((name, "must be >= 0"))
         if self.lr <= 0:
             errs.append(("lr", "must be > 0"))
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             errs.append(("adam_betas", "must be two numbers in [0, 1)"))
-        per_step = self.micro_batch_size * self.num_workers
+        per_step = self.num_workers if self.max_tokens_per_micro_batch else self.micro_batch_size * self.num_workers
         if self.batch_size >= 1 and per_step >= 1 and self.batch_size % per_step:
-            errs.append(("batch_size", f"must be a multiple of micro_batch_size * num_workers ({per_step})"))
+            errs.append(("batch_size", f"must be a multiple of "
+                         f"{'num_workers' if self.max_tokens_per_micro_batch else 'micro_batch_size * num_workers'}"
+                         f" ({per_step})"))
         return errs
 
 
@@ -814,6 +842,9 @@ class RunConfig:
         if self.probe.engine_kwargs is not None or self.probe.num_gpus_per_actor is not None:
             errs += engine_problems(probe.backend, probe.engine_kwargs, probe.num_gpus_per_actor, "probe",
                                     key_prefix="probe.")
+        if self.student.kind == "dllm" and self.train.padding_free:
+            errs.append(("train.padding_free", "is for AR students: a diffusion denoiser attends both ways, "
+                         "which packed position ids do not confine to one row"))
         if self.train.strategy == "fsdp" and self.selection.switch == "bottleneck":
             errs.append(("selection.switch", "'bottleneck' measures accuracy by sampling from each worker's "
                          "replica, which FSDP does not hold: use strategy ddp or switch immediate"))

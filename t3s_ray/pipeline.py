@@ -66,13 +66,44 @@ def _check_methods(cfg: RunConfig) -> None:
         raise ConfigError(f"compare: a dLLM student supports base, teacher, sft and t3s; got {cfg.compare}")
 
 
-def train_method(cfg: RunConfig, method: str) -> str:
-    """Train one method (resuming if it ran before) and return its final model folder."""
-    from .train import run_train
+def _static_method(cfg: RunConfig) -> str | None:
+    """The first method of ``compare`` whose anchors come from the static probe, if any."""
+    from .worker import SelectionPlan
 
+    for method in cfg.compare:
+        if method in ("t3s", "inverse", "random") and SelectionPlan.for_protocol(method_config(cfg, method)).needs_probe:
+            return method
+    return None
+
+
+def sft_is_the_probe(cfg: RunConfig) -> bool:
+    """The static probe is SFT from θ0 on the run's traces, in the data order and with the train
+    settings of the ``sft`` method; when it runs anyway (a static method is compared) for exactly
+    ``train.max_steps`` steps, its training *is* the sft method's, and is not repeated. (A dLLM's
+    probe trains its AR selector, not the student.)"""
+    return (cfg.student.kind == "ar" and cfg.probe.steps == cfg.train.max_steps and "sft" in cfg.compare
+            and _static_method(cfg) is not None)
+
+
+def _prepare_method(cfg: RunConfig, method: str) -> RunConfig:
     mcfg = method_config(cfg, method)
     link_shared_folder(cfg.run_dir / "traces", mcfg.run_dir / "traces")
     link_shared_folder(cfg.run_dir / "probe", mcfg.run_dir / "probe")
+    return mcfg
+
+
+def train_method(cfg: RunConfig, method: str) -> str:
+    """Train one method (resuming if it ran before) and return its final model folder."""
+    from .train import run_static_probe, run_train
+
+    if method == "sft" and sft_is_the_probe(cfg):
+        # The probe runs under the static method's config, as it will be resumed or reused by it.
+        run_static_probe(_prepare_method(cfg, _static_method(cfg)))
+        link_shared_folder(cfg.run_dir / "probe", cfg.run_dir / "methods" / "sft" / "train")
+        print(f"[run] method sft: the static probe's run ({cfg.probe.steps} steps of SFT from θ0, the same data "
+              f"order and settings) -> {cfg.run_dir / 'probe'}", file=sys.stderr, flush=True)
+        return str((cfg.run_dir / "probe" / "model").resolve())
+    mcfg = _prepare_method(cfg, method)
     print(f"[run] method {method}: protocol {mcfg.selection.protocol} -> {mcfg.run_dir}", file=sys.stderr, flush=True)
     summary = run_train(mcfg)
     return str(Path(summary["model"]).resolve())
@@ -159,21 +190,26 @@ def evaluate_trajectories(cfg: RunConfig, scores: dict[str, Any]) -> dict[str, l
     result = cfg.run_dir / "probe" / "result.json"
     if result.exists():
         probe_acc = {a["step"]: a["accuracy"] for a in json.loads(result.read_text())["accuracies"]}
+    done: dict[Path, list[dict[str, Any]]] = {}
     for method, folder in folders.items():
         saved = sorted((folder / "models").glob("step-*"))
         if not saved:
+            continue
+        if folder.resolve() in done:  # sft that is the probe's run: the same models, evaluated once
+            out[method] = [{**p, "train_accuracy": None} for p in done[folder.resolve()]]
             continue
         points = [{"step": 0, "heldout": base["mean"]["avg@k"],
                    "train_accuracy": probe_acc.get(0) if method == "probe" else None}]
         for model in saved:
             step = int(model.name.split("-")[1])
-            if method in scores and step == cfg.train.max_steps:
-                s = scores[method]  # the final model, evaluated already
+            final = method if method in scores else "sft" if method == "probe" and sft_is_the_probe(cfg) else None
+            if final and step == cfg.train.max_steps:
+                s = scores[final]  # the final model, evaluated already
             else:
                 s = evaluate(cfg, str(model.resolve()), label=f"{method}@{step}", quiet=True)
             points.append({"step": step, "heldout": s["mean"]["avg@k"],
                            "train_accuracy": probe_acc.get(step) if method == "probe" else None})
-        out[method] = points
+        out[method] = done[folder.resolve()] = points
         print(f"[run] trajectory {method}: " + ", ".join(f"{p['step']}: {100 * p['heldout']:.1f}" for p in points),
               file=sys.stderr, flush=True)
     return out

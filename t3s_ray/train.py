@@ -260,6 +260,34 @@ def choose_bottleneck(accuracies: list[dict[str, Any]]) -> dict[str, Any]:
     return {"accuracies": accuracies, "bottleneck_step": best["step"], "bottleneck_model": best["model"]}
 
 
+def training_inputs(cfg: RunConfig) -> tuple[list[dict[str, Any]], dict[str, list], list[dict[str, Any]], str]:
+    """``(examples, skipped, prompts, scoring_ref)``: the run's traces tokenised with the student's
+    chat template, the rows skipped by reason, the train prompts, and the model whose confidences
+    select tokens (the student, or a dLLM's AR selector)."""
+    from .models import declares_masked_lm, load_tokenizer
+    from .traces import load_traces
+
+    traces = load_traces(cfg.run_dir)
+    if cfg.student.kind == "ar" and declares_masked_lm(cfg.student.ref):
+        raise ConfigError(f"student.ref {cfg.student.ref} is a masked LM (a diffusion denoiser): set student.kind: dllm "
+                          "and student.selector_ref")
+    scoring_ref = cfg.student.selector_ref if cfg.student.kind == "dllm" else cfg.student.ref
+    tokenizer = load_tokenizer(cfg.student.ref, trust_remote_code=cfg.student.trust_remote_code)
+    examples, skipped = tokenize_traces(traces, tokenizer, system_prompt=cfg.data.system_prompt,
+                                        chat_template=cfg.traces.chat_template, max_seq_len=cfg.data.max_seq_len)
+    if len(examples) < cfg.train.batch_size:
+        raise ValueError(f"only {len(examples)} usable traces under {cfg.run_dir / 'traces'} but train.batch_size is "
+                         f"{cfg.train.batch_size}: lower the batch size or generate more traces")
+    return examples, skipped, train_prompts(traces), scoring_ref
+
+
+def run_static_probe(cfg: RunConfig) -> dict[str, Any]:
+    """The static probe of ``cfg``'s run on its own (resumable): what ``t3s run`` trains as its
+    ``sft`` method when the two are the same training (``pipeline.sft_is_the_probe``)."""
+    examples, _, prompts, scoring_ref = training_inputs(cfg)
+    return run_probe(cfg, examples, prompts, scoring_ref, cfg.student.ref)
+
+
 def run_train(cfg: RunConfig, stop_at: int | None = None) -> dict[str, Any]:
     """Stage 2 entry: tokenise the traces, probe if needed, train, write ``train/summary.json``.
 
@@ -268,8 +296,6 @@ def run_train(cfg: RunConfig, stop_at: int | None = None) -> dict[str, Any]:
     part-way through its training.
     """
     from .cluster import ray_session
-    from .models import declares_masked_lm, load_tokenizer
-    from .traces import load_traces
 
     s = cfg.selection
     out = cfg.run_dir / "train"
@@ -280,19 +306,8 @@ def run_train(cfg: RunConfig, stop_at: int | None = None) -> dict[str, Any]:
         if previous.get("step", cfg.train.max_steps) >= target:
             print(f"[train] already at step {previous.get('step')}: {out / 'model'}", file=sys.stderr, flush=True)
             return previous
-    traces = load_traces(cfg.run_dir)
     kind = cfg.student.kind
-    if kind == "ar" and declares_masked_lm(cfg.student.ref):
-        raise ConfigError(f"student.ref {cfg.student.ref} is a masked LM (a diffusion denoiser): set student.kind: dllm "
-                          "and student.selector_ref")
-    scoring_ref = cfg.student.selector_ref if kind == "dllm" else cfg.student.ref
-    tokenizer = load_tokenizer(cfg.student.ref, trust_remote_code=cfg.student.trust_remote_code)
-    examples, skipped = tokenize_traces(traces, tokenizer, system_prompt=cfg.data.system_prompt,
-                                        chat_template=cfg.traces.chat_template, max_seq_len=cfg.data.max_seq_len)
-    if len(examples) < cfg.train.batch_size:
-        raise ValueError(f"only {len(examples)} usable traces under {cfg.run_dir / 'traces'} but train.batch_size is "
-                         f"{cfg.train.batch_size}: lower the batch size or generate more traces")
-    prompts = train_prompts(traces)
+    examples, skipped, prompts, scoring_ref = training_inputs(cfg)
     plan = SelectionPlan.for_protocol(cfg)
     probe = run_probe(cfg, examples, prompts, scoring_ref, cfg.student.ref) if plan.needs_probe else None
     job = TrainJob(cfg=cfg.to_dict(), out_dir=str(out.resolve()), model_ref=cfg.student.ref, model_kind=kind,

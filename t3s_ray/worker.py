@@ -39,10 +39,18 @@ import numpy as np
 import torch
 
 from . import distributed as dist_utils
-from .batching import collate, epoch_of, global_batch, micro_batches, per_example_values, rank_share, to_positions
+from .batching import (
+    MicroBatch,
+    build_micro_batch,
+    epoch_of,
+    global_batch,
+    micro_batches,
+    rank_share,
+    token_budget_micro_batches,
+)
 from .config import RunConfig, from_dict
 from .distributed import Ranks
-from .t3s import token_confidence
+from .t3s import token_confidence, token_loss_and_confidence
 
 CHECKPOINT_STATE = "trainer_state.json"
 KEEP_OF_PROTOCOL = {"sft": "none", "t3s_static": "t3s", "t3s_online": "t3s", "inverse": "inverse", "random": "random"}
@@ -197,18 +205,26 @@ class LocalSession:
 
 
 class LogprobModule(torch.nn.Module):
-    """Forward = per-token log-probabilities (AR) or logits (dLLM denoiser), so that DDP/FSDP wrap the
-    whole computation, chunked lm head included, and synchronise its gradients."""
+    """Forward = per-token log-probabilities (AR), the weighted training loss with them, or logits
+    (dLLM denoiser), so that DDP/FSDP wrap the whole computation, chunked lm head included, and
+    synchronise its gradients."""
 
     def __init__(self, model, chunk_size: int):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
 
-    def forward(self, input_ids, attention_mask, target_mask, logits_only: bool = False):
+    def forward(self, input_ids, attention_mask, target_mask, logits_only: bool = False, loss_weights=None,
+                position_ids=None):
+        """``logits_only``: the logits. ``loss_weights`` (``[B, T]``): ``(Σ w·CE, confidences detached)``
+        with the lm head's backward done in the forward pass. Else: differentiable log-probabilities."""
         if logits_only:
             return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-        return token_confidence(self.model, input_ids, attention_mask, target_mask, self.chunk_size)
+        if loss_weights is not None:
+            return token_loss_and_confidence(self.model, input_ids, attention_mask, target_mask, loss_weights,
+                                             self.chunk_size, position_ids=position_ids)
+        return token_confidence(self.model, input_ids, attention_mask, target_mask, self.chunk_size,
+                                position_ids=position_ids)
 
 
 def fsdp_units(model) -> list[torch.nn.Module]:
@@ -268,6 +284,7 @@ class StudentTrainer:
         self.is_dllm = self.job.model_kind == "dllm"
         self.bf16 = t.dtype == "bfloat16"
         self.sharded = t.strategy == "fsdp" and dist_utils.initialized()
+        self.packed = padding_free(self.cfg)
         self.export_dtype = (saved_dtype(self.job.model_ref, revision=st.revision, trust_remote_code=st.trust_remote_code)
                              if st.dtype == "auto" else getattr(torch, st.dtype))
         self.module = self._build_module(self.job.model_ref)
@@ -295,7 +312,8 @@ class StudentTrainer:
         from .models import empty_model
 
         st = self.cfg.student
-        model = empty_model(ref, revision=st.revision if ref == st.ref else None, trust_remote_code=st.trust_remote_code)
+        model = empty_model(ref, revision=st.revision if ref == st.ref else None, trust_remote_code=st.trust_remote_code,
+                            attn_implementation=st.attn_implementation)
         if self.cfg.train.activation_checkpointing and model.supports_gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         module = LogprobModule(model, self.cfg.train.confidence_chunk)
@@ -330,8 +348,8 @@ class StudentTrainer:
         return contextlib.nullcontext()
 
     # ---------------------------------------------------------------- scoring passes
-    def _collate(self, ids: list[int]):
-        return collate(self.examples, ids, self.tokenizer.pad_token_id or 0, self.device)
+    def _collate(self, ids: list[int]) -> MicroBatch:
+        return build_micro_batch(self.examples, ids, self.tokenizer.pad_token_id or 0, self.device, self.packed)
 
     def _score(self, module: LogprobModule) -> dict[int, np.ndarray]:
         return score_examples(module, self._collate, self.n_examples, self.ranks, self.cfg.train.micro_batch_size,
@@ -438,65 +456,97 @@ class StudentTrainer:
         self.state.refreshed_at = step
 
     def _gradient_sync(self, last_micro_batch: bool):
-        """DDP all-reduces once per step, after the last micro-batch. (FSDP reduce-scatters every
-        micro-batch: skipping it would keep a full fp32 gradient per rank.)"""
+        """Gradients are reduced once per step, after the last micro-batch: DDP's ``no_sync`` before
+        it; FSDP2's ``set_requires_gradient_sync(False)`` unless ``train.fsdp_reduce_every_micro_batch``
+        (which keeps only sharded gradients, at one reduce-scatter per micro-batch)."""
+        if self.sharded:
+            sync = last_micro_batch or self.cfg.train.fsdp_reduce_every_micro_batch
+            self.module.set_requires_gradient_sync(sync)
+            return contextlib.nullcontext()
         if last_micro_batch or not hasattr(self.forward, "no_sync"):
             return contextlib.nullcontext()
         return self.forward.no_sync()
 
+    def _split(self, mine: list[int]) -> list[list[int]]:
+        """This rank's micro-batches of a step (indices into ``mine``): fixed ``micro_batch_size`` rows,
+        or cut under ``train.max_tokens_per_micro_batch``. Under FSDP every forward is a collective, so
+        every rank runs as many micro-batches as the busiest one: the others repeat their last one
+        with zero loss weight (``_train_step`` skips its metrics and pushes)."""
+        t = self.cfg.train
+        if t.max_tokens_per_micro_batch:
+            parts = token_budget_micro_batches([len(self.examples[i]["input_ids"]) for i in mine],
+                                               t.max_tokens_per_micro_batch, self.packed)
+        else:
+            parts = micro_batches(list(range(len(mine))), t.micro_batch_size)
+        if self.sharded and t.max_tokens_per_micro_batch:
+            most = int(dist_utils.all_reduce(torch.tensor([len(parts)], dtype=torch.float64), "max").item())
+            parts += [[]] * (most - len(parts))
+        return parts
+
     def _train_step(self, step: int, mine: list[int], anchors: list[np.ndarray], pushes: list) -> dict[str, Any]:
-        from .t3s import dllm_forced_mask, dllm_loss, keep_mask, normalize_token_losses
+        from .t3s import dllm_forced_mask, dllm_loss, keep_mask, token_loss_weights
 
         t, s = self.cfg.train, self.cfg.selection
         method = self.plan.keep_method if self.state.masking_on else "none"
-        collated = []
-        for part in micro_batches(list(range(len(mine))), t.micro_batch_size):
-            ids = [mine[i] for i in part]
-            input_ids, attention, target = self._collate(ids)
-            anchor_mask = to_positions([anchors[i] for i in part], target)
-            generator = torch.Generator().manual_seed(_stable_seed(t.seed, step, *ids))
-            keep = keep_mask(method, anchor_mask, target, generator=generator)
-            collated.append((ids, input_ids, attention, target, keep, anchor_mask))
+        anchor_of = dict(zip(mine, anchors))
+        # Kept targets per example, each drawn from a generator of its own (step, example): the
+        # random protocol's draw does not depend on how the batch is split over ranks and micro-batches.
+        keeps = {}
+        for i in mine:
+            generator = torch.Generator().manual_seed(_stable_seed(t.seed, step, i))
+            a = torch.as_tensor(np.asarray(anchor_of[i], dtype=bool))[None]
+            keeps[i] = keep_mask(method, a, torch.ones_like(a), generator=generator)
         # The dLLM loss is a mean per micro-batch, averaged below.
-        denom = 1.0 if self.is_dllm else loss_denominator([c[4] for c in collated], t.loss_normalization)
+        denom = 1.0 if self.is_dllm else loss_denominator(list(keeps.values()), t.loss_normalization)
+        parts = self._split(mine)
         totals = {"loss": 0.0, "kept": 0, "targets": 0, "anchors": 0, "conf_anchor": 0.0, "conf_other": 0.0,
-                  "tokens": 0}
-        for k, (ids, input_ids, attention, target, keep, anchor_mask) in enumerate(collated):
-            with self._gradient_sync(k == len(collated) - 1), self._autocast():
+                  "tokens": 0, "computed_tokens": 0}
+        for k, part in enumerate(parts):
+            padding = not part  # an FSDP rank with fewer micro-batches than the busiest: zero weight
+            ids = [mine[i] for i in (part or parts[0])]
+            batch = self._collate(ids)
+            anchor_mask = batch.to_positions([anchor_of[i] for i in ids])
+            keep = batch.to_positions([keeps[i][0].numpy() for i in ids])
+            with self._gradient_sync(k == len(parts) - 1), self._autocast():
                 if self.is_dllm:
                     generator = torch.Generator().manual_seed(_stable_seed(t.seed, "dllm", step, *ids))
                     forced = anchor_mask if self.state.masking_on else torch.zeros_like(anchor_mask)
-                    noised, masked, _ = dllm_forced_mask(input_ids, target, forced, self.mask_id, s.mask_lo,
-                                                         s.mask_hi, generator=generator)
-                    logits = self.forward(noised, attention, target, logits_only=True)
-                    loss = dllm_loss(logits, input_ids, masked, weighting=s.dllm_weighting)
-                    scaled, logprobs = loss / len(collated), None
+                    noised, masked, _ = dllm_forced_mask(batch.input_ids, batch.target_mask, forced, self.mask_id,
+                                                         s.mask_lo, s.mask_hi, generator=generator)
+                    logits = self.forward(noised, batch.attention_mask, batch.target_mask, logits_only=True)
+                    loss = dllm_loss(logits, batch.input_ids, masked, weighting=s.dllm_weighting)
+                    scaled, logprobs = loss / len(parts) * (0.0 if padding else 1.0), None
                 else:
-                    logprobs = self.forward(input_ids, attention, target)
-                    kind = "seq_mean" if t.loss_normalization == "seq_mean" else "sum"
-                    local = normalize_token_losses(-logprobs, keep, kind)
-                    if kind == "seq_mean":
-                        local = local * keep.any(-1).sum()
-                    scaled = local / denom * self.world  # DDP and FSDP average gradients over ranks
-                    loss = scaled / self.world
+                    # Σ w·CE over this micro-batch is its share of the step's loss; × world because
+                    # DDP and FSDP average gradients over ranks.
+                    weights = batch.to_positions(
+                        [token_loss_weights(keeps[i], t.loss_normalization, denom)[0].numpy() for i in ids],
+                        dtype=torch.float32) * (0.0 if padding else self.world)
+                    scaled, logprobs = self.forward(batch.input_ids, batch.attention_mask, batch.predicted_mask,
+                                                    loss_weights=weights, position_ids=batch.position_ids)
+                    loss = scaled.detach() / self.world
                 scaled.backward()
+            if padding:
+                continue
             totals["loss"] += loss.item()
             totals["kept"] += int(keep.sum())
-            totals["targets"] += int(target.sum())
+            totals["targets"] += int(batch.target_mask.sum())
             totals["anchors"] += int(anchor_mask.sum())
-            totals["tokens"] += int(attention.sum())
+            totals["tokens"] += batch.real_tokens
+            totals["computed_tokens"] += batch.computed_tokens
             if logprobs is not None:
                 lp = logprobs.detach()
                 totals["conf_anchor"] += float(lp[anchor_mask].sum())
-                totals["conf_other"] += float(lp[target & ~anchor_mask].sum())
-                pushes.extend(self.store.record(step, np.asarray(ids), per_example_values(lp, target)))
+                totals["conf_other"] += float(lp[batch.target_mask & ~anchor_mask].sum())
+                pushes.extend(self.store.record(step, np.asarray(ids), batch.per_example(lp)))
         grad_norm = float("nan")
         if t.grad_clip:
             norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), t.grad_clip)
             grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {**step_metrics(dist_utils.all_reduce_numbers(totals)), "grad_norm": grad_norm}
+        return {**step_metrics(dist_utils.all_reduce_numbers(totals)), "grad_norm": grad_norm,
+                "micro_batches": len(parts)}
 
     def _diagnostics(self, mine: list[int], anchors: list[np.ndarray]) -> dict[str, float]:
         """The paper's gradient-conflict measurement on this rank's first micro-batch (not under FSDP)."""
@@ -504,10 +554,13 @@ class StudentTrainer:
 
         if self.is_dllm or self.sharded:
             return {}
-        input_ids, attention, target = self._collate(mine[: self.cfg.train.micro_batch_size])
+        n = self.cfg.train.micro_batch_size
+        batch = self._collate(mine[:n])
         with self._autocast():
-            logprobs = self.module(input_ids, attention, target)  # unwrapped: no gradient synchronisation
-        d = gradient_conflict(self.model, logprobs, to_positions(anchors[: len(input_ids)], target), target)
+            # Unwrapped: no gradient synchronisation.
+            logprobs = self.module(batch.input_ids, batch.attention_mask, batch.predicted_mask,
+                                   position_ids=batch.position_ids)
+        d = gradient_conflict(self.model, logprobs, batch.to_positions(anchors[:n]), batch.predicted_mask)
         self.optimizer.zero_grad(set_to_none=True)
         return {f"diag_{k}": v for k, v in d.items()}
 
@@ -612,10 +665,10 @@ def score_examples(module: LogprobModule, collate_ids, n_examples: int, ranks: R
     with torch.no_grad(), autocast():
         for k in range(n_batches):
             ids = batches[min(k, len(batches) - 1)]
-            input_ids, attention, target = collate_ids(ids)
-            conf = module(input_ids, attention, target)
+            batch = collate_ids(ids)
+            conf = module(batch.input_ids, batch.attention_mask, batch.predicted_mask, position_ids=batch.position_ids)
             if k < len(batches):
-                out.update(zip(ids, per_example_values(conf, target)))
+                out.update(zip(ids, batch.per_example(conf)))
     module.train()
     return out
 
@@ -630,10 +683,21 @@ def loss_denominator(keeps: list[torch.Tensor], normalization: str) -> float:
     return max(1.0, dist_utils.all_reduce(torch.tensor([count], dtype=torch.float64)).item())
 
 
+def padding_free(cfg: RunConfig) -> bool:
+    """Whether micro-batches are packed into one row (``train.padding_free``; by default exactly when
+    the attention kernel is flash attention, whose variable-length path keeps the rows apart)."""
+    if cfg.student.kind == "dllm":
+        return False
+    if cfg.train.padding_free is not None:
+        return cfg.train.padding_free
+    return cfg.student.attn_implementation.startswith("flash_attention")
+
+
 def step_metrics(totals: dict[str, float]) -> dict[str, Any]:
     """A step's metrics from its totals summed over ranks."""
     n_other = totals["targets"] - totals["anchors"]
     return {
+        "padding_frac": 1 - totals["tokens"] / max(1, totals["computed_tokens"]),
         "loss": totals["loss"],
         "kept_frac": totals["kept"] / max(1, totals["targets"]),
         "anchor_frac": totals["anchors"] / max(1, totals["targets"]),

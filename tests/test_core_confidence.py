@@ -252,3 +252,84 @@ def test_token_confidence_falls_back_for_softcapped_logits(monkeypatch):
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
 
     torch.testing.assert_close(result, naive_token_logprobs(logits, input_ids, target_mask), rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------ the fused training loss
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 256])
+def test_linear_token_loss_value_and_gradients_match_naive(chunk_size):
+    """Σ w·CE from hidden states, its log-probabilities and its gradients (hidden, lm head weight
+    and bias, formed in the forward pass) against autograd through the full logits."""
+    from t3s_ray.t3s import linear_token_loss
+
+    input_ids, target_mask, hidden, weight, bias = hidden_inputs(requires_grad=True)
+    loss_weights = torch.rand(B, T, generator=torch.Generator().manual_seed(5))
+
+    loss, logprobs = linear_token_loss(hidden, weight, input_ids, target_mask, loss_weights, chunk_size,
+                                       lm_head_bias=bias)
+    grads = torch.autograd.grad(2.5 * loss, (hidden, weight, bias))  # an upstream factor other than 1
+    naive = naive_token_logprobs(hidden @ weight.T + bias, input_ids, target_mask)
+    naive_loss = -(loss_weights * naive).sum()
+    naive_grads = torch.autograd.grad(2.5 * naive_loss, (hidden, weight, bias))
+
+    torch.testing.assert_close(loss, naive_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logprobs, naive.detach(), rtol=0, atol=1e-5)
+    assert not logprobs.requires_grad
+    for grad, naive_grad in zip(grads, naive_grads, strict=True):
+        torch.testing.assert_close(grad, naive_grad, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_token_loss_keeps_no_vocabulary_sized_tensor_for_backward():
+    """Nothing larger than one chunk's logits is formed, and backward forms nothing vocabulary-sized
+    at all (no recompute): the largest tensor of backward is the W gradient."""
+    from t3s_ray.t3s import linear_token_loss
+
+    batch, length, vocab, chunk_size = 2, 64, 500, 8
+    input_ids = torch.randint(0, vocab, (batch, length))
+    target_mask = torch.ones(batch, length, dtype=torch.bool)
+    hidden = torch.randn(batch, length, H, requires_grad=True)
+    weight = torch.randn(vocab, H, requires_grad=True)
+    with LargestTensor() as forward:
+        loss, _ = linear_token_loss(hidden, weight, input_ids, target_mask, torch.ones(batch, length), chunk_size)
+    with LargestTensor() as backward:
+        loss.backward()
+    assert forward.largest <= chunk_size * vocab < batch * length * vocab
+    assert backward.largest == max(vocab * H, batch * length * H)
+
+
+def test_linear_token_loss_under_bf16_autocast_is_close_to_fp32():
+    from t3s_ray.t3s import linear_token_loss
+
+    input_ids, target_mask, hidden, weight, bias = hidden_inputs(requires_grad=True)
+    loss_weights = torch.rand(B, T, generator=torch.Generator().manual_seed(6))
+    loss32, _ = linear_token_loss(hidden, weight, input_ids, target_mask, loss_weights, 4, lm_head_bias=bias)
+    g32 = torch.autograd.grad(loss32, (hidden, weight))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss16, lp16 = linear_token_loss(hidden, weight, input_ids, target_mask, loss_weights, 4, lm_head_bias=bias)
+    g16 = torch.autograd.grad(loss16, (hidden, weight))
+    assert lp16.dtype == torch.float32 and g16[1].dtype == torch.float32  # fp32 master weight's gradient
+    torch.testing.assert_close(loss16, loss32, rtol=3e-2, atol=3e-2)
+    for a, b in zip(g16, g32):
+        torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("tie_word_embeddings", [True, False])
+def test_token_loss_and_confidence_matches_the_differentiable_confidence(tie_word_embeddings):
+    from t3s_ray.t3s import token_loss_and_confidence
+
+    model = tiny_model("llama", tie_word_embeddings).train()
+    input_ids, attention_mask, target_mask = model_batch(model.config.vocab_size)
+    loss_weights = torch.rand(B, T, generator=torch.Generator().manual_seed(7))
+    params = [p for p in model.parameters()]
+
+    loss, conf = token_loss_and_confidence(model, input_ids, attention_mask, target_mask, loss_weights, 4)
+    grads = torch.autograd.grad(loss, params)
+    reference = token_confidence(model, input_ids, attention_mask, target_mask, chunk_size=4)
+    ref_loss = -(loss_weights * reference).sum()
+    ref_grads = torch.autograd.grad(ref_loss, params)
+
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(conf, reference.detach(), rtol=0, atol=1e-5)
+    for grad, ref_grad in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-5)

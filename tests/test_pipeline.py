@@ -31,6 +31,21 @@ def test_method_configs_share_settings_and_set_the_protocol(tmp_path):
     assert m.selection.protocol == "inverse" and m.train == cfg.train and m.run_dir.parent.name == "methods"
 
 
+def test_sft_is_the_probe_only_when_they_are_the_same_training(tmp_path):
+    from t3s_ray.pipeline import sft_is_the_probe
+
+    def decide(**over):
+        return sft_is_the_probe(config.from_dict(pipeline_data(tmp_path, **over)))
+
+    assert decide(probe={"steps": 2})  # train.max_steps is 2 in these runs; t3s is static
+    assert not decide(probe={"steps": 3})  # the probe would stop elsewhere
+    assert not decide(compare=["base", "sft"])  # no static method: the probe would not run at all
+    assert not decide(selection={"protocol": "t3s_online"}, compare=["base", "sft", "t3s"])
+    assert decide(selection={"protocol": "t3s_online"}, compare=["base", "sft", "t3s", "inverse"])
+    dllm = {"ref": "builtin:tiny-dllm", "kind": "dllm", "selector_ref": "builtin:tiny-llama"}
+    assert not decide(student=dllm, compare=["base", "sft", "t3s"])  # its probe trains the selector
+
+
 def test_rrt_needs_sft_and_a_probe_before_it(tmp_path):
     cfg = config.from_dict(pipeline_data(tmp_path, compare=["base", "rrt", "sft", "t3s"]))
     with pytest.raises(ConfigError, match="list it after 'sft'"):
@@ -70,7 +85,12 @@ def test_pipeline_end_to_end_with_report_and_resume(ray_local, tmp_path, capsys,
     # Trajectories: the probe's and every trained method's saved models, step 0 being the base.
     traj = results["trajectories"]
     assert set(traj) == {"probe", "sft", "t3s"}
-    assert [p["step"] for p in traj["probe"]] == [0, 1, 2] and [p["step"] for p in traj["sft"]] == [0, 2]
+    # probe.steps == train.max_steps: the probe's run is the sft method (not trained twice, its saved
+    # models evaluated once), and its trajectory is the probe's.
+    assert (run_dir / "methods" / "sft" / "train").resolve() == (run_dir / "probe").resolve()
+    assert [p["step"] for p in traj["probe"]] == [0, 1, 2] and [p["step"] for p in traj["t3s"]] == [0, 2]
+    assert [p["heldout"] for p in traj["sft"]] == [p["heldout"] for p in traj["probe"]]
+    assert not (run_dir / "eval" / "sft@1").exists() and not (run_dir / "eval" / "probe@2").exists()
     assert traj["sft"][-1]["heldout"] == scores["sft"]["mean"]["avg@k"]
     assert traj["probe"][1]["train_accuracy"] is not None
     assert traj["sft"][0]["train_accuracy"] is None and traj["sft"][1]["train_accuracy"] is None

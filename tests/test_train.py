@@ -328,6 +328,20 @@ def test_static_protocol_probes_scores_and_trains_with_anchors(static_run):
 
 
 @pytest.mark.slow
+def test_the_static_probe_is_the_sft_training_up_to_its_steps(static_run, sft_run):
+    """What lets `t3s run` use the probe's run as its sft method: SFT from θ0 in the same data order
+    with the same settings. The probe's model (4 steps) is the sft run's checkpoint of step 4."""
+    static, sft = static_run[0], sft_run[0]
+    probe_final = load_file(str(static.run_dir / "probe" / "model" / "model.safetensors"))
+    step4 = next(c for c in (sft.run_dir / "train" / "ray_train").glob("checkpoint_*")
+                 if c.is_dir() and json.loads((c / "trainer_state.json").read_text())["step"] == 4)
+    at4 = checkpoint_weights(step4)
+    assert probe_final.keys() == at4.keys()
+    for k in at4:
+        torch.testing.assert_close(probe_final[k], at4[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
 def test_a_masked_lm_student_declared_ar_is_refused_before_training(traces_root, tmp_path):
     from t3s_ray.config import ConfigError
 
@@ -432,7 +446,8 @@ def test_bottleneck_switch_rewinds_to_theta0(ray_local, tmp_path):
 
     def weights_at(step):
         for c in (cfg.run_dir / "train" / "ray_train").glob("checkpoint_*"):
-            if json.loads((c / "trainer_state.json").read_text())["step"] == step:
+            # Ray Train also writes checkpoint_manager_snapshot.json beside the checkpoint folders.
+            if c.is_dir() and json.loads((c / "trainer_state.json").read_text())["step"] == step:
                 return checkpoint_weights(c)
         raise AssertionError(f"no checkpoint of step {step}")
 

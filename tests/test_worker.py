@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -18,10 +19,12 @@ from t3s_ray.train import tokenize_traces
 from t3s_ray.worker import SelectionPlan, TrainJob, changed_settings, run_settings, train_standalone
 
 
-def tiny_examples(n: int = 8):
+def tiny_examples(n: int = 8, ragged: bool = False):
+    """``n`` short traces; ``ragged``: their lengths differ widely (a longer working for some)."""
     tok = load_tokenizer("builtin:tiny-llama")
     rows = [{"id": str(i), "sample_index": 0, "prompt": f"What is {i} + {i + 3}?",
-             "response": f"{i} + {i + 3} = {2 * i + 3}. The answer is {2 * i + 3}."} for i in range(n)]
+             "response": f"{i} + {i + 3} = {2 * i + 3}. " + ("Let me check that again. " * (i % 4) * ragged)
+             + f"The answer is {2 * i + 3}."} for i in range(n)]
     return tokenize_traces(rows, tok, system_prompt=None, chat_template=True, max_seq_len=256)[0]
 
 
@@ -166,3 +169,60 @@ def test_rewind_and_rrt_load_a_hub_id_student_strictly(tmp_path):
     fake_hub_repo("t3s-test/tiny-llama", source, drop="model.norm.weight")
     with pytest.raises(ValueError, match=r"the weights of t3s-test/tiny-llama lack \['model\.norm\.weight'\]"):
         trainer.rewind()
+
+
+@pytest.mark.parametrize("protocol", ["sft", "random"])
+def test_the_update_does_not_depend_on_how_the_batch_is_split(tmp_path, protocol):
+    """One micro-batch of 4, four of 1, a token budget (long rows alone, short ones together) and
+    padding-free micro-batches give the same weights: the loss is normalised over the step's kept
+    tokens, and the random protocol's kept tokens are drawn per example. (Ray Train's 2 workers x
+    micro-batch 1 against this recipe: tests/test_train.py.)"""
+    examples = tiny_examples(8, ragged=True)
+    lengths = sorted(len(e["input_ids"]) for e in examples)
+    splits = {
+        "mb4": {"micro_batch_size": 4},
+        "mb1": {"micro_batch_size": 1},
+        "budget": {"micro_batch_size": 1, "max_tokens_per_micro_batch": 2 * lengths[-1]},
+        "packed": {"micro_batch_size": 1, "max_tokens_per_micro_batch": 3 * lengths[-1], "padding_free": True},
+    }
+    weights, metrics = {}, {}
+    for name, train in splits.items():
+        job = make_job(tmp_path / name, train={**train, "max_steps": 3, "checkpoint_every": 3},
+                       selection={"protocol": protocol, "rule": "top_frac", "top_frac": 0.5})
+        if protocol == "random":  # θb = θ0: Δc = 0, half of each trace's tokens are anchors by rank
+            job = dataclasses.replace(job, anchor_model="builtin:tiny-llama")
+        train_standalone(job, examples, Ranks())
+        weights[name] = exported(tmp_path / name)
+        metrics[name] = [json.loads(x) for x in (tmp_path / name / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["micro_batches"] for m in metrics["mb4"]] == [1, 1, 1]
+    assert [m["micro_batches"] for m in metrics["mb1"]] == [4, 4, 4]
+    assert 1 < metrics["budget"][0]["micro_batches"] < 4
+    assert metrics["packed"][0]["padding_frac"] == 0 < metrics["mb4"][0]["padding_frac"]
+    for name in ("mb1", "budget", "packed"):
+        assert [m["loss"] for m in metrics[name]] == pytest.approx([m["loss"] for m in metrics["mb4"]], rel=1e-5)
+        assert [m["kept_frac"] for m in metrics[name]] == [m["kept_frac"] for m in metrics["mb4"]]
+        for k in weights["mb4"]:  # AdamW at lr 1e-2 turns float summation-order noise into ~1e-5
+            torch.testing.assert_close(weights[name][k], weights["mb4"][k], rtol=1e-4, atol=5e-5)
+    if protocol == "random":
+        assert all(m["kept_frac"] < 1 for m in metrics["mb4"])
+
+
+@pytest.mark.parametrize("every_micro_batch", [False, True])
+def test_fsdp_reduces_gradients_once_per_step_unless_asked_every_micro_batch(every_micro_batch):
+    """The decision ``_gradient_sync`` makes for FSDP2 (that accumulating without a reduce-scatter
+    gives DDP's update is tests/test_train.py::test_fsdp_matches_ddp_on_cpu, 2 micro-batches a rank)."""
+    from t3s_ray.worker import StudentTrainer
+
+    calls = []
+
+    class FakeFSDPModule:
+        def set_requires_gradient_sync(self, sync):
+            calls.append(sync)
+
+    trainer = StudentTrainer.__new__(StudentTrainer)
+    trainer.sharded, trainer.module = True, FakeFSDPModule()
+    trainer.cfg = config.from_dict({"train": {"strategy": "fsdp", "fsdp_reduce_every_micro_batch": every_micro_batch}})
+    for k in range(3):
+        with trainer._gradient_sync(last_micro_batch=k == 2):
+            pass
+    assert calls == ([True, True, True] if every_micro_batch else [False, False, True])

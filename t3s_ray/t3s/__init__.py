@@ -6,12 +6,21 @@ Plain torch (no Ray): every function works on padded ``[B, T]`` batches aligned 
 
 from .confidence import (
     gather_log_softmax,
+    linear_token_loss,
     token_confidence,
     token_logprobs_from_hidden,
     token_logprobs_from_logits,
+    token_loss_and_confidence,
 )
 from .diagnostics import gradient_conflict, rrt_merge
-from .losses import dllm_forced_mask, dllm_loss, masked_token_loss, normalize_token_losses, topk_kd_loss
+from .losses import (
+    dllm_forced_mask,
+    dllm_loss,
+    masked_token_loss,
+    normalize_token_losses,
+    token_loss_weights,
+    topk_kd_loss,
+)
 from .selection import (
     KEEP_METHODS,
     cap_anchor_frac,
@@ -33,6 +42,7 @@ __all__ = [
     "gather_log_softmax",
     "gradient_conflict",
     "keep_mask",
+    "linear_token_loss",
     "masked_token_loss",
     "normalize_token_losses",
     "rrt_merge",
@@ -42,5 +52,7 @@ __all__ = [
     "token_confidence",
     "token_logprobs_from_hidden",
     "token_logprobs_from_logits",
+    "token_loss_and_confidence",
+    "token_loss_weights",
     "topk_kd_loss",
 ]

@@ -5,6 +5,11 @@
 position ``t`` holds the quantity *for the token* ``input_ids[b, t]``, and is 0 wherever
 ``target_mask`` is False (prompt, padding, position 0).
 
+Training uses :func:`token_loss_and_confidence`: the weighted CE and the confidences from one
+pass, with the lm head's gradients formed chunk by chunk *in the forward pass* (the loss weights
+are known before it), so that backward neither keeps nor recomputes any logits. That is what
+makes the step as fast as a plain Hugging Face step while holding only ``O(chunk_size · V)``.
+
 Why the chunking: at V = 49k, T = 1024, B = 4 the fp32 logits and their log-softmax are 0.8 GB
 each, and in training autograd would keep them alive until the backward pass.  Here only the target
 positions are gathered (prompt and padding rows cost nothing) and their logits are formed and
@@ -21,10 +26,12 @@ from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     "gather_log_softmax",
+    "linear_token_loss",
     "scatter_to_positions",
     "token_confidence",
     "token_logprobs_from_hidden",
     "token_logprobs_from_logits",
+    "token_loss_and_confidence",
 ]
 
 # Config attributes of Hugging Face models whose lm head output is post-processed (Gemma's
@@ -205,9 +212,10 @@ def _separable_lm_head(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:
 def token_confidence(
     model,
     input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None,
     target_mask: torch.Tensor,
     chunk_size: int = 256,
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``c_t(θ)``: ``[B, T]`` fp32 confidence of a Hugging Face causal LM in its current state.
 
@@ -221,16 +229,137 @@ def token_confidence(
 
     Runs under the caller's grad mode: wrap in ``torch.no_grad()`` for scoring passes; with grad
     enabled the result is differentiable and can feed the training loss directly.
+    ``position_ids`` with ``attention_mask=None``: a padding-free batch (see
+    :func:`token_loss_and_confidence`).
     """
     input_ids = input_ids.to(model.device) if hasattr(model, "device") else input_ids
-    attention_mask = attention_mask.to(input_ids.device)
+    attention_mask = attention_mask.to(input_ids.device) if attention_mask is not None else None
     target_mask = target_mask.to(input_ids.device)
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+              "use_cache": False}
     parts = _separable_lm_head(model)
     if parts is None:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        return token_logprobs_from_logits(logits, input_ids, target_mask, chunk_size)
+        return token_logprobs_from_logits(model(**inputs).logits, input_ids, target_mask, chunk_size)
     decoder, lm_head = parts
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    hidden = decoder(**inputs).last_hidden_state
     return token_logprobs_from_hidden(
         hidden, lm_head.weight, input_ids, target_mask, chunk_size, lm_head_bias=lm_head.bias
     )
+
+
+def _compute_dtype(device: torch.device, weight: torch.Tensor) -> torch.dtype:
+    """The matmul dtype the surrounding code runs in: autocast's when it is on, else the weights'."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return weight.dtype
+
+
+class _LinearTokenLoss(torch.autograd.Function):
+    """``loss = Σ_n w_n · (−log softmax(h_n Wᵀ + b)[y_n])`` and the log-probabilities, with the
+    gradients of ``h``, ``W`` and ``b`` formed chunk by chunk during the forward pass.
+
+    ``d loss / d logits_n = w_n · (softmax_n − onehot(y_n))`` needs only the chunk's own logits, so
+    each chunk's logits are used for the value, then turned in place into that gradient and
+    multiplied back through the lm head: nothing vocabulary-sized outlives its chunk, and backward
+    only scales the stored gradients by the upstream scalar. Versus recomputing each chunk in
+    backward this saves one lm-head matmul per token; the price is the fp32 ``W`` gradient
+    (``V · H · 4`` bytes) held from forward to backward.
+    """
+
+    @staticmethod
+    def forward(ctx, rows, weight, bias, labels, loss_weights, chunk_size, compute_dtype):
+        need_rows, need_weight, need_bias = ctx.needs_input_grad[:3]
+        n = rows.shape[0]
+        logprobs = torch.empty(n, dtype=torch.float32, device=rows.device)
+        grad_rows = torch.empty_like(rows) if need_rows else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_bias else None
+        with torch.autocast(device_type=rows.device.type, enabled=False):
+            w = weight.to(compute_dtype)
+            b = bias.to(compute_dtype) if bias is not None else None
+            for start in range(0, n, chunk_size):
+                chunk = slice(start, start + chunk_size)
+                h, y = rows[chunk].to(compute_dtype), labels[chunk]
+                logits = F.linear(h, w, b).float()
+                log_normaliser = torch.logsumexp(logits, dim=-1, keepdim=True)
+                logprobs[chunk] = logits.gather(-1, y[:, None]).squeeze(-1) - log_normaliser.squeeze(-1)
+                if not (need_rows or need_weight or need_bias):
+                    continue
+                grad_logits = logits.sub_(log_normaliser).exp_()  # softmax, in the logits' memory
+                grad_logits[torch.arange(y.numel(), device=y.device), y] -= 1
+                grad_logits = grad_logits.mul_(loss_weights[chunk, None]).to(compute_dtype)
+                if need_rows:
+                    grad_rows[chunk] = (grad_logits @ w).to(rows.dtype)
+                if need_weight:
+                    if compute_dtype == torch.float32:
+                        grad_weight.addmm_(grad_logits.T, h)
+                    else:
+                        grad_weight.add_(grad_logits.T @ h)
+                if need_bias:
+                    grad_bias.add_(grad_logits.sum(0))
+        ctx.save_for_backward(grad_rows, grad_weight, grad_bias)
+        ctx.input_dtypes = (rows.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        ctx.mark_non_differentiable(logprobs)
+        return -(loss_weights * logprobs).sum(), logprobs
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_logprobs):
+        grads = [None if g is None else (g * grad_loss).to(dtype)
+                 for g, dtype in zip(ctx.saved_tensors, ctx.input_dtypes)]
+        return (*grads, None, None, None, None)
+
+
+def linear_token_loss(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    input_ids: torch.Tensor,
+    target_mask: torch.Tensor,
+    loss_weights: torch.Tensor,
+    chunk_size: int = 256,
+    lm_head_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, logprobs)``: ``loss = Σ_t loss_weights[t] · CE_t`` over the target positions and the
+    detached ``[B, T]`` fp32 log-probabilities (the confidences), from last hidden states.
+
+    The same values as ``-(loss_weights * token_logprobs_from_hidden(...)).sum()``, but the lm
+    head's backward is done chunk by chunk in the forward pass (see ``_LinearTokenLoss``): no
+    logits are kept for backward and none are recomputed. Without grad (or with no input that
+    needs one) nothing but the log-probabilities is computed.
+    """
+    positions = target_mask.bool().clone()
+    positions[:, 0] = False  # nothing predicts the first token
+    batch_index, position_index = positions.nonzero(as_tuple=True)
+    rows = hidden[batch_index, position_index - 1]
+    labels = input_ids[batch_index, position_index]
+    weights = loss_weights[batch_index, position_index].float()
+    dtype = _compute_dtype(hidden.device, lm_head_weight)
+    loss, logprobs = _LinearTokenLoss.apply(rows, lm_head_weight, lm_head_bias, labels, weights, chunk_size, dtype)
+    return loss, scatter_to_positions(logprobs, batch_index, position_index, input_ids.shape)
+
+
+def token_loss_and_confidence(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    target_mask: torch.Tensor,
+    loss_weights: torch.Tensor,
+    chunk_size: int = 256,
+    position_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training step's forward: ``(Σ_t loss_weights[t] · CE_t, c_t detached)`` of a Hugging Face
+    causal LM, from one decoder pass and :func:`linear_token_loss` (models whose logits are
+    post-processed fall back to their full logits, as in :func:`token_confidence`).
+
+    ``position_ids`` with ``attention_mask=None`` is a padding-free batch: several sequences
+    concatenated in one row, positions restarting at 0 at each (``batching.MicroBatch``).
+    """
+    parts = _separable_lm_head(model)
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+              "use_cache": False}
+    if parts is None:
+        logprobs = token_logprobs_from_logits(model(**inputs).logits, input_ids, target_mask, chunk_size)
+        return -(loss_weights * logprobs).sum(), logprobs.detach()
+    decoder, lm_head = parts
+    hidden = decoder(**inputs).last_hidden_state
+    return linear_token_loss(hidden, lm_head.weight, input_ids, target_mask, loss_weights, chunk_size,
+                             lm_head_bias=lm_head.bias)

@@ -18,6 +18,7 @@ __all__ = [
     "dllm_loss",
     "masked_token_loss",
     "normalize_token_losses",
+    "token_loss_weights",
     "topk_kd_loss",
 ]
 
@@ -50,6 +51,22 @@ def normalize_token_losses(token_losses: torch.Tensor, keep_mask: torch.Tensor, 
         sequence_means = kept_losses.sum(-1) / kept_per_sequence.clamp(min=1)
         return sequence_means.sum() / (kept_per_sequence > 0).sum().clamp(min=1)
     raise ValueError(f"unknown normalization {normalization!r}; expected one of {', '.join(NORMALIZATIONS)}")
+
+
+def token_loss_weights(keep_mask: torch.Tensor, normalization: str, denominator: float) -> torch.Tensor:
+    """``[B, T]`` fp32 weights ``w`` with ``Σ w · CE`` = this micro-batch's share of the step's loss.
+
+    ``denominator`` is the whole step's normaliser (every micro-batch of every rank, see
+    ``worker.loss_denominator``): kept tokens for ``token_mean``, sequences with a kept token for
+    ``seq_mean``, 1 for ``sum``. Summed over micro-batches the shares give
+    :func:`normalize_token_losses` of the whole batch, however it was split.
+    """
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalization {normalization!r}; expected one of {', '.join(NORMALIZATIONS)}")
+    weights = keep_mask.float()
+    if normalization == "seq_mean":  # each sequence's kept tokens share that sequence's weight
+        weights = weights / keep_mask.sum(-1, keepdim=True).clamp(min=1)
+    return weights / denominator
 
 
 def masked_token_loss(token_logprobs: torch.Tensor, keep_mask: torch.Tensor, normalization: str = "token_mean"):
