@@ -11,7 +11,10 @@ decoder layer recomputed in backward), for ``--seq`` tokens per row and the conf
 * one decoder layer all-gathered in bf16, with the next one prefetched, and its fp32 gradient;
 * activations: the checkpointed input of every layer (bf16, T x hidden each), plus the working set
   of the one layer being recomputed and backpropagated (about twice its forward activations);
-* the chunked lm head: a few fp32 [chunk x vocab] tensors (never the [T x vocab] logits).
+* the chunked lm head: a few fp32 [chunk x vocab] tensors (never the [T x vocab] logits);
+* with several micro-batches a step and ``train.fsdp_reduce_every_micro_batch: false``, the whole
+  fp32 gradient accumulated unsharded between micro-batches (4P): shown apart, since the configs
+  for 80 GB GPUs reduce every micro-batch instead.
 
 These are estimates from tensor sizes (an allocator adds fragmentation, NCCL its buffers, CUDA its
 context, ~3-5 GB together); ``bench/gpu_check.py`` measures the real peak of an 8B-shaped model on
@@ -84,8 +87,12 @@ def main() -> None:
     for shape, gpus, mb, where in setups:
         print(f"{shape.name}: {shape.params / 1e9:.2f}B parameters, {gpus} GPUs, micro-batch {mb} x {args.seq} "
               f"tokens ({where})")
-        for key, value in plan(shape, gpus, mb, args.seq).items():
+        rows = plan(shape, gpus, mb, args.seq)
+        for key, value in rows.items():
             print(f"  {key:38s} {value:7.1f} GB")
+        unsharded = 4 * shape.params / GB
+        print(f"  (gradients reduced once per step instead: + {unsharded:.1f} GB unsharded fp32 gradient = "
+              f"{rows['total'] + unsharded:.1f} GB)")
         print(f"  (DDP would hold 16 B/param = {16 * shape.params / GB:.0f} GB per GPU before activations; "
               f"rank 0's host reads θ0 once: {2 * shape.params / GB:.1f} GB in bf16)")
 

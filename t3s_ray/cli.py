@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 
 from . import config as config_mod
@@ -12,6 +14,34 @@ from .models import ModelRefError
 
 # Problems caused by the user's input: printed as one clear line, never as a traceback.
 USER_ERRORS = (ConfigError, DataError, ModelRefError, FileNotFoundError)
+_USER_ERROR_LINE = re.compile(r"^(?:[\w.]+\.)?(?:ConfigError|DataError|ModelRefError|FileNotFoundError): (.+)$", re.M)
+
+
+def user_error(error: BaseException) -> str | None:
+    """The message of the project's own error inside whatever Ray wrapped it in, or None (a bug,
+    whose traceback is worth showing). Ray hands a driver an error raised in a task or actor as a
+    ``RayTaskError`` (its ``cause`` is the original), Ray Train as a ``WorkerGroupError`` (one failure
+    per worker rank), Ray Data and Tune chain them; an actor that died in ``__init__`` leaves only
+    the text of its error, read as a last resort."""
+    stack, seen, texts = [error], set(), []
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        # RayTaskError(ModelRefError) subclasses the cause's class, but its str() is the traceback.
+        from_ray = type(e).__module__.startswith("ray.")
+        if isinstance(e, USER_ERRORS) and not from_ray:
+            return str(e)
+        if from_ray:
+            texts.append(str(e))
+        stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
+        stack += [f for f in (getattr(e, "worker_failures", None) or {}).values() if isinstance(f, BaseException)]
+    for text in texts:
+        found = _USER_ERROR_LINE.findall(text)
+        if found:
+            return found[-1]
+    return None
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -47,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
             p_stage.add_argument("--model", help="model ref or checkpoint folder (default: the run's trained "
                                  "student, else student.ref)")
             p_stage.add_argument("--label", help="name of the results folder run_dir/eval/LABEL")
+        if name in ("traces", "train", "run"):
+            p_stage.add_argument("--restart", action="append", default=[], metavar="STAGE",
+                                 help="redo a stage from scratch, removing its output first (traces, probe or "
+                                      "train; repeatable). Under `t3s run` every stage after it is redone too")
         if name == "run":
             p_stage.add_argument("--seeds", help="repeat the run for these seeds (comma-separated, e.g. 0,1,2: "
                                  "runs NAME-seedS) and aggregate them into NAME-seeds/ (mean ± sd)")
@@ -103,28 +137,53 @@ def _run_stage(name: str, cfg, args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "config":
-            if args.config_command == "reference":
-                print(config_mod.reference_markdown())
-                return 0
-            print(_load_config(args).to_yaml(), end="")
-            return 0
-        if args.command == "models":
-            from .models import resolve
-
-            print(resolve(args.ref))
-            return 0
-        if args.command == "report":
-            from .report import write_report
-
-            print(write_report(args.run_dir))
-            return 0
-        if args.command in STAGES:
-            _run_stage(args.command, _load_config(args), args)
-            return 0
+        return _main(args)
     except USER_ERRORS as e:
         print(f"t3s: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Every stage resumes; the embedded Ray instance is shut down by ray_session on the way out.
+        print("\nt3s: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # `t3s config reference | head`: the reader has gone; say nothing more (Python's advice:
+        # point stdout at devnull so that the interpreter's final flush does not fail again).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except Exception as e:
+        message = user_error(e)
+        if message is None:
+            raise
+        print(f"t3s: error: {message}", file=sys.stderr)
+        return 2
+
+
+def _main(args: argparse.Namespace) -> int:
+    """One subcommand; its user errors propagate to ``main``."""
+    if args.command == "config":
+        if args.config_command == "reference":
+            print(config_mod.reference_markdown())
+            return 0
+        print(_load_config(args).to_yaml(), end="")
+        return 0
+    if args.command == "models":
+        from .models import resolve
+
+        print(resolve(args.ref))
+        return 0
+    if args.command == "report":
+        from .report import write_report
+
+        print(write_report(args.run_dir))
+        return 0
+    if args.command in STAGES:
+        cfg = _load_config(args)
+        if getattr(args, "restart", None):
+            from .runfolder import restart
+
+            restart(cfg, args.restart, whole_run=args.command == "run")
+        _run_stage(args.command, cfg, args)
+        return 0
     return 1
 
 

@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -349,10 +350,10 @@ class TrainConfig:
             Also the batch of the scoring passes.
         max_tokens_per_micro_batch: Token budget of one forward pass (0: off, fixed
             ``micro_batch_size`` rows). Each worker's share of a step is sorted by length and cut
-            into micro-batches whose computed tokens (rows x longest row, or the sum of the lengths
-            when padding-free) stay within it, as verl's ``max_token_len_per_gpu``: on long-tailed
-            traces (1k-16k tokens) fixed micro-batches spend a third or more of the compute on
-            padding. The loss is normalised over the whole step, so the update does not depend on
+            into the fewest micro-batches whose computed tokens (rows x longest row, or the sum of the
+            lengths when padding-free) stay within it, as verl's ``max_token_len_per_gpu``: on
+            s1K-like traces (median 4k, up to 16k tokens) fixed 2-row micro-batches compute 28 %
+            padding, a padding-free 32k budget none (``bench/train_throughput.py``). The loss is normalised over the whole step, so the update does not depend on
             the split. ``batch_size`` must then be a multiple of ``num_workers`` only.
         padding_free: Concatenate a micro-batch's rows into one, ``position_ids`` restarting at
             each row, no padding (empty: on exactly when ``student.attn_implementation`` is a flash
@@ -980,15 +981,21 @@ def _convert(value: Any, tp: Any, path: str, where: str) -> Any:
             return value
         raise fail()
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            number = float(value)
         # YAML 1.1 reads "1e-5" (no dot) as a string; accept any string Python parses as a float.
-        if isinstance(value, str):
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise fail()
+        if number is None:
+            raise fail()
+        # NaN passes every range check written as `x < lo` (all comparisons with NaN are false).
+        if not math.isfinite(number):
+            raise ConfigError(f"{path}: must be a finite number, got {value!r}{where}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -1057,9 +1064,15 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if path.resolve() in seen:
         raise ConfigError(f"base: cycle through {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}): "
+                          "save the file as UTF-8") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is None:  # empty, or only comments: almost surely a mistake, never "all defaults"
+        raise ConfigError(f"{path}: the file holds no settings (it is empty or only comments); "
+                          "start from configs/demo.yaml")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
     base = data.pop("base", None)

@@ -450,6 +450,18 @@ def declares_masked_lm(ref: str) -> bool:
     return any(a.endswith("ForMaskedLM") for a in archs)
 
 
+def context_length(ref: str, *, revision: str | None = None, trust_remote_code: bool = False) -> int | None:
+    """The longest sequence a model's config says it handles (``max_position_embeddings`` or its
+    older names), or None when it names none."""
+    config = load_config(ref, revision=revision, trust_remote_code=trust_remote_code)
+    config = getattr(config, "text_config", None) or config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def is_masked_lm(model) -> bool:
     """True for bidirectional denoisers (dLLM students) rather than causal LMs."""
     return type(model).__name__.endswith("ForMaskedLM")

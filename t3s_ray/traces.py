@@ -21,6 +21,7 @@ import os
 import random
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,9 @@ import pyarrow.parquet as pq
 
 from .cluster import ray_session
 from .config import ConfigError, RunConfig
-from .data import load_prompts
+from .data import DataError, load_prompts
 from .generate import GenerationSpec, generate_and_verify
+from .runfolder import claim, traces_settings
 from .verify import get_verifier
 
 # The schema of the kept-trace shards; README "Trace format" documents it.
@@ -117,11 +119,56 @@ def read_shards(folder: Path, columns: list[str] | None = None) -> pa.Table | No
     return pa.concat_tables([pq.read_table(p, columns=columns) for p in parts])
 
 
-def load_traces(run_or_traces_dir: str | Path) -> list[dict[str, Any]]:
-    """The kept traces of a traces folder (or of a run folder holding ``traces/``)."""
+def traces_folder(run_or_traces_dir: str | Path) -> Path:
     folder = Path(run_or_traces_dir)
-    if (folder / "traces" / "traces").is_dir():
-        folder = folder / "traces"
+    return folder / "traces" if (folder / "traces" / "traces").is_dir() else folder
+
+
+def shard_counts(folder: Path) -> dict[str, dict[str, int]]:
+    """Rows per shard pair: ``{part-NNNNN.parquet: {"samples": n, "traces": k}}`` (-1 where missing)."""
+    out: dict[str, dict[str, int]] = {}
+    for kind in ("samples", "traces"):
+        for p in sorted((folder / kind).glob("part-*.parquet")):
+            out.setdefault(p.name, {"samples": -1, "traces": -1})[kind] = pq.ParquetFile(p).metadata.num_rows
+    return out
+
+
+def checked_manifest(run_or_traces_dir: str | Path) -> dict[str, Any]:
+    """The traces folder's manifest, after checking that its shards are exactly the ones it counted:
+    a shard deleted, truncated or added since (an unfinished rerun) would silently change what
+    training sees."""
+    folder = traces_folder(run_or_traces_dir)
+    path = folder / "manifest.json"
+    if not path.exists():
+        if (folder / "traces").is_dir():
+            raise DataError(f"{folder} has trace shards but no manifest.json: the traces stage did not finish; "
+                            "rerun `t3s traces` with the same config")
+        raise FileNotFoundError(f"no traces under {folder} (run `t3s traces` first)")
+    manifest = json.loads(path.read_text())
+    listed, present = manifest.get("shards"), shard_counts(folder)
+    if listed is None:  # written before shards were recorded
+        return manifest
+    for name in sorted(set(listed) | set(present)):
+        want, got = listed.get(name), present.get(name)
+        if want == got:
+            continue
+        if want is None:
+            problem = "is not in its manifest (an unfinished `t3s traces` run?)"
+        else:
+            missing = [k for k in ("samples", "traces") if got is None or got[k] < 0]
+            problem = (f"is missing from {'/'.join(missing)}/" if missing else
+                       f"has {got['traces']} traces and {got['samples']} samples, its manifest says "
+                       f"{want['traces']} and {want['samples']}")
+        raise DataError(f"{folder}: shard {name} {problem}; rerun `t3s traces` with the same config to "
+                        "regenerate what is missing, or --restart traces")
+    return manifest
+
+
+def load_traces(run_or_traces_dir: str | Path) -> list[dict[str, Any]]:
+    """The kept traces of a traces folder (or of a run folder holding ``traces/``), checked against
+    the folder's manifest (``checked_manifest``)."""
+    folder = traces_folder(run_or_traces_dir)
+    checked_manifest(folder)
     table = read_shards(folder / "traces")
     if table is None:
         raise FileNotFoundError(f"no trace shards under {folder / 'traces'} (run `t3s traces` first)")
@@ -159,6 +206,15 @@ class ShardWriter:
 
 def _finished_state(out: Path) -> tuple[set[str], set[str], int]:
     """(ids with samples written, ids with final errors, next shard index); removes half-written shards."""
+    # A shard counts once both halves exist (kept traces first, then samples: ShardWriter.flush). A
+    # kept half without its samples is a half-written pair; samples without their kept half lost it
+    # (deleted by hand?): either way the pair goes and its prompts are done again.
+    kept = {p.name for p in (out / "traces").glob("part-*.parquet")}
+    for lost in sorted((out / "samples").glob("part-*.parquet")):
+        if lost.name not in kept:
+            print(f"[traces] {lost.name} has no traces/ twin: its prompts will be generated again", file=sys.stderr,
+                  flush=True)
+            lost.unlink()
     sample_parts = sorted((out / "samples").glob("part-*.parquet"))
     written = {p.name for p in sample_parts}
     for stale in (out / "traces").glob("part-*.parquet"):
@@ -222,8 +278,10 @@ def _imported_samples(rows: list[dict[str, Any]], cfg: RunConfig):
 def run_traces(cfg: RunConfig, flush_every: int | None = None) -> dict[str, Any]:
     """Generate (or import), verify and write the teacher traces of a config. Returns the manifest."""
     out = traces_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
     t = cfg.traces
+    if t.source == "generate":
+        check_teacher(cfg)
+    claim(out, "traces", traces_settings(cfg))  # other settings than the folder's are refused, not mixed in
     extra = None
     if t.source == "dataset":
         extra = {"response": t.response_field, **({"reasoning": t.reasoning_field} if t.reasoning_field else {})}
@@ -275,7 +333,38 @@ def run_traces(cfg: RunConfig, flush_every: int | None = None) -> dict[str, Any]
     elapsed = time.time() - started
     manifest = write_manifest(cfg, out, run_stats, elapsed, len(rows))
     print_summary(manifest)
+    if rows and not manifest["prompts_finished"]:
+        raise DataError(f"traces: none of the {len(rows)} prompts finished{_commonest_error(out)}; every error is "
+                        f"in {out / 'errors.jsonl'}")
     return manifest
+
+
+def _commonest_error(out: Path) -> str:
+    reasons = Counter(str(e.get("reason") or e.get("error")).splitlines()[0][:300] for e in _read_errors(out)
+                      if e.get("reason") or e.get("error"))
+    if not reasons:
+        return ""
+    reason, n = reasons.most_common(1)[0]
+    return f" ({n} times: {reason})"
+
+
+def check_teacher(cfg: RunConfig) -> None:
+    """Refuse, before any work, a teacher that cannot generate the traces asked for: a masked LM
+    (a diffusion denoiser) under a backend that samples causal LMs, or ``traces.max_model_len``
+    beyond the teacher's context (vLLM refuses it inside its engine actor; HF would run past the
+    positions the model was trained on). An endpoint's model is the server's business."""
+    from .models import context_length, declares_masked_lm
+
+    t, ref = cfg.traces, cfg.teacher.ref
+    if t.backend == "openai":
+        return
+    if declares_masked_lm(ref):
+        raise ConfigError(f"teacher.ref {ref} is a masked LM (a diffusion denoiser); traces.backend {t.backend} "
+                          "samples causal LMs token by token: use an autoregressive teacher")
+    context = context_length(ref, revision=cfg.teacher.revision, trust_remote_code=cfg.teacher.trust_remote_code)
+    if context is not None and t.max_model_len > context:
+        raise ConfigError(f"traces.max_model_len {t.max_model_len} is longer than the context of teacher.ref {ref} "
+                          f"({context} positions in its config): lower it to at most {context}")
 
 
 def write_manifest(cfg: RunConfig, out: Path, run_stats: dict[str, Any], elapsed: float, n_rows: int) -> dict[str, Any]:
@@ -299,6 +388,7 @@ def write_manifest(cfg: RunConfig, out: Path, run_stats: dict[str, Any], elapsed
     open_errors = [e for pid, e in sorted(latest_error.items()) if pid not in ids]
     manifest = {
         "config_hash": cfg.hash("teacher", "data", "traces"),
+        "shards": shard_counts(out),
         "teacher": teacher_name(cfg),
         "backend": cfg.traces.backend if cfg.traces.source == "generate" else "dataset",
         "source": cfg.traces.source,

@@ -27,8 +27,10 @@ from typing import Any
 import numpy as np
 
 from .config import ConfigError, RunConfig
-from .data import tokenize_pair
-from .worker import SelectionPlan, TrainJob
+from .data import DataError, tokenize_pair
+from .runfolder import claim, traces_fingerprint
+from .traces import checked_manifest
+from .worker import SelectionPlan, TrainJob, run_settings
 
 # --------------------------------------------------------------------------------------------
 # Driver side: data
@@ -216,6 +218,7 @@ def run_probe(cfg: RunConfig, examples, prompts, scoring_ref: str, tokenizer_ref
 
     probe_dir = (cfg.run_dir / "probe").resolve()  # its model paths are read by workers elsewhere
     result_path = probe_dir / "result.json"
+    claim(probe_dir, "probe", probe_settings(cfg))
     if result_path.exists():
         return json.loads(result_path.read_text())
     p = cfg.probe
@@ -276,9 +279,16 @@ def training_inputs(cfg: RunConfig) -> tuple[list[dict[str, Any]], dict[str, lis
     examples, skipped = tokenize_traces(traces, tokenizer, system_prompt=cfg.data.system_prompt,
                                         chat_template=cfg.traces.chat_template, max_seq_len=cfg.data.max_seq_len)
     if len(examples) < cfg.train.batch_size:
-        raise ValueError(f"only {len(examples)} usable traces under {cfg.run_dir / 'traces'} but train.batch_size is "
+        raise DataError(f"only {len(examples)} usable traces under {cfg.run_dir / 'traces'} but train.batch_size is "
                          f"{cfg.train.batch_size}: lower the batch size or generate more traces")
     return examples, skipped, train_prompts(traces), scoring_ref
+
+
+def probe_settings(cfg: RunConfig) -> dict[str, Any]:
+    """What the static probe's run and θb depend on: the training's settings but the selection (the
+    probe is SFT, shared by every static method), and the traces."""
+    return {**{k: v for k, v in run_settings(cfg).items() if not k.startswith("selection.")},
+            "traces": traces_fingerprint(checked_manifest(cfg.run_dir))}
 
 
 def run_static_probe(cfg: RunConfig) -> dict[str, Any]:
@@ -300,6 +310,9 @@ def run_train(cfg: RunConfig, stop_at: int | None = None) -> dict[str, Any]:
     s = cfg.selection
     out = cfg.run_dir / "train"
     summary_path = out / "summary.json"
+    # A finished or half-done training of other settings (or of traces redone since) is refused, never
+    # returned as this config's model.
+    claim(out, "train", {**run_settings(cfg), "traces": traces_fingerprint(checked_manifest(cfg.run_dir))})
     target = min(stop_at or cfg.train.max_steps, cfg.train.max_steps)
     if summary_path.exists() and (out / "model" / "config.json").exists():
         previous = json.loads(summary_path.read_text())

@@ -1,0 +1,103 @@
+"""What a run folder's stages were computed with, so that a rerun resumes only what it would compute again.
+
+Each stage folder (``traces/``, ``probe/``, ``train/``) holds ``settings.json``: the settings that
+determine its output, written when the stage first starts. A rerun with the same settings resumes;
+with other ones it is refused, naming the changed keys and the two ways out (a new ``name``, or
+``--restart STAGE``), instead of mixing old and new output in one folder or returning a model
+trained with something else. Operational settings (actors, batch sizes of the engines, how often a
+checkpoint is written) may change. Evaluation needs no such file: each benchmark's result carries
+the hash of its model and settings and is recomputed when they change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, RunConfig
+
+SETTINGS_FILE = "settings.json"
+# How the teacher is run, not what it writes.
+_TRACES_OPERATIONAL = ("backend", "concurrency", "batch_size", "max_model_len", "engine_kwargs", "num_gpus_per_actor")
+_ENDPOINT_KEEP = ("model",)  # of traces.endpoint: the rest is how the server is reached
+RESTARTABLE = ("traces", "probe", "train")
+
+
+def flatten(prefix: str, value: Any) -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(flatten(f"{prefix}.{k}" if prefix else str(k), v))
+        return out
+    return {prefix: value}
+
+
+def traces_settings(cfg: RunConfig) -> dict[str, Any]:
+    """Teacher, prompt data, sampling, verifier and keep policy: what decides which traces are written."""
+    d = cfg.to_dict()
+    traces = {k: v for k, v in d["traces"].items() if k not in _TRACES_OPERATIONAL}
+    traces["endpoint"] = {k: v for k, v in traces["endpoint"].items() if k in _ENDPOINT_KEEP}
+    data = {k: v for k, v in d["data"].items() if k != "max_seq_len"}  # a training setting
+    out = {**flatten("data", data), **flatten("traces", traces)}
+    if cfg.traces.source == "generate" and cfg.traces.backend != "openai":
+        out.update(flatten("teacher", {k: d["teacher"][k] for k in ("ref", "revision", "trust_remote_code")}))
+    return out
+
+
+def traces_fingerprint(manifest: dict[str, Any]) -> str:
+    """A short hash of the trace shards a manifest lists: training records it, so that traces redone
+    under it are noticed."""
+    return hashlib.sha256(json.dumps(manifest.get("shards", {}), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def changed_keys(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    return sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+
+
+def has_output(folder: Path) -> bool:
+    """Whether a stage folder holds anything computed: trace shards, checkpoints, models, results."""
+    return any(folder.glob("*/part-*.parquet")) or any(folder.glob("ray_train/checkpoint_*")) or \
+        any(folder.glob("checkpoints/step-*")) or (folder / "model").exists() or (folder / "result.json").exists()
+
+
+def claim(folder: Path, stage: str, settings: dict[str, Any]) -> None:
+    """Record ``settings`` as what ``folder`` is computed with, or check them against the recorded ones
+    (a folder whose stage failed before computing anything is simply claimed again)."""
+    path = folder / SETTINGS_FILE
+    settings = json.loads(json.dumps(settings, default=str))  # as it reads back
+    if path.exists() and has_output(folder):
+        saved = json.loads(path.read_text())["settings"]
+        changed = changed_keys(saved, settings)
+        if changed:
+            shown = ", ".join(f"{k} ({saved.get(k)!r} -> {settings.get(k)!r})" for k in changed[:6])
+            more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+            raise ConfigError(f"{folder} holds the {stage} stage of other settings: {shown}{more}; run under a new "
+                              f"`name`, or rerun with --restart {stage} to redo that stage")
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"stage": stage, "settings": settings}, indent=2) + "\n")
+
+
+def restart(cfg: RunConfig, stages: list[str], whole_run: bool) -> None:
+    """Remove the output of ``stages`` (and, for ``t3s run``, every stage downstream of the first:
+    new traces make the probe, the trainings and the evaluations stale)."""
+    run = cfg.run_dir
+    unknown = [s for s in stages if s not in RESTARTABLE]
+    if unknown:
+        raise ConfigError(f"--restart {unknown[0]}: expected one of {', '.join(RESTARTABLE)}")
+    if whole_run and stages:
+        first = min(RESTARTABLE.index(s) for s in stages)
+        stages = list(RESTARTABLE[first:]) + ["eval"]
+    folders = {"traces": [run / "traces"], "probe": [run / "probe"], "eval": [run / "eval"],
+               "train": [run / "train", *sorted((run / "methods").glob("*/train"))]}
+    for stage in stages:
+        for folder in folders[stage]:
+            if folder.is_symlink():  # a method's link to the run's probe (sft is the probe's run)
+                folder.unlink()
+            elif folder.exists():
+                print(f"[t3s] --restart {stage}: removing {folder}", file=sys.stderr, flush=True)
+                shutil.rmtree(folder)

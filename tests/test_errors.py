@@ -1,0 +1,233 @@
+"""Bad input and interruptions, through the `t3s` entry point: one `t3s: error:` line and a non-zero
+exit, never a traceback from inside Ray (README "Bad input, and what it gets")."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from t3s_ray.cli import main, user_error
+from t3s_ray.data import DataError
+from t3s_ray.models import ModelRefError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_config(tmp_path: Path, **sections) -> Path:
+    from conftest import tiny_run_data
+
+    data = tiny_run_data(tmp_path, "bad", **sections)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def run_cli(capsys, *argv) -> tuple[int, str]:
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    return code, err
+
+
+def one_error_line(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.startswith("t3s: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize("override,key", [("selection.tau=nan", "selection.tau"), ("train.lr=.inf", "train.lr"),
+                                          ("traces.temperature=-.inf", "traces.temperature"),
+                                          ("selection.max_anchor_frac=NaN", "selection.max_anchor_frac")])
+def test_nan_and_infinity_are_refused_with_the_key_path(tmp_path, capsys, override, key):
+    code, err = run_cli(capsys, "config", "show", write_config(tmp_path), "--set", override)
+    assert code == 2
+    assert f"{key}: must be a finite number" in one_error_line(err)
+
+
+def test_nan_in_the_yaml_file_itself_is_refused(tmp_path, capsys):
+    path = write_config(tmp_path)
+    path.write_text(path.read_text() + "probe:\n  temperature: .nan\n")
+    code, err = run_cli(capsys, "train", path)
+    assert code == 2 and "probe.temperature: must be a finite number" in one_error_line(err) and "bad.yaml" in err
+
+
+def test_non_utf8_and_empty_config_files_are_clear_errors(tmp_path, capsys):
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    code, err = run_cli(capsys, "traces", latin)
+    assert code == 2 and "latin.yaml: not UTF-8 text (byte 0xe9 at offset 9)" in one_error_line(err)
+    for text in ("", "# only a comment\n"):
+        empty = tmp_path / "empty.yaml"
+        empty.write_text(text)
+        code, err = run_cli(capsys, "run", empty)
+        assert code == 2 and "empty.yaml: the file holds no settings" in one_error_line(err)
+
+
+def test_a_closed_pipe_ends_quietly():
+    """`t3s config reference | head`: the reader closes the pipe before the command writes."""
+    proc = subprocess.Popen([sys.executable, "-m", "t3s_ray.cli", "config", "reference"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and err == "", err
+
+
+def test_ray_wrapped_errors_are_unwrapped_to_the_projects_message():
+    import ray.exceptions
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    cause = ModelRefError("could not load model '/models/empty': no weights")
+    traceback = ('Traceback (most recent call last):\n  File "t3s_ray/generate.py", line 150, in __init__\n'
+                 f"t3s_ray.models.ModelRefError: {cause}")
+    task = ray.exceptions.RayTaskError("MapWorker.__init__", traceback, cause)
+    wrapped = task.as_instanceof_cause()
+    assert isinstance(wrapped, ModelRefError) and "line 150" in str(wrapped)  # why plain printing fails
+    assert user_error(wrapped) == str(cause)
+    group = WorkerGroupError("Training failed due to worker errors", {0: DataError("only 2 usable traces"),
+                                                                       1: RuntimeError("peer gone")})
+    assert user_error(group) == "only 2 usable traces"
+    chained = RuntimeError("Ray Data execution failed")
+    chained.__cause__ = wrapped
+    assert user_error(chained) == str(cause)
+    # An actor that died in __init__: only the text of its error survives.
+    died = ray.exceptions.ActorDiedError(task)
+    assert user_error(died) == str(cause)
+    assert user_error(RuntimeError("a bug")) is None  # a bug keeps its traceback
+
+
+def test_a_masked_lm_teacher_or_a_context_beyond_the_teachers_is_refused_before_any_work(tmp_path, capsys):
+    cfg = write_config(tmp_path, teacher={"ref": "builtin:tiny-dllm"}, traces={"source": "generate", "backend": "hf"})
+    code, err = run_cli(capsys, "traces", cfg)
+    assert code == 2 and "teacher.ref builtin:tiny-dllm is a masked LM" in one_error_line(err)
+    cfg = write_config(tmp_path, traces={"source": "generate", "backend": "vllm", "max_model_len": 4096})
+    code, err = run_cli(capsys, "traces", cfg)
+    assert code == 2 and ("traces.max_model_len 4096 is longer than the context of teacher.ref builtin:tiny-llama "
+                          "(2048 positions") in one_error_line(err)
+    assert not (tmp_path / "runs" / "bad" / "traces" / "samples").exists()
+
+
+def test_too_few_usable_traces_is_one_line(tmp_path, capsys):
+    cfg = write_config(tmp_path, data={"builtin_size": 2}, train={"batch_size": 4, "micro_batch_size": 4})
+    assert run_cli(capsys, "traces", cfg)[0] == 0
+    code, err = run_cli(capsys, "train", cfg)
+    assert code == 2 and "only 2 usable traces" in one_error_line(err) and "lower the batch size" in err
+
+
+@pytest.mark.slow
+def test_a_teacher_folder_without_weights_and_no_finished_prompt_are_errors(ray_local, tmp_path, capsys):
+    """Raised inside Ray Data's engine actors: the user still gets the project's one line, and a
+    stage that finishes no prompt exits non-zero with the commonest reason."""
+    import shutil
+
+    from t3s_ray.models import resolve
+
+    folder = tmp_path / "no-weights"
+    shutil.copytree(resolve("builtin:tiny-llama"), folder)
+    for f in folder.glob("*.safetensors"):
+        f.unlink()
+    gen = {"source": "generate", "backend": "hf", "concurrency": 1, "batch_size": 4, "max_tokens": 4,
+           "max_model_len": 256, "samples_per_prompt": 1}
+    code, err = run_cli(capsys, "traces", write_config(tmp_path, teacher={"ref": str(folder)}, traces=gen,
+                                                       data={"builtin_size": 3}))
+    assert code == 2 and "could not load model" in one_error_line(err) and str(folder) in err
+
+    rows = [{"id": f"long-{i}", "prompt": "apples " * 400, "answer": "1"} for i in range(3)]
+    src = tmp_path / "long.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = write_config(tmp_path, data={"source": str(src)}, traces=gen)
+    code, err = run_cli(capsys, "traces", cfg)
+    line = one_error_line(err)
+    assert code == 2 and "none of the 3 prompts finished (3 times: prompt too long" in line and "errors.jsonl" in line
+
+
+@pytest.mark.slow
+def test_ctrl_c_prints_one_line_and_leaves_no_ray_behind(tmp_path):
+    """SIGINT while the teacher generates: one line, exit 130, the embedded Ray shut down, and the
+    rerun resumes (tests/test_traces.py checks that no prompt is lost or duplicated)."""
+    cfg = write_config(tmp_path, data={"builtin_size": 400}, ray={"num_cpus": 2},
+                       traces={"source": "generate", "backend": "hf", "concurrency": 1, "batch_size": 2,
+                               "max_tokens": 48, "max_model_len": 256, "samples_per_prompt": 2})
+    env = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+    proc = subprocess.Popen([sys.executable, "-m", "t3s_ray.cli", "traces", str(cfg)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    seen = ""
+    while time.time() < deadline and "[traces] " not in seen:  # generation has started
+        seen += proc.stderr.readline()
+    time.sleep(8)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    err = seen + err
+    assert proc.returncode == 130, err[-3000:]
+    tail = err[err.index("[traces] "):]
+    assert "t3s: interrupted; rerun the same command to resume" in tail
+    assert "Traceback" not in tail and "KeyboardInterrupt" not in tail, tail[-3000:]
+    time.sleep(3)
+    leftover = subprocess.run(["pgrep", "-f", f"session_.*{proc.pid}"], capture_output=True, text=True).stdout
+    assert leftover == "", leftover
+
+
+# ------------------------------------------------------------------ run folders that never lie
+
+
+def test_traces_rerun_with_other_settings_is_refused_and_restart_redoes_them(tmp_path, capsys):
+    cfg = write_config(tmp_path, data={"builtin_size": 12})
+    assert run_cli(capsys, "traces", cfg)[0] == 0
+    assert run_cli(capsys, "traces", cfg, "--set", "traces.concurrency=3")[0] == 0  # operational: resumes
+    code, err = run_cli(capsys, "traces", cfg, "--set", "traces.temperature=0.9", "--set", "traces.keep=all_correct")
+    line = one_error_line(err)
+    assert code == 2 and "holds the traces stage of other settings" in line
+    assert "traces.keep ('all' -> 'all_correct')" in line and "traces.temperature (0.6 -> 0.9)" in line
+    assert "new `name`" in line and "--restart traces" in line
+    code, err = run_cli(capsys, "traces", cfg, "--set", "traces.keep=all_correct", "--restart", "traces")
+    assert code == 0 and "removing" in err
+    settings = json.loads((tmp_path / "runs" / "bad" / "traces" / "settings.json").read_text())["settings"]
+    assert settings["traces.keep"] == "all_correct"
+
+
+def test_a_lost_trace_shard_is_named_by_training_and_regenerated_by_the_rerun(tmp_path, capsys):
+    cfg = write_config(tmp_path, data={"builtin_size": 40})
+    assert run_cli(capsys, "traces", cfg)[0] == 0
+    folder = tmp_path / "runs" / "bad" / "traces"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert len(manifest["shards"]) == 5 and manifest["accepted_traces"] == 40
+    (folder / "traces" / "part-00002.parquet").unlink()
+    code, err = run_cli(capsys, "train", cfg)
+    assert code == 2 and "shard part-00002.parquet is missing from traces/" in one_error_line(err)
+    code, err = run_cli(capsys, "traces", cfg)  # the pair goes, its 8 prompts are imported again
+    assert code == 0 and "part-00002.parquet has no traces/ twin" in err and "8 to import" in err
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["accepted_traces"] == 40 and "part-00002.parquet" not in manifest["shards"]
+    from t3s_ray.traces import load_traces
+
+    assert sorted(t["id"] for t in load_traces(folder)) == sorted({t["id"] for t in load_traces(folder)})
+    # A shard added behind the manifest's back (an unfinished run) is refused too.
+    import shutil
+
+    shutil.copy(folder / "traces" / "part-00000.parquet", folder / "traces" / "part-00009.parquet")
+    shutil.copy(folder / "samples" / "part-00000.parquet", folder / "samples" / "part-00009.parquet")
+    code, err = run_cli(capsys, "train", cfg)
+    assert code == 2 and "part-00009.parquet is not in its manifest" in one_error_line(err)
+
+
+@pytest.mark.slow
+def test_a_finished_training_is_not_returned_for_other_settings(ray_local, tmp_path, capsys):
+    cfg = write_config(tmp_path)
+    assert run_cli(capsys, "traces", cfg)[0] == 0
+    assert run_cli(capsys, "train", cfg)[0] == 0
+    code, err = run_cli(capsys, "train", cfg, "--set", "train.lr=5e-4", "--set", "selection.tau=0.1")
+    line = one_error_line(err)
+    assert code == 2 and "train.lr (0.001 -> 0.0005)" in line and "selection.tau (0.0 -> 0.1)" in line
+    assert "already at step" not in err
+    assert run_cli(capsys, "train", cfg, "--set", "train.keep_last=3")[0] == 0  # operational: same model
+    # Traces redone under the same settings but different (a shard lost and regenerated): refused.
+    assert run_cli(capsys, "traces", cfg, "--restart", "traces", "--set", "data.builtin_size=9")[0] == 0
+    code, err = run_cli(capsys, "train", cfg, "--set", "data.builtin_size=9")
+    assert code == 2 and "traces (" in one_error_line(err) and "--restart train" in err
