@@ -4,44 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 
 from . import config as config_mod
 from .config import ConfigError
-from .data import DataError
-from .models import ModelRefError
-
-# Problems caused by the user's input: printed as one clear line, never as a traceback.
-USER_ERRORS = (ConfigError, DataError, ModelRefError, FileNotFoundError)
-_USER_ERROR_LINE = re.compile(r"^(?:[\w.]+\.)?(?:ConfigError|DataError|ModelRefError|FileNotFoundError): (.+)$", re.M)
-
-
-def user_error(error: BaseException) -> str | None:
-    """The message of the project's own error inside whatever Ray wrapped it in, or None (a bug,
-    whose traceback is worth showing). Ray hands a driver an error raised in a task or actor as a
-    ``RayTaskError`` (its ``cause`` is the original), Ray Train as a ``WorkerGroupError`` (one failure
-    per worker rank), Ray Data and Tune chain them; an actor that died in ``__init__`` leaves only
-    the text of its error, read as a last resort."""
-    stack, seen, texts = [error], set(), []
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        # RayTaskError(ModelRefError) subclasses the cause's class, but its str() is the traceback.
-        from_ray = type(e).__module__.startswith("ray.")
-        if isinstance(e, USER_ERRORS) and not from_ray:
-            return str(e)
-        if from_ray:
-            texts.append(str(e))
-        stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
-        stack += [f for f in (getattr(e, "worker_failures", None) or {}).values() if isinstance(f, BaseException)]
-    for text in texts:
-        found = _USER_ERROR_LINE.findall(text)
-        if found:
-            return found[-1]
-    return None
+from .errors import USER_ERRORS, user_error
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:

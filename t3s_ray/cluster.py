@@ -46,6 +46,9 @@ def ray_session(cfg: RayConfig) -> Iterator[dict[str, Any]]:
     """
     import ray
 
+    from .errors import quiet_user_error_tracebacks
+
+    quiet_user_error_tracebacks()
     if ray.is_initialized():
         yield {"address": resolve_address(cfg), "started": False}
         return

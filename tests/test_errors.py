@@ -170,7 +170,7 @@ def test_ctrl_c_prints_one_line_and_leaves_no_ray_behind(tmp_path):
     assert "t3s: interrupted; rerun the same command to resume" in tail
     assert "Traceback" not in tail and "KeyboardInterrupt" not in tail, tail[-3000:]
     time.sleep(3)
-    leftover = subprocess.run(["pgrep", "-f", f"session_.*{proc.pid}"], capture_output=True, text=True).stdout
+    leftover = subprocess.run(["pgrep", "-f", f"session_[^ ]*_{proc.pid}[ /]"], capture_output=True, text=True).stdout
     assert leftover == "", leftover
 
 
@@ -224,7 +224,7 @@ def test_a_finished_training_is_not_returned_for_other_settings(ray_local, tmp_p
     assert run_cli(capsys, "train", cfg)[0] == 0
     code, err = run_cli(capsys, "train", cfg, "--set", "train.lr=5e-4", "--set", "selection.tau=0.1")
     line = one_error_line(err)
-    assert code == 2 and "train.lr (0.001 -> 0.0005)" in line and "selection.tau (0.0 -> 0.1)" in line
+    assert code == 2 and "train.lr (0.0001 -> 0.0005)" in line and "selection.tau (0.0 -> 0.1)" in line
     assert "already at step" not in err
     assert run_cli(capsys, "train", cfg, "--set", "train.keep_last=3")[0] == 0  # operational: same model
     # Traces redone under the same settings but different (a shard lost and regenerated): refused.
