@@ -233,13 +233,22 @@ def test_killed_worker_resumes_to_the_same_weights_and_store(online_run, traces_
 
 
 def _train_worker_pids() -> list[int]:
-    """Ray Train worker processes (Ray names them ray::RayTrainWorker...)."""
+    """This test session's Ray Train worker processes (Ray names them ray::RayTrainWorker...): only
+    those under this session's raylet, so that another Ray instance on the machine is left alone."""
     import psutil
+    import ray
 
+    session = ray._private.worker.global_worker.node.session_name
     pids = []
     for proc in psutil.process_iter(["pid", "cmdline"]):
         cmd = " ".join(proc.info["cmdline"] or [])
-        if cmd.startswith("ray::RayTrainWorker"):
+        if not cmd.startswith("ray::RayTrainWorker"):
+            continue
+        try:
+            ours = any(session in " ".join(p.cmdline()) for p in proc.parents()[:3])
+        except psutil.Error:
+            continue
+        if ours:
             pids.append(proc.info["pid"])
     return sorted(pids)
 
