@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from t3s_ray.t3s import token_logprobs_from_hidden, token_logprobs_from_logits  # noqa: E402
+from t3s_ray.t3s import linear_token_loss, token_logprobs_from_hidden, token_logprobs_from_logits  # noqa: E402
 
 TARGET_RATIO = 0.25
 # variant -> what it computes; COMPARISONS: (chunked, naive, counts for the verdict)
@@ -36,8 +36,11 @@ VARIANTS = {
     "chunked_hidden": "token_logprobs_from_hidden (chunked lm head + fp32 log-softmax)",
     "naive_bf16_logits": "bf16 logits -> .float() -> log_softmax -> gather",
     "chunked_bf16_logits": "token_logprobs_from_logits on bf16 logits",
+    "naive_train": "training: hidden @ W.T -> fp32 cross-entropy -> backward (a plain HF step's head)",
+    "fused_train": "training: linear_token_loss -> backward (the worker's step: grads in the forward)",
 }
-COMPARISONS = [("chunked_hidden", "naive_hidden", True), ("chunked_bf16_logits", "naive_bf16_logits", False)]
+COMPARISONS = [("chunked_hidden", "naive_hidden", True), ("chunked_bf16_logits", "naive_bf16_logits", False),
+               ("fused_train", "naive_train", False)]
 
 
 def _status_kib(field: str) -> int:
@@ -99,14 +102,30 @@ def measure(variant: str, args) -> dict:
     # Warm the kernels on small shapes so one-time buffers are not charged to the variant.
     token_logprobs_from_hidden(hidden[:1, :8], weight, input_ids[:1, :8], target_mask[:1, :8])
 
+    def naive_train():
+        logits = (h_train @ w_train.T).float()
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten())
+        loss.backward()
+        return loss.detach()[None]
+
+    def fused_train():
+        weights = target_mask.float() / target_mask.sum()
+        loss, _ = linear_token_loss(h_train, w_train, input_ids, target_mask, weights, args.chunk_size)
+        loss.backward()
+        return loss.detach()[None]
+
+    h_train = hidden.clone().requires_grad_(variant.endswith("_train"))
+    w_train = weight.clone().requires_grad_(variant.endswith("_train"))
     runs = {
+        "naive_train": naive_train,
+        "fused_train": fused_train,
         "naive_hidden": lambda: naive_from_logits(hidden @ weight.T, input_ids, target_mask),
         "chunked_hidden": lambda: token_logprobs_from_hidden(hidden, weight, input_ids, target_mask, args.chunk_size),
         "naive_bf16_logits": lambda: naive_from_logits(logits, input_ids, target_mask),
         "chunked_bf16_logits": lambda: token_logprobs_from_logits(logits, input_ids, target_mask, args.chunk_size),
     }
     memory = PeakMemory(device)
-    with torch.no_grad():
+    with torch.set_grad_enabled(variant.endswith("_train")):
         memory.start()
         started = time.perf_counter()
         result = runs[variant]()

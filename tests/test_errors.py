@@ -219,7 +219,7 @@ def test_a_lost_trace_shard_is_named_by_training_and_regenerated_by_the_rerun(tm
 
 @pytest.mark.slow
 def test_a_finished_training_is_not_returned_for_other_settings(ray_local, tmp_path, capsys):
-    cfg = write_config(tmp_path)
+    cfg = write_config(tmp_path, selection={"protocol": "sft"})  # no probe: one short training
     assert run_cli(capsys, "traces", cfg)[0] == 0
     assert run_cli(capsys, "train", cfg)[0] == 0
     code, err = run_cli(capsys, "train", cfg, "--set", "train.lr=5e-4", "--set", "selection.tau=0.1")
