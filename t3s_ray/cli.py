@@ -92,13 +92,19 @@ def _run_stage(name: str, cfg, args: argparse.Namespace) -> None:
         from .pipeline import run_pipeline, run_seeds
 
         if args.seeds:
-            try:
-                seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
-            except ValueError:
-                raise ConfigError(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
-            run_seeds(cfg, seeds)
+            run_seeds(cfg, _seeds(args))
         else:
             run_pipeline(cfg)
+
+
+def _seeds(args: argparse.Namespace) -> list[int]:
+    """``--seeds 0,1,2`` as integers ([] without the flag)."""
+    if not getattr(args, "seeds", None):
+        return []
+    try:
+        return [int(x) for x in args.seeds.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,9 +152,12 @@ def _main(args: argparse.Namespace) -> int:
     if args.command in STAGES:
         cfg = _load_config(args)
         if getattr(args, "restart", None):
+            from .pipeline import seed_config
             from .runfolder import restart
 
-            restart(cfg, args.restart, whole_run=args.command == "run")
+            # With --seeds the run folders are NAME-seedS: each of them is restarted.
+            for run_cfg in [seed_config(cfg, s) for s in _seeds(args)] or [cfg]:
+                restart(run_cfg, args.restart, whole_run=args.command == "run")
         _run_stage(args.command, cfg, args)
         return 0
     return 1

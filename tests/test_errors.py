@@ -231,3 +231,22 @@ def test_a_finished_training_is_not_returned_for_other_settings(ray_local, tmp_p
     assert run_cli(capsys, "traces", cfg, "--restart", "traces", "--set", "data.builtin_size=9")[0] == 0
     code, err = run_cli(capsys, "train", cfg, "--set", "data.builtin_size=9")
     assert code == 2 and "traces (" in one_error_line(err) and "--restart train" in err
+
+
+def test_restart_removes_the_stage_and_what_depends_on_it(tmp_path, capsys):
+    from t3s_ray import config
+    from t3s_ray.pipeline import seed_config
+    from t3s_ray.runfolder import restart
+
+    cfg = config.load(write_config(tmp_path))
+    for seed in (0, 1):
+        run = seed_config(cfg, seed).run_dir
+        for folder in ("traces", "probe", "eval", "methods/t3s/train", "methods/t3s/traces"):
+            (run / folder).mkdir(parents=True)
+    restart(seed_config(cfg, 0), ["probe"], whole_run=True)  # the probe, the trainings, the evaluations
+    run0, run1 = seed_config(cfg, 0).run_dir, seed_config(cfg, 1).run_dir
+    assert sorted(p.name for p in run0.iterdir()) == ["methods", "traces"]
+    assert not (run0 / "methods" / "t3s" / "train").exists() and (run0 / "methods" / "t3s" / "traces").exists()
+    assert (run1 / "probe").exists()
+    code = main(["run", str(write_config(tmp_path)), "--seeds", "0,1", "--restart", "bogus"])
+    assert code == 2 and "--restart bogus: expected one of traces, probe, train" in capsys.readouterr().err
