@@ -44,10 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
             p_stage.add_argument("--model", help="model ref or checkpoint folder (default: the run's trained "
                                  "student, else student.ref)")
             p_stage.add_argument("--label", help="name of the results folder run_dir/eval/LABEL")
-        if name in ("traces", "train", "run"):
+        if name in ("traces", "train", "eval", "run"):
             p_stage.add_argument("--restart", action="append", default=[], metavar="STAGE",
-                                 help="redo a stage from scratch, removing its output first (traces, probe or "
-                                      "train; repeatable). Under `t3s run` every stage after it is redone too")
+                                 help="redo a stage from scratch, removing its output first (traces, probe, train "
+                                      "or eval; repeatable). Under `t3s run` every stage after it is redone too; "
+                                      "under `t3s eval`, only that model's evaluation")
         if name == "run":
             p_stage.add_argument("--seeds", help="repeat the run for these seeds (comma-separated, e.g. 0,1,2: "
                                  "runs NAME-seedS) and aggregate them into NAME-seeds/ (mean ± sd)")
@@ -155,9 +156,14 @@ def _main(args: argparse.Namespace) -> int:
             from .pipeline import seed_config
             from .runfolder import restart
 
+            eval_label = None
+            if args.command == "eval":
+                from .evaluate import model_and_label
+
+                eval_label = model_and_label(cfg, args.model, args.label)[1]
             # With --seeds the run folders are NAME-seedS: each of them is restarted.
             for run_cfg in [seed_config(cfg, s) for s in _seeds(args)] or [cfg]:
-                restart(run_cfg, args.restart, whole_run=args.command == "run")
+                restart(run_cfg, args.restart, whole_run=args.command == "run", eval_label=eval_label)
         _run_stage(args.command, cfg, args)
         return 0
     return 1

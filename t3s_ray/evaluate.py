@@ -13,7 +13,11 @@ same generate-and-verify function as the trace stage and the training probe (Ray
   answer, gold answer, verdict;
 * a printed table.
 
-Finished benchmarks are kept: rerunning the same evaluation only runs the benchmarks it lacks.
+Finished benchmarks are kept: rerunning the same evaluation only runs the benchmarks it lacks. The
+folder's ``settings.json`` records the sampling settings and a fingerprint of the model's weights; a
+rerun with other ones (or after the model was retrained in place) is refused, naming what changed,
+instead of returning scores of something else: evaluate under another ``--label`` or ``--restart eval``.
+A benchmark whose definition changed is refused the same way.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from typing import Any
 
 from .config import BenchmarkConfig, ConfigError, EvalConfig, RunConfig, load_benchmark
 from .data import ARITH_SOURCE, LAB_SOURCE, DataError, arith_rows, normalize_rows, read_records
+from .runfolder import changed_keys, claim, eval_settings, flatten
 from .stats import mean_ci, paired_difference
 from .verify import score_counts
 
@@ -115,6 +120,14 @@ def default_model(cfg: RunConfig) -> tuple[str, str]:
     return cfg.student.ref, "base"
 
 
+def model_and_label(cfg: RunConfig, model_ref: str | None, label: str | None) -> tuple[str, str]:
+    """The model ``t3s eval`` evaluates (default: ``default_model``) and its results folder's label."""
+    if model_ref is None:
+        model_ref, default_label = default_model(cfg)
+        label = label or default_label
+    return model_ref, label or label_of(model_ref)
+
+
 def label_of(model_ref: str) -> str:
     """A folder-safe label for a model ref."""
     name = Path(model_ref).name if Path(model_ref).exists() else model_ref
@@ -133,12 +146,6 @@ def is_diffusion_model(cfg: RunConfig, model_ref: str) -> bool:
     return model_ref == cfg.student.ref or Path(resolve(model_ref)).resolve().is_relative_to(cfg.run_dir.resolve())
 
 
-def _eval_hash(cfg: RunConfig, bench: BenchmarkConfig, model_ref: str) -> str:
-    d = {"eval": {k: v for k, v in cfg.to_dict()["eval"].items() if k not in ("benchmarks", "sources", "trajectory_every")},
-         "benchmark": vars(bench), "model": model_ref, "seed": cfg.seed}
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
 def evaluate(cfg: RunConfig, model_ref: str | None = None, label: str | None = None,
              out_dir: str | Path | None = None, quiet: bool = False) -> dict[str, Any]:
     """Evaluate one model on every configured benchmark; returns (and writes) the scores.
@@ -147,25 +154,29 @@ def evaluate(cfg: RunConfig, model_ref: str | None = None, label: str | None = N
     """
     from .generate import GenerationSpec, generate_and_verify
 
-    if model_ref is None:
-        model_ref, default_label = default_model(cfg)
-        label = label or default_label
-    label = label or label_of(model_ref)
+    model_ref, label = model_and_label(cfg, model_ref, label)
     ev = cfg.eval
     diffusion = is_diffusion_model(cfg, model_ref)
     engine = cfg.engine("eval")
     if diffusion:  # vLLM does not serve masked-diffusion models
         engine = dataclasses.replace(engine, backend="hf", engine_kwargs={})
+    # The teacher (``compare: teacher``) loads with its own settings; every other model is the student's.
+    who = cfg.teacher if model_ref == cfg.teacher.ref and model_ref != cfg.student.ref else cfg.student
     out = Path(out_dir) if out_dir else cfg.run_dir / "eval" / label
-    out.mkdir(parents=True, exist_ok=True)
+    benches = resolve_benchmarks(ev)
+    claim(out, "eval", eval_settings(cfg, model_ref, who.dtype), new_folder="another --label (or a new `name`)")
     scores_path, samples_path = out / "scores.json", out / "samples.jsonl"
     previous = json.loads(scores_path.read_text()) if scores_path.exists() else {}
     done = previous.get("benchmarks", {})
-    benches = resolve_benchmarks(ev)
     results: dict[str, Any] = {}
     for bench in benches:
-        key = _eval_hash(cfg, bench, model_ref)
-        if bench.name in done and done[bench.name].get("hash") == key:
+        definition = json.loads(json.dumps(vars(bench), default=str))  # as it reads back
+        if bench.name in done and "definition" in done[bench.name]:
+            changed = changed_keys(flatten("", done[bench.name]["definition"]), flatten("", definition))
+            if changed:
+                raise ConfigError(f"{out}: benchmark '{bench.name}' was scored with another definition "
+                                  f"({', '.join(changed)} changed); evaluate under another --label, or rerun "
+                                  f"with --restart eval")
             results[bench.name] = done[bench.name]
             continue
         _drop_samples(samples_path, bench.name)  # a crashed attempt's lines, if any
@@ -173,8 +184,6 @@ def evaluate(cfg: RunConfig, model_ref: str | None = None, label: str | None = N
         if any(p > k for p in ev.pass_k):
             raise ConfigError(f"eval.pass_k {ev.pass_k}: benchmark '{bench.name}' draws only {k} samples per problem")
         rows = benchmark_rows(bench, ev.limit)
-        # The teacher (``compare: teacher``) loads with its own settings; every other model is the student's.
-        who = cfg.teacher if model_ref == cfg.teacher.ref and model_ref != cfg.student.ref else cfg.student
         spec = GenerationSpec.for_engine(
             dataclasses.replace(engine, concurrency=max(1, min(engine.concurrency, len(rows)))), model_ref, n=k,
             temperature=ev.temperature if bench.temperature is None else bench.temperature,
@@ -210,7 +219,7 @@ def evaluate(cfg: RunConfig, model_ref: str | None = None, label: str | None = N
         results[bench.name] = {**score_counts(counts, ev.pass_k), "avg@k_stderr": spread["stderr"],
                                "avg@k_ci95": spread["ci95"], "k": k, "n": len(counts), "samples": len(lines),
                                "errors": len(errors), "error_list": errors[:50], "tokens": tokens,
-                               "seconds": round(seconds, 1), "verifier": bench.verifier, "hash": key,
+                               "seconds": round(seconds, 1), "verifier": bench.verifier, "definition": definition,
                                "per_problem": dict(sorted(per_problem.items()))}
         _write_scores(scores_path, model_ref, label, results)
     scores = _write_scores(scores_path, model_ref, label, results)

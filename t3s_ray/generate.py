@@ -112,7 +112,9 @@ def prepare_requests(rows: list[dict[str, Any]], spec: GenerationSpec, tokenizer
         except Exception as e:  # a malformed message list; keep the run going
             errors.append({"id": row["id"], "reason": f"cannot render prompt: {e}", "retryable": False})
             continue
-        n_tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        # verbose=False: a prompt beyond the tokenizer's model_max_length is this check's to report
+        # (as a counted skip), not a transformers warning.
+        n_tokens = len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
         if n_tokens >= spec.max_model_len:
             errors.append({"id": row["id"], "retryable": False,
                            "reason": f"prompt too long: {n_tokens} tokens, max_model_len is {spec.max_model_len}"})

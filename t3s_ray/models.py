@@ -291,6 +291,30 @@ def resolve(ref: str) -> str:
     return ref
 
 
+def weights_fingerprint(ref: str, sample_bytes: int = 4096, samples_per_file: int = 256) -> str:
+    """A short hash that changes when a model's weights do: for a builtin or a local folder, its
+    config.json and, of each weight file, the size and ``samples_per_file`` evenly spaced
+    ``sample_bytes`` slices; an identical rebuild of a builtin keeps it, whatever its file times. A
+    training changes every tensor it trains, and every tensor longer than the spacing of the slices is
+    sampled: for Qwen3-8B's 4 GB shards that is 16 MB, and its smallest trained matrix (k_proj,
+    1024 x 4096 in bf16) is 8 MB, so at least half of those, and every other matrix, are read. 1 MB
+    read per file instead of the 16 GB of the weights. A hub id is itself (its files are not here)."""
+    path = Path(resolve(ref))
+    if not path.is_dir():
+        return ref
+    h = hashlib.sha256((path / "config.json").read_bytes())
+    for f in sorted(path.iterdir()):
+        if f.suffix not in (".safetensors", ".bin", ".pt", ".pth", ".gguf"):
+            continue
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            for i in range(samples_per_file):
+                fh.seek(max(0, (size - sample_bytes) * i // max(1, samples_per_file - 1)))
+                h.update(fh.read(sample_bytes))
+    return h.hexdigest()[:16]
+
+
 def _quiet_transformers() -> None:
     """Per-load progress bars flood Ray worker logs; stage-level progress is reported instead."""
     from transformers.utils import logging as hf_logging

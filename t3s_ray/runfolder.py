@@ -1,12 +1,13 @@
 """What a run folder's stages were computed with, so that a rerun resumes only what it would compute again.
 
-Each stage folder (``traces/``, ``probe/``, ``train/``) holds ``settings.json``: the settings that
-determine its output, written when the stage first starts. A rerun with the same settings resumes;
+Each stage folder (``traces/``, ``probe/``, ``train/``, each ``eval/LABEL/``) holds ``settings.json``:
+the settings that determine its output, written when the stage first starts. A rerun with the same settings resumes;
 with other ones it is refused, naming the changed keys and the two ways out (a new ``name``, or
 ``--restart STAGE``), instead of mixing old and new output in one folder or returning a model
 trained with something else. Operational settings (actors, batch sizes of the engines, how often a
-checkpoint is written) may change. Evaluation needs no such file: each benchmark's result carries
-the hash of its model and settings and is recomputed when they change.
+checkpoint is written) may change. An evaluation's settings include a fingerprint of its model's
+weights, so that scores of a model since retrained in the same folder are never returned as its
+scores; benchmarks added to ``eval.benchmarks`` are simply run, one whose definition changed is refused.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ SETTINGS_FILE = "settings.json"
 # How the teacher is run, not what it writes.
 _TRACES_OPERATIONAL = ("backend", "concurrency", "batch_size", "max_model_len", "engine_kwargs", "num_gpus_per_actor")
 _ENDPOINT_KEEP = ("model",)  # of traces.endpoint: the rest is how the server is reached
-RESTARTABLE = ("traces", "probe", "train")
+_EVAL_OPERATIONAL = ("benchmarks", "sources", "trajectory_every", *_TRACES_OPERATIONAL)  # benchmarks: per benchmark
+RESTARTABLE = ("traces", "probe", "train", "eval")
 
 
 def flatten(prefix: str, value: Any) -> dict[str, Any]:
@@ -48,6 +50,18 @@ def traces_settings(cfg: RunConfig) -> dict[str, Any]:
     return out
 
 
+def eval_settings(cfg: RunConfig, model_ref: str, model_dtype: str) -> dict[str, Any]:
+    """The sampling settings and the model (its ref, weights and dtype): what decides an evaluation's
+    samples. Each benchmark's own definition is recorded with its scores."""
+    from .models import weights_fingerprint
+
+    ev = {k: v for k, v in cfg.to_dict()["eval"].items() if k not in _EVAL_OPERATIONAL}
+    if ev["seed"] is None:
+        ev["seed"] = cfg.seed
+    return {**flatten("eval", ev), "model": model_ref, "model.weights": weights_fingerprint(model_ref),
+            "model.dtype": model_dtype}
+
+
 def traces_fingerprint(manifest: dict[str, Any]) -> str:
     """A short hash of the trace shards a manifest lists: training records it, so that traces redone
     under it are noticed."""
@@ -61,12 +75,14 @@ def changed_keys(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
 def has_output(folder: Path) -> bool:
     """Whether a stage folder holds anything computed: trace shards, checkpoints, models, results."""
     return any(folder.glob("*/part-*.parquet")) or any(folder.glob("ray_train/checkpoint_*")) or \
-        any(folder.glob("checkpoints/step-*")) or (folder / "model").exists() or (folder / "result.json").exists()
+        any(folder.glob("checkpoints/step-*")) or (folder / "model").exists() or (folder / "result.json").exists() or \
+        (folder / "scores.json").exists()
 
 
-def claim(folder: Path, stage: str, settings: dict[str, Any]) -> None:
+def claim(folder: Path, stage: str, settings: dict[str, Any], new_folder: str = "a new `name`") -> None:
     """Record ``settings`` as what ``folder`` is computed with, or check them against the recorded ones
-    (a folder whose stage failed before computing anything is simply claimed again)."""
+    (a folder whose stage failed before computing anything is simply claimed again). ``new_folder``
+    names the other way out than a restart, in the error."""
     path = folder / SETTINGS_FILE
     settings = json.loads(json.dumps(settings, default=str))  # as it reads back
     if path.exists() and has_output(folder):
@@ -75,24 +91,25 @@ def claim(folder: Path, stage: str, settings: dict[str, Any]) -> None:
         if changed:
             shown = ", ".join(f"{k} ({saved.get(k)!r} -> {settings.get(k)!r})" for k in changed[:6])
             more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
-            raise ConfigError(f"{folder} holds the {stage} stage of other settings: {shown}{more}; run under a new "
-                              f"`name`, or rerun with --restart {stage} to redo that stage")
+            raise ConfigError(f"{folder} holds the {stage} stage of other settings: {shown}{more}; run under "
+                              f"{new_folder}, or rerun with --restart {stage} to redo that stage")
         return
     folder.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"stage": stage, "settings": settings}, indent=2) + "\n")
 
 
-def restart(cfg: RunConfig, stages: list[str], whole_run: bool) -> None:
+def restart(cfg: RunConfig, stages: list[str], whole_run: bool, eval_label: str | None = None) -> None:
     """Remove the output of ``stages`` (and, for ``t3s run``, every stage downstream of the first:
-    new traces make the probe, the trainings and the evaluations stale)."""
+    new traces make the probe, the trainings and the evaluations stale). ``eval_label``: ``t3s eval``
+    restarts only the evaluation it runs, not the run's others."""
     run = cfg.run_dir
     unknown = [s for s in stages if s not in RESTARTABLE]
     if unknown:
         raise ConfigError(f"--restart {unknown[0]}: expected one of {', '.join(RESTARTABLE)}")
     if whole_run and stages:
         first = min(RESTARTABLE.index(s) for s in stages)
-        stages = list(RESTARTABLE[first:]) + ["eval"]
-    folders = {"traces": [run / "traces"], "probe": [run / "probe"], "eval": [run / "eval"],
+        stages = list(RESTARTABLE[first:])
+    folders = {"traces": [run / "traces"], "probe": [run / "probe"], "eval": [run / "eval" / eval_label if eval_label else run / "eval"],
                "train": [run / "train", *sorted((run / "methods").glob("*/train"))]}
     for stage in stages:
         for folder in folders[stage]:

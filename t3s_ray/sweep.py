@@ -90,8 +90,16 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], sweep_dir: str, trac
         every = base["sweep"]["eval_every"]  # the trial's own config has no sweep section
         total = cfg.train.max_steps
         stops = sorted({*range(every, total, every), total}) if every else [total]
-        reports.write_text("")
+        # A restarted trial reports its scored stops again from the file instead of evaluating them
+        # again: the training may have moved its model past them before the interruption.
+        scored = [json.loads(line) for line in reports.read_text().splitlines()] if reports.exists() else []
+        scored = [m for m in scored if m["step"] in stops]
+        reports.write_text("".join(json.dumps(m) + "\n" for m in scored))
+        for metrics in scored:
+            tune.report(metrics)
         for stop in stops:
+            if stop in {m["step"] for m in scored}:
+                continue
             run_train(cfg, stop_at=stop)
             scores = evaluate(cfg, str((cfg.run_dir / "train" / "model").resolve()), label=f"step-{stop:06d}",
                               quiet=True)

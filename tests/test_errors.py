@@ -249,4 +249,56 @@ def test_restart_removes_the_stage_and_what_depends_on_it(tmp_path, capsys):
     assert not (run0 / "methods" / "t3s" / "train").exists() and (run0 / "methods" / "t3s" / "traces").exists()
     assert (run1 / "probe").exists()
     code = main(["run", str(write_config(tmp_path)), "--seeds", "0,1", "--restart", "bogus"])
-    assert code == 2 and "--restart bogus: expected one of traces, probe, train" in capsys.readouterr().err
+    assert code == 2 and "--restart bogus: expected one of traces, probe, train, eval" in capsys.readouterr().err
+
+
+def test_an_evaluation_is_not_returned_for_other_settings_or_a_retrained_model(ray_local, tmp_path, capsys):
+    """``t3s eval`` resumes the same evaluation, refuses other sampling settings, a model retrained in
+    place and a redefined benchmark, and ``--restart eval`` redoes only that model's evaluation."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from t3s_ray.models import resolve
+
+    model = tmp_path / "student"
+    shutil.copytree(resolve("builtin:tiny-llama"), model)
+    bench = tmp_path / "mine.yaml"
+    bench.write_text("name: mine\nsource: builtin:arith\nsplit: test\nsize: 100\nverifier: math\n"
+                     "prompt_template: '{prompt}'\n")
+    cfg = write_config(tmp_path, eval={"benchmarks": ["builtin:arith"]})
+    evals = tmp_path / "runs" / "bad" / "eval"
+    assert run_cli(capsys, "eval", cfg, "--model", model)[0] == 0
+    assert run_cli(capsys, "eval", cfg, "--model", model, "--label", "other")[0] == 0
+    samples = (evals / "student" / "samples.jsonl").read_text()
+    code, err = run_cli(capsys, "eval", cfg, "--model", model, "--set", "eval.concurrency=2")  # operational
+    assert code == 0 and (evals / "student" / "samples.jsonl").read_text() == samples
+
+    code, err = run_cli(capsys, "eval", cfg, "--model", model, "--set", "eval.temperature=0.9")
+    line = one_error_line(err)
+    assert code == 2 and "holds the eval stage of other settings: eval.temperature (0.6 -> 0.9)" in line
+    assert "another --label" in line and "--restart eval" in line
+
+    # Added benchmarks are run; the finished one is kept.
+    code, err = run_cli(capsys, "eval", cfg, "--model", model, "--set", f"eval.benchmarks=[builtin:arith,{bench}]")
+    scores = json.loads((evals / "student" / "scores.json").read_text())
+    assert code == 0 and sorted(scores["benchmarks"]) == ["builtin:arith", "mine"]
+    assert (evals / "student" / "samples.jsonl").read_text().startswith(samples)
+    bench.write_text(bench.read_text().replace("'{prompt}'", "'Q: {prompt}'"))
+    code, err = run_cli(capsys, "eval", cfg, "--model", model, "--set", f"eval.benchmarks=[builtin:arith,{bench}]")
+    assert code == 2 and "benchmark 'mine' was scored with another definition (prompt_template changed)" in \
+        one_error_line(err)
+
+    # The model retrained in place (its weights changed, same folder): its old scores are refused.
+    weights = next(model.glob("*.safetensors"))
+    state = load_file(weights)
+    name = sorted(state)[0]
+    state[name] = state[name] * 1.5
+    save_file(state, weights, metadata={"format": "pt"})
+    code, err = run_cli(capsys, "eval", cfg, "--model", model)
+    assert code == 2 and "model.weights (" in one_error_line(err)
+    code, err = run_cli(capsys, "eval", cfg, "--model", model, "--restart", "eval")
+    assert code == 0 and f"removing {evals / 'student'}" in err
+    assert (evals / "other" / "scores.json").exists()  # another model's evaluation is left alone
+    assert json.loads((evals / "student" / "settings.json").read_text())["settings"]["model.weights"] != \
+        json.loads((evals / "other" / "settings.json").read_text())["settings"]["model.weights"]

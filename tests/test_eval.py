@@ -198,9 +198,14 @@ def test_tiny_model_evaluation_writes_consistent_outputs_and_resumes(ray_local, 
 
     monkeypatch.setattr(generate, "run_requests", no_generation)
     assert evaluate(cfg, "builtin:tiny-llama", label="tiny") == scores
-    # A changed setting is a different evaluation: it runs (and here hits the patched generator).
-    with pytest.raises(AssertionError, match="evaluated again"):
+    # Engine settings are how, not what: the same evaluation.
+    assert evaluate(_run_config(tmp_path, concurrency=1, batch_size=2), "builtin:tiny-llama", label="tiny") == scores
+    # A changed sampling setting is another evaluation: refused in this folder, never mixed or returned.
+    with pytest.raises(config.ConfigError, match=r"eval.max_tokens \(8 -> 9\).*another --label.*--restart eval"):
         evaluate(_run_config(tmp_path, max_tokens=9), "builtin:tiny-llama", label="tiny")
+    # Under another label it is evaluated (and here hits the patched generator).
+    with pytest.raises(AssertionError, match="evaluated again"):
+        evaluate(_run_config(tmp_path, max_tokens=9), "builtin:tiny-llama", label="tiny-9")
 
 
 @pytest.mark.slow

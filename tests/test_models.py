@@ -125,3 +125,29 @@ def test_smollm2_prepare_via_console_script_loads_with_plain_transformers():
     out = model.generate(**ids, max_new_tokens=12, do_sample=False)
     text = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "5" in text
+
+
+def test_weights_fingerprint_follows_the_weights_not_the_file_times(tmp_path):
+    import shutil
+
+    src = models.materialize_builtin("tiny-llama")
+    copy = tmp_path / "copy"
+    shutil.copytree(src, copy, copy_function=shutil.copy)  # new file times, same bytes
+    assert models.weights_fingerprint(str(copy)) == models.weights_fingerprint("builtin:tiny-llama")
+    assert models.weights_fingerprint("Qwen/Qwen3-8B") == "Qwen/Qwen3-8B"  # a hub id is itself
+    # A file far larger than what is read: a change to any one tensor longer than the spacing of the
+    # slices (here 10 MB / 255 = 40 KB) is noticed, wherever it lies.
+    big = tmp_path / "big"
+    big.mkdir()
+    shutil.copy(src / "config.json", big)
+    data = bytes(range(256)) * 40_000  # 10 MB
+    (big / "model.safetensors").write_bytes(data)
+    before = models.weights_fingerprint(str(big))
+    for start in range(0, len(data) - 41_000, 997_001):
+        changed = data[:start] + bytes(41_000) + data[start + 41_000:]
+        (big / "model.safetensors").write_bytes(changed)
+        assert models.weights_fingerprint(str(big)) != before, start
+    (big / "model.safetensors").write_bytes(data)
+    assert models.weights_fingerprint(str(big)) == before
+    (big / "config.json").write_text((src / "config.json").read_text().replace("{", '{"x": 1,', 1))
+    assert models.weights_fingerprint(str(big)) != before

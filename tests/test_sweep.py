@@ -174,3 +174,35 @@ def test_interrupted_sweep_resumes_and_a_failing_trial_is_reported(ray_local, tm
     for name, mtime in finished.items():  # finished trials were not run again
         assert (sweep_dir / "trials" / name / "done").stat().st_mtime_ns == mtime
     assert rows[0]["status"] == "DONE"
+
+
+def test_a_restarted_trial_reports_its_scored_stops_from_file_and_trains_on(tmp_path, monkeypatch):
+    """A trial restarted after an interruption does not evaluate its scored stops again (its training
+    may have moved the model past them): it reports them from reports.jsonl and goes on from the next."""
+    import ray.tune
+
+    import t3s_ray.evaluate
+    import t3s_ray.train
+    from t3s_ray.sweep import _trial
+
+    base = config.load(sweep_config(tmp_path, {"train.lr": {"grid": [1e-4]}}, eval_every=2)).to_dict()
+    base["train"]["max_steps"] = 6
+    params = {"train.lr": 1e-4}
+    trial_dir = tmp_path / "sweep" / "trials" / trial_name(params)
+    trial_dir.mkdir(parents=True)
+    scored = {"score": 0.25, "avg@k": 0.25, "pass@1": 0.25, "step": 2, "wall_s": 1.0}
+    (trial_dir / "reports.jsonl").write_text(json.dumps(scored) + "\n" + '{"score": 0.5, "step": 99}\n')
+    reported, trained, evaluated = [], [], []
+    monkeypatch.setattr(ray.tune, "report", reported.append)
+    monkeypatch.setattr(t3s_ray.train, "run_train", lambda cfg, stop_at: trained.append(stop_at))
+
+    def fake_evaluate(cfg, model_ref, label, quiet):
+        evaluated.append(label)
+        return {"benchmarks": {"builtin:arith": {"avg@k": 0.5, "pass@1": 0.5}}, "mean": {"avg@k": 0.5, "pass@1": 0.5}}
+
+    monkeypatch.setattr(t3s_ray.evaluate, "evaluate", fake_evaluate)
+    _trial(params, base=base, sweep_dir=str(tmp_path / "sweep"), traces_dir=str(tmp_path / "traces"))
+    assert trained == [4, 6] and evaluated == ["step-000004", "step-000006"]
+    assert [m["step"] for m in reported] == [2, 4, 6] and reported[0] == scored
+    lines = [json.loads(line) for line in (trial_dir / "reports.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [2, 4, 6] and (trial_dir / "done").exists()
