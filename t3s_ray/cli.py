@@ -169,5 +169,18 @@ def _main(args: argparse.Namespace) -> int:
     return 1
 
 
+def run(argv: list[str] | None = None) -> None:
+    """The process entry point (``t3s``, ``python -m t3s_ray.cli``, ``jobs/*.py``): ``main``'s exit
+    code. After Ctrl-C the output is safe (every stage resumes) and Ray is already shut down, so the
+    process ends at once: the interpreter's teardown with Ray Data's and torch's threads still
+    unwinding could crash (seen once as SIGSEGV) and turn exit code 130 into -11."""
+    code = main(argv)
+    if code == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
