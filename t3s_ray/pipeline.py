@@ -24,6 +24,7 @@ where it stopped.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -47,11 +48,15 @@ def method_config(cfg: RunConfig, method: str) -> RunConfig:
 
 
 def link_shared_folder(shared: Path, link: Path) -> None:
-    """Point a method's (or sweep trial's) folder at the run's shared one (traces, probe)."""
+    """Point a method's (or sweep trial's) folder at the run's shared one (traces, probe), by a
+    relative link: a run folder copied elsewhere (another machine, another mount point) keeps
+    working. A dangling link (a folder moved with absolute links) is pointed again."""
     shared.mkdir(parents=True, exist_ok=True)
     link.parent.mkdir(parents=True, exist_ok=True)
-    if not link.exists() and not link.is_symlink():
-        link.symlink_to(shared.resolve(), target_is_directory=True)
+    if link.is_symlink() and not link.exists():
+        link.unlink()
+    if not link.exists():
+        link.symlink_to(os.path.relpath(shared.resolve(), link.parent.resolve()), target_is_directory=True)
 
 
 def _check_methods(cfg: RunConfig) -> None:

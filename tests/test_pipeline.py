@@ -158,7 +158,7 @@ def test_demo_config_is_the_readme_first_command():
 def test_jobs_scripts_call_their_stage():
     for stage in ("traces", "train", "eval", "sweep", "run"):
         text = (ROOT / "jobs" / f"{stage}.py").read_text()
-        assert f'main(["{stage}", *sys.argv[1:]])' in text
+        assert f'run(["{stage}", *sys.argv[1:]])' in text
     assert yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())["name"] == "demo"
 
 
@@ -200,3 +200,27 @@ def test_cli_seeds_must_be_integers(tmp_path, capsys):
     path.write_text(yaml.safe_dump(pipeline_data(tmp_path)))
     assert cli_main(["run", str(path), "--seeds", "0,x"]) == 2
     assert "--seeds '0,x': expected comma-separated integers" in capsys.readouterr().err
+
+
+def test_shared_folders_are_linked_relatively_so_a_moved_run_still_works(tmp_path):
+    import os
+    import shutil
+
+    from t3s_ray.pipeline import link_shared_folder
+
+    run = tmp_path / "runs" / "x"
+    (run / "traces").mkdir(parents=True)
+    (run / "traces" / "manifest.json").write_text("{}")
+    link = run / "methods" / "sft" / "traces"
+    link_shared_folder(run / "traces", link)
+    assert not os.path.isabs(os.readlink(link)) and (link / "manifest.json").exists()
+    moved = tmp_path / "elsewhere" / "x"
+    shutil.move(str(run), str(moved))  # another machine, another mount point
+    assert (moved / "methods" / "sft" / "traces" / "manifest.json").exists()
+    # A run folder moved with an absolute link (as written before): the dangling link is pointed again.
+    old = moved / "methods" / "t3s" / "traces"
+    old.parent.mkdir(parents=True)
+    old.symlink_to(run / "traces", target_is_directory=True)
+    assert not old.exists()
+    link_shared_folder(moved / "traces", old)
+    assert (old / "manifest.json").exists()
