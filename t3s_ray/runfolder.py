@@ -51,15 +51,18 @@ def traces_settings(cfg: RunConfig) -> dict[str, Any]:
 
 
 def eval_settings(cfg: RunConfig, model_ref: str, model_dtype: str) -> dict[str, Any]:
-    """The sampling settings and the model (its ref, weights and dtype): what decides an evaluation's
-    samples. Each benchmark's own definition is recorded with its scores."""
+    """The sampling settings and the model (its weights, or a hub id, and its dtype): what decides an
+    evaluation's samples. Each benchmark's own definition is recorded with its scores."""
     from .models import weights_fingerprint
 
     ev = {k: v for k, v in cfg.to_dict()["eval"].items() if k not in _EVAL_OPERATIONAL}
     if ev["seed"] is None:
         ev["seed"] = cfg.seed
-    return {**flatten("eval", ev), "model": model_ref, "model.weights": weights_fingerprint(model_ref),
-            "model.dtype": model_dtype}
+    # A local model is its weights, wherever its folder is (a run folder moved keeps its scores); a
+    # hub id is its name.
+    weights = weights_fingerprint(model_ref)
+    model = {"model": model_ref} if weights == model_ref else {"model.weights": weights}
+    return {**flatten("eval", ev), **model, "model.dtype": model_dtype}
 
 
 def traces_fingerprint(manifest: dict[str, Any]) -> str:

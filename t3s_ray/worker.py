@@ -50,6 +50,7 @@ from .batching import (
 )
 from .config import RunConfig, from_dict
 from .distributed import Ranks
+from .runfolder import changed_keys
 from .t3s import token_confidence, token_loss_and_confidence
 
 CHECKPOINT_STATE = "trainer_state.json"
@@ -159,10 +160,6 @@ def run_settings(cfg: RunConfig) -> dict[str, Any]:
         for key, value in values.items():
             out[f"{section}.{key}"] = value
     return out
-
-
-def changed_settings(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    return sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
 
 
 # --------------------------------------------------------------------------------------------
@@ -617,7 +614,7 @@ class StudentTrainer:
     def _load_checkpoint(self, ckpt: Path) -> None:
         """Trainer state (checked against this config), the sharded weights and optimizer, RNG, store."""
         saved = TrainerState.load(ckpt / CHECKPOINT_STATE)
-        changed = changed_settings(saved.settings, self.state.settings)
+        changed = changed_keys(saved.settings, self.state.settings)
         if changed:
             raise ValueError(f"the checkpoint {ckpt} was trained with other settings ({', '.join(changed[:8])}): "
                              "resume with the same config, or use a new run name")

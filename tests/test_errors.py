@@ -273,6 +273,10 @@ def test_an_evaluation_is_not_returned_for_other_settings_or_a_retrained_model(r
     samples = (evals / "student" / "samples.jsonl").read_text()
     code, err = run_cli(capsys, "eval", cfg, "--model", model, "--set", "eval.concurrency=2")  # operational
     assert code == 0 and (evals / "student" / "samples.jsonl").read_text() == samples
+    moved = tmp_path / "moved" / "student"  # a model is its weights: a copy elsewhere is the same evaluation
+    shutil.copytree(model, moved)
+    code, err = run_cli(capsys, "eval", cfg, "--model", moved, "--label", "student")
+    assert code == 0 and (evals / "student" / "samples.jsonl").read_text() == samples
 
     code, err = run_cli(capsys, "eval", cfg, "--model", model, "--set", "eval.temperature=0.9")
     line = one_error_line(err)

@@ -15,8 +15,9 @@ from safetensors.torch import load_file, save_file
 from t3s_ray import config
 from t3s_ray.distributed import Ranks
 from t3s_ray.models import load_tokenizer, resolve
+from t3s_ray.runfolder import changed_keys
 from t3s_ray.train import tokenize_traces
-from t3s_ray.worker import SelectionPlan, TrainJob, changed_settings, run_settings, train_standalone
+from t3s_ray.worker import SelectionPlan, TrainJob, run_settings, train_standalone
 
 
 def tiny_examples(n: int = 8, ragged: bool = False):
@@ -110,7 +111,7 @@ def test_resume_matches_an_uninterrupted_run_and_refuses_other_settings(tmp_path
     cfg = config.from_dict(make_job(part).cfg)
     other = config.from_dict({**make_job(part).cfg, "train": {**make_job(part).cfg["train"], "keep_last": 5,
                                                                 "max_steps": 9}})
-    assert changed_settings(run_settings(cfg), run_settings(other)) == []
+    assert changed_keys(run_settings(cfg), run_settings(other)) == []
 
 
 def fake_hub_repo(repo_id: str, source: Path, drop: str | None = None) -> Path:
