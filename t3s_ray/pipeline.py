@@ -117,8 +117,9 @@ def train_method(cfg: RunConfig, method: str) -> str:
 def rrt_model(cfg: RunConfig, sft_model: str) -> str:
     from .models import local_folder
     from .t3s import rrt_merge
+    from .train import read_probe_result
 
-    probe = json.loads((cfg.run_dir / "probe" / "result.json").read_text())
+    probe = read_probe_result(cfg.run_dir / "probe")
     out = cfg.run_dir.resolve() / "methods" / "rrt" / "model"
     if not (out / "config.json").exists():
         # θ0 may be a hub id: its files come from (or go into) the Hugging Face cache.

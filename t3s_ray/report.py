@@ -72,12 +72,11 @@ def confidence_trajectories(cfg, run_dir: Path) -> dict[str, Any] | None:
     from .t3s import token_confidence
     from .t3s.selection import select_delta
     from .traces import load_traces
-    from .train import tokenize_traces
+    from .train import read_probe_result, tokenize_traces
 
-    probe = run_dir / "probe" / "result.json"
-    if not probe.exists():
+    if not (run_dir / "probe" / "result.json").exists():
         return None
-    result = json.loads(probe.read_text())
+    result = read_probe_result(run_dir / "probe")
     steps = [a["step"] for a in result["accuracies"]]
     refs = {a["step"]: a["model"] for a in result["accuracies"]}
     tokenizer = load_tokenizer(cfg.student.ref, trust_remote_code=cfg.student.trust_remote_code)

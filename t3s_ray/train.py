@@ -220,7 +220,7 @@ def run_probe(cfg: RunConfig, examples, prompts, scoring_ref: str, tokenizer_ref
     result_path = probe_dir / "result.json"
     claim(probe_dir, "probe", probe_settings(cfg))
     if result_path.exists():
-        return json.loads(result_path.read_text())
+        return read_probe_result(probe_dir)
     p = cfg.probe
     job = TrainJob(cfg=cfg.to_dict(), out_dir=str(probe_dir), model_ref=scoring_ref, model_kind="ar",
                    scoring_ref=scoring_ref, plan=SelectionPlan.for_protocol(cfg, "sft"), anchor_model=None,
@@ -252,6 +252,20 @@ def run_probe(cfg: RunConfig, examples, prompts, scoring_ref: str, tokenizer_ref
                          "engine_kwargs": engine.engine_kwargs}}
     result_path.write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def read_probe_result(probe_dir: Path) -> dict[str, Any]:
+    """A finished probe's ``result.json``, its model paths under ``probe_dir`` as it is now: the run
+    folder may have been moved or copied since it was written (step 0 is θ0, the student's own ref)."""
+    probe_dir = Path(probe_dir).resolve()
+    result = json.loads((probe_dir / "result.json").read_text())
+
+    def here(a: dict[str, Any]) -> dict[str, Any]:
+        return {**a, "model": str(probe_dir / "models" / f"step-{a['step']:06d}")} if a["step"] > 0 else a
+
+    accuracies = [here(a) for a in result["accuracies"]]
+    best = next(a for a in accuracies if a["step"] == result["bottleneck_step"])
+    return {**result, "accuracies": accuracies, "bottleneck_model": best["model"]}
 
 
 def choose_bottleneck(accuracies: list[dict[str, Any]]) -> dict[str, Any]:
@@ -316,6 +330,8 @@ def run_train(cfg: RunConfig, stop_at: int | None = None) -> dict[str, Any]:
     target = min(stop_at or cfg.train.max_steps, cfg.train.max_steps)
     if summary_path.exists() and (out / "model" / "config.json").exists():
         previous = json.loads(summary_path.read_text())
+        # Where the model is now (the run folder may have been moved since it was written).
+        previous.update({"out_dir": str(out), "model": str(out / "model")})
         if previous.get("step", cfg.train.max_steps) >= target:
             print(f"[train] already at step {previous.get('step')}: {out / 'model'}", file=sys.stderr, flush=True)
             return previous

@@ -139,6 +139,18 @@ def test_pipeline_end_to_end_with_report_and_resume(ray_local, tmp_path, capsys,
     # `t3s report RUN_DIR` redraws the report from the files alone.
     (report / "scores.png").unlink()
     assert cli_main(["report", str(run_dir)]) == 0 and (report / "scores.png").exists()
+    # The run folder moved elsewhere (another machine's mount point) resumes too, still without
+    # training or generating: its links are relative, the probe's and trainings' model paths are
+    # read as they are now, and an evaluation is keyed by its model's weights, not its path.
+    import shutil
+
+    moved_root = tmp_path / "moved"
+    shutil.move(str(tmp_path / "runs"), str(moved_root))
+    moved_cfg = config.from_dict({**cfg.to_dict(), "output_dir": str(moved_root)})
+    moved = run_pipeline(moved_cfg)
+    assert {m: s["benchmarks"] for m, s in moved.items()} == {m: s["benchmarks"] for m, s in scores.items()}
+    models = json.loads((moved_cfg.run_dir / "results.json").read_text())["models"]
+    assert all(models[m].startswith(str(moved_root.resolve())) for m in ("sft", "t3s", "rrt"))
 
 
 def test_report_of_a_folder_that_is_not_a_run(tmp_path, capsys):
