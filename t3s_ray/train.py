@@ -84,11 +84,6 @@ class RaySession:
         with checkpoint.as_directory() as folder:
             yield Path(folder)
 
-    def report(self, metrics: dict[str, Any]) -> None:
-        import ray.train
-
-        ray.train.report(metrics)
-
     def save_checkpoint(self, step: int, metrics: dict[str, Any], write: Callable[[Path], None]) -> None:
         """Each rank writes into a folder of its own; Ray Train merges the ranks' folders into one
         checkpoint in the run's storage (so the sharded files of all ranks end up side by side)."""
