@@ -159,6 +159,9 @@ def run_settings(cfg: RunConfig) -> dict[str, Any]:
                             ("probe", d["probe"])):
         for key, value in values.items():
             out[f"{section}.{key}"] = value
+    # How examples are indexed (the data order picks them by position): a checkpoint written when
+    # they were in the order Ray Data wrote the shards is refused, not resumed with other examples.
+    out["examples.order"] = "trace id, sample index"
     return out
 
 

@@ -197,3 +197,20 @@ def test_cli_traces_reports_bad_config(tmp_path, capsys):
 
     assert main(["traces", str(tiny_config(tmp_path)), "--set", "traces.backend=tgi"]) == 2
     assert "traces.backend: expected one of 'vllm', 'hf'" in capsys.readouterr().err
+
+
+def test_traces_are_read_in_one_order_whatever_order_the_shards_hold(tmp_path):
+    """Ray Data writes shards as its actors finish, so the same traces land in other orders from run
+    to run; training picks examples by position, so it must read them in one order."""
+    cfg = config.load(tiny_config(tmp_path, data={"builtin_size": 24}, traces={
+        "source": "dataset", "response_field": "solution", "samples_per_prompt": 1}))
+    run_traces(cfg)
+    folder = cfg.run_dir / "traces" / "traces"
+    before = load_traces(cfg.run_dir)
+    assert [(t["id"], t["sample_index"]) for t in before] == sorted((t["id"], t["sample_index"]) for t in before)
+    shards = sorted(folder.glob("part-*.parquet"))
+    assert len(shards) >= 2
+    tables = [pq.read_table(p) for p in shards]
+    for path, table in zip(shards, tables):  # the rows of each shard reversed
+        pq.write_table(table.take(list(range(table.num_rows - 1, -1, -1))), path)
+    assert load_traces(cfg.run_dir) == before
