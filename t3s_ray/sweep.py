@@ -97,9 +97,7 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], sweep_dir: str, trac
         reports.write_text("".join(json.dumps(m) + "\n" for m in scored))
         for metrics in scored:
             tune.report(metrics)
-        for stop in stops:
-            if stop in {m["step"] for m in scored}:
-                continue
+        for stop in sorted(set(stops) - {m["step"] for m in scored}):
             run_train(cfg, stop_at=stop)
             scores = evaluate(cfg, str((cfg.run_dir / "train" / "model").resolve()), label=f"step-{stop:06d}",
                               quiet=True)
