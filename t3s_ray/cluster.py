@@ -65,3 +65,35 @@ def ray_session(cfg: RayConfig) -> Iterator[dict[str, Any]]:
         yield {"address": address, "started": True}
     finally:
         ray.shutdown()
+
+
+def _fetch_on_this_node(refs: dict[str, str | None]) -> None:
+    from .models import fetch_weights
+
+    for ref, revision in refs.items():
+        fetch_weights(ref, revision=revision)
+
+
+def prefetch_on_other_nodes(refs: dict[str, str | None], nodes: list[str] | None = None) -> list[str]:
+    """Download the hub-id models among ``refs`` (ref -> revision) on every alive node but the
+    driver's (which :func:`models.fetch_weights` has served), one task per node, all at once, before
+    the training workers start: the Hugging Face cache is usually per node, and a rank that
+    downloads 16-65 GB inside its first collective keeps every other rank waiting on the collective
+    timeout. Local folders and builtins are skipped (they are read where they are). Returns the
+    node ids it fetched on; ``nodes`` overrides the alive-node list (tests)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from .models import resolve
+
+    hub = {ref: rev for ref, rev in refs.items() if ref and not os.path.isdir(resolve(ref))}
+    if nodes is None:
+        here = ray.get_runtime_context().get_node_id()
+        nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n["NodeID"] != here]
+    if not hub or not nodes:
+        return []
+    fetch = ray.remote(num_cpus=0)(_fetch_on_this_node)
+    ray.get([fetch.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(hub)
+             for node in nodes])
+    return nodes
+

@@ -380,6 +380,12 @@ class TrainConfig:
             model's gradient unsharded in fp32 (4 bytes/parameter: 33 GB for Qwen3-8B, 131 GB for
             Qwen3-32B). True: reduce-scatter after every micro-batch (one collective per
             micro-batch, only sharded gradients kept): needed for 32B students.
+        fsdp_shard_size: FSDP only. 0 (default): shard every parameter over all workers. N: hybrid
+            sharding (FSDP2 on a 2-D mesh): shard inside groups of N consecutive workers, set to the
+            GPUs of one node, and replicate across the groups, so that all-gathers and
+            reduce-scatters stay on a node's NVLink and only an all-reduce of each shard crosses
+            nodes. Each GPU then holds 1/N of the 16 B/param training state instead of 1/world:
+            Qwen3-32B on 2 nodes x 8 GPUs is 66 GB per GPU instead of 33 (fits H200s, not H100s).
         checkpoint_every: Save a checkpoint every this many steps (and at the end).
         keep_last: Keep only this many latest checkpoints (0: keep all).
         diagnostics_every: Measure the anchor/other gradient conflict every this many steps (0: off).
@@ -410,6 +416,7 @@ class TrainConfig:
     loss_normalization: Literal["token_mean", "sum", "seq_mean"] = "token_mean"
     confidence_chunk: int = 256
     fsdp_reduce_every_micro_batch: bool = False
+    fsdp_shard_size: int = 0
     checkpoint_every: int = 10
     keep_last: int = 2
     diagnostics_every: int = 0
@@ -424,13 +431,18 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 errs.append((name, "must be >= 1"))
         for name in ("warmup_steps", "keep_last", "diagnostics_every", "max_failures", "weight_decay",
-                     "grad_clip", "max_tokens_per_micro_batch"):
+                     "grad_clip", "max_tokens_per_micro_batch", "fsdp_shard_size"):
             if getattr(self, name) < 0:
                 errs.append((name, "must be >= 0"))
         if self.lr <= 0:
             errs.append(("lr", "must be > 0"))
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             errs.append(("adam_betas", "must be two numbers in [0, 1)"))
+        if self.fsdp_shard_size > 0 and self.strategy != "fsdp":
+            errs.append(("fsdp_shard_size", "applies to strategy: fsdp only"))
+        elif self.fsdp_shard_size > 0 and self.num_workers % self.fsdp_shard_size:
+            errs.append(("fsdp_shard_size", f"must divide num_workers ({self.num_workers}): the workers form "
+                         "groups of this size, one per node"))
         per_step = self.num_workers if self.max_tokens_per_micro_batch else self.micro_batch_size * self.num_workers
         if self.batch_size >= 1 and per_step >= 1 and self.batch_size % per_step:
             errs.append(("batch_size", f"must be a multiple of "
@@ -846,6 +858,9 @@ class RunConfig:
         if self.student.kind == "dllm" and self.train.padding_free:
             errs.append(("train.padding_free", "is for AR students: a diffusion denoiser attends both ways, "
                          "which packed position ids do not confine to one row"))
+        if self.student.attn_implementation.startswith("flash_attention") and self.train.dtype == "float32":
+            errs.append(("student.attn_implementation", f"{self.student.attn_implementation} computes in fp16/bf16 "
+                         "only: set train.dtype: bfloat16, or use sdpa with float32"))
         if self.train.strategy == "fsdp" and self.selection.switch == "bottleneck":
             errs.append(("selection.switch", "'bottleneck' measures accuracy by sampling from each worker's "
                          "replica, which FSDP does not hold: use strategy ddp or switch immediate"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -295,3 +296,38 @@ def tokenize_pair(tokenizer, prompt: str | list[dict[str, str]], response: str, 
     if mask and mask[0]:
         mask[0] = False  # the first token has no context to be predicted from
     return TokenizedPair(input_ids=list(enc["input_ids"]), response_mask=mask)
+
+
+def trace_prompt(trace: dict[str, Any]):
+    """A stored trace's prompt: text, or the message list it was stored as (JSON)."""
+    return json.loads(trace["prompt"]) if trace.get("prompt_format") == "messages" else trace["prompt"]
+
+
+def tokenize_traces(traces: list[dict[str, Any]], tokenizer, *, system_prompt: str | None, chat_template: bool,
+                    max_seq_len: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Tokenise kept traces into training examples; too-long or empty ones are skipped and counted.
+
+    Here rather than in ``train.py`` so that the worker's callers without Ray (``bench/gpu_check.py`` on a
+    machine with only torch and transformers) need not import the traces stage (pyarrow).
+    """
+    import numpy as np
+
+    examples, too_long, empty = [], [], []
+    for trace in traces:
+        pair = tokenize_pair(tokenizer, trace_prompt(trace), trace["response"], system_prompt=system_prompt,
+                             chat_template=chat_template)
+        tag = f"{trace['id']}#{trace['sample_index']}"
+        if len(pair.input_ids) > max_seq_len:
+            too_long.append(f"{tag} ({len(pair.input_ids)} tokens)")
+            continue
+        if not pair.num_response_tokens:
+            empty.append(tag)
+            continue
+        examples.append({"example_id": len(examples), "trace": tag, "prompt_id": trace["id"],
+                         "input_ids": np.asarray(pair.input_ids, dtype=np.int64),
+                         "target_mask": np.asarray(pair.response_mask, dtype=bool)})
+    skipped = {"too_long": too_long, "no_response_tokens": empty}
+    if too_long:
+        print(f"[train] skipped {len(too_long)} traces longer than data.max_seq_len={max_seq_len}: "
+              f"{', '.join(too_long[:5])}{' ...' if len(too_long) > 5 else ''}", file=sys.stderr, flush=True)
+    return examples, skipped

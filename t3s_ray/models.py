@@ -453,6 +453,19 @@ def local_folder(ref: str, *, revision: str | None = None) -> str:
         raise ModelRefError(f"could not get the files of model '{ref}': {e}") from None
 
 
+def fetch_weights(ref: str, *, revision: str | None = None) -> str:
+    """The local folder of ``ref``'s weights, downloaded now when it is a hub id (into the Hugging
+    Face cache), checked to hold weight files. The driver calls it for every model a training loads
+    before any worker starts: a hub download of Qwen3-32B (65 GB) inside a worker would happen in
+    rank 0 while the other ranks wait in a collective bounded by a 30-minute timeout, and a folder
+    without weights would fail inside a Ray worker instead of with one line."""
+    folder = Path(local_folder(ref, revision=revision))
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        where = f"model folder {folder}" + (f" (model '{ref}')" if str(folder) != ref else "")
+        raise ModelRefError(f"{where} holds no weights: no *.safetensors or *.bin file")
+    return str(folder)
+
+
 def mask_token_id(tokenizer, mask_token: str, ref: str) -> int:
     """The id of ``mask_token`` (empty: the tokenizer's own mask token); a ValueError naming the
     model when there is none (an unknown token maps to unk, which would silently train on unk)."""

@@ -18,52 +18,17 @@ import dataclasses
 import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from .config import ConfigError, RunConfig
-from .data import DataError, tokenize_pair
+from .data import DataError, tokenize_traces  # tokenize_traces lives in data.py (no pyarrow); re-exported
+from .data import trace_prompt as _trace_prompt
 from .runfolder import claim, traces_fingerprint
 from .traces import checked_manifest
-from .worker import SelectionPlan, TrainJob, run_settings
-
-# --------------------------------------------------------------------------------------------
-# Driver side: data
-# --------------------------------------------------------------------------------------------
-
-
-def _trace_prompt(trace: dict[str, Any]):
-    return json.loads(trace["prompt"]) if trace.get("prompt_format") == "messages" else trace["prompt"]
-
-
-def tokenize_traces(traces: list[dict[str, Any]], tokenizer, *, system_prompt: str | None, chat_template: bool,
-                    max_seq_len: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Tokenise kept traces into training examples; too-long or empty ones are skipped and counted."""
-    examples, too_long, empty = [], [], []
-    for trace in traces:
-        pair = tokenize_pair(tokenizer, _trace_prompt(trace), trace["response"], system_prompt=system_prompt,
-                             chat_template=chat_template)
-        tag = f"{trace['id']}#{trace['sample_index']}"
-        if len(pair.input_ids) > max_seq_len:
-            too_long.append(f"{tag} ({len(pair.input_ids)} tokens)")
-            continue
-        if not pair.num_response_tokens:
-            empty.append(tag)
-            continue
-        examples.append({"example_id": len(examples), "trace": tag, "prompt_id": trace["id"],
-                         "input_ids": np.asarray(pair.input_ids, dtype=np.int64),
-                         "target_mask": np.asarray(pair.response_mask, dtype=bool)})
-    skipped = {"too_long": too_long, "no_response_tokens": empty}
-    if too_long:
-        print(f"[train] skipped {len(too_long)} traces longer than data.max_seq_len={max_seq_len}: "
-              f"{', '.join(too_long[:5])}{' ...' if len(too_long) > 5 else ''}", file=sys.stderr, flush=True)
-    return examples, skipped
-
+from .worker import SelectionPlan, TrainJob, run_settings, write_checkpoint_folder
 
 # --------------------------------------------------------------------------------------------
 # The Ray side of one rank
@@ -85,14 +50,18 @@ class RaySession:
             yield Path(folder)
 
     def save_checkpoint(self, step: int, metrics: dict[str, Any], write: Callable[[Path], None]) -> None:
-        """Each rank writes into a folder of its own; Ray Train merges the ranks' folders into one
-        checkpoint in the run's storage (so the sharded files of all ranks end up side by side)."""
+        """Every rank writes its shard straight into the checkpoint's folder in the run's storage, then
+        reports it with ``NO_UPLOAD``: Ray Train registers the folder as it is (its default would
+        have each rank stage its files in local ``/tmp`` and copy them over)."""
         import ray.train
-        from ray.train import Checkpoint
+        from ray.train import Checkpoint, CheckpointUploadMode
 
-        with tempfile.TemporaryDirectory() as tmp:
-            write(Path(tmp))
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+        ctx = ray.train.get_context()
+        name = f"checkpoint_step-{step:06d}"
+        folder = Path(ctx.get_storage().experiment_fs_path) / name
+        write_checkpoint_folder(folder, ctx.get_world_rank() == 0, write)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(folder)), checkpoint_dir_name=name,
+                         checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -148,8 +117,10 @@ def fit(cfg: RunConfig, job: TrainJob, examples: list[dict[str, Any]]) -> dict[s
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from .cluster import prefetch_on_other_nodes
     from .store import connect_store, create_store
 
+    prefetch_on_other_nodes(model_refs(cfg))
     out = Path(job.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     try:  # a store left by an earlier fit in this Ray session: start clean (a resume restores its snapshot)
@@ -276,7 +247,7 @@ def training_inputs(cfg: RunConfig) -> tuple[list[dict[str, Any]], dict[str, lis
     """``(examples, skipped, prompts, scoring_ref)``: the run's traces tokenised with the student's
     chat template, the rows skipped by reason, the train prompts, and the model whose confidences
     select tokens (the student, or a dLLM's AR selector)."""
-    from .models import declares_masked_lm, load_tokenizer
+    from .models import declares_masked_lm, fetch_weights, load_tokenizer
     from .traces import load_traces
 
     traces = load_traces(cfg.run_dir)
@@ -284,6 +255,8 @@ def training_inputs(cfg: RunConfig) -> tuple[list[dict[str, Any]], dict[str, lis
         raise ConfigError(f"student.ref {cfg.student.ref} is a masked LM (a diffusion denoiser): set student.kind: dllm "
                           "and student.selector_ref")
     scoring_ref = cfg.student.selector_ref if cfg.student.kind == "dllm" else cfg.student.ref
+    for ref, revision in model_refs(cfg).items():  # downloaded and checked here, before any worker starts
+        fetch_weights(ref, revision=revision)
     tokenizer = load_tokenizer(cfg.student.ref, trust_remote_code=cfg.student.trust_remote_code)
     examples, skipped = tokenize_traces(traces, tokenizer, system_prompt=cfg.data.system_prompt,
                                         chat_template=cfg.traces.chat_template, max_seq_len=cfg.data.max_seq_len)
@@ -291,6 +264,14 @@ def training_inputs(cfg: RunConfig) -> tuple[list[dict[str, Any]], dict[str, lis
         raise DataError(f"only {len(examples)} usable traces under {cfg.run_dir / 'traces'} but train.batch_size is "
                          f"{cfg.train.batch_size}: lower the batch size or generate more traces")
     return examples, skipped, train_prompts(traces), scoring_ref
+
+
+def model_refs(cfg: RunConfig) -> dict[str, str | None]:
+    """The models a training loads (ref -> hub revision): the student, and a dLLM's AR selector."""
+    refs = {cfg.student.ref: cfg.student.revision}
+    if cfg.student.kind == "dllm" and cfg.student.selector_ref:
+        refs.setdefault(cfg.student.selector_ref, None)
+    return refs
 
 
 def probe_settings(cfg: RunConfig) -> dict[str, Any]:

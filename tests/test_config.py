@@ -232,3 +232,18 @@ def test_the_probe_samples_on_evals_engine_unless_it_overrides():
     assert probe.engine_kwargs == {"gpu_memory_utilization": 0.8}
     cfg = config.from_dict({"eval": {"backend": "vllm"}, "probe": {"backend": "hf", "batch_size": 2}})
     assert (cfg.engine("probe").backend, cfg.engine("probe").batch_size) == ("hf", 2)
+
+
+def test_flash_attention_in_float32_and_a_shard_size_that_does_not_divide_are_refused():
+    from t3s_ray.config import ConfigError, from_dict
+
+    with pytest.raises(ConfigError, match=r"student.attn_implementation flash_attention_2 computes in fp16/bf16 only"):
+        from_dict({"student": {"attn_implementation": "flash_attention_2"}, "train": {"dtype": "float32"}})
+    from_dict({"student": {"attn_implementation": "flash_attention_2"}, "train": {"dtype": "bfloat16"}})
+    with pytest.raises(ConfigError, match=r"train.fsdp_shard_size must divide num_workers \(16\)"):
+        from_dict({"train": {"strategy": "fsdp", "num_workers": 16, "batch_size": 64, "micro_batch_size": 1,
+                             "fsdp_shard_size": 6}})
+    with pytest.raises(ConfigError, match=r"train.fsdp_shard_size applies to strategy: fsdp only"):
+        from_dict({"train": {"strategy": "ddp", "num_workers": 2, "fsdp_shard_size": 1}})
+    assert from_dict({"train": {"strategy": "fsdp", "num_workers": 16, "batch_size": 64, "micro_batch_size": 1,
+                                "fsdp_shard_size": 8}}).train.fsdp_shard_size == 8

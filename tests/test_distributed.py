@@ -94,6 +94,17 @@ def _checks(ranks, model_dir: Path, out: Path) -> None:
         if sharded:
             local = model.model.layers[0].mlp.up_proj.weight.to_local()
             assert local.shape[0] == 48  # half of the 96 rows on each rank
+        # The static protocol's reload: score with one set of weights (a forward without gradients,
+        # after which FSDP2 leaves its root group unsharded), then load another into the same module.
+        # Every rank must reshard first, not only rank 0 (whose state_dict() call would do it).
+        with torch.no_grad():
+            model(input_ids=x)
+        other = {k: v * 0.5 for k, v in reference.items()}
+        distributed.load_full_state(model, dict(other) if rank == 0 else None, "the other weights")
+        with torch.no_grad():
+            model(input_ids=x)
+        distributed.load_full_state(model, dict(reference) if rank == 0 else None, "the test model")
+        torch.testing.assert_close(model(input_ids=x).logits, expected)
 
     # A full state that lacks a key is refused on every rank (not a hang, not a half-load).
     model = empty_model(str(model_dir))
@@ -149,3 +160,92 @@ def test_shard_load_gather_and_sharded_checkpoint_on_two_gloo_ranks(tmp_path):
     two_steps = torch.load(out / "after_two_steps.pt", map_location="cpu", weights_only=True)
     assert one_step.keys() >= {"model.norm.weight", "lm_head.weight"}
     assert any(not torch.equal(one_step[k], two_steps[k]) for k in two_steps)
+
+
+def _four_ranks(rank: int, world: int, port: int, model_dir: str, out: str, errors) -> None:
+    try:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+        ranks = distributed.init_process_group(torch.device("cpu"), timeout_s=120)
+        _hybrid_checks(ranks, Path(model_dir), Path(out))
+    except BaseException:  # surfaced by the parent
+        errors.put(f"rank {rank}: {traceback.format_exc()}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _hybrid_checks(ranks, model_dir: Path, out: Path) -> None:
+    from torch.distributed.tensor import Replicate, Shard
+
+    from t3s_ray.models import empty_model, full_state
+    from t3s_ray.worker import LogprobModule, fsdp_units
+
+    reference = full_state(str(model_dir), dtype="float32")
+    gen = torch.Generator().manual_seed(10 + ranks.rank)  # each rank its own rows, as in training
+    x = torch.randint(0, 96, (2, 9), generator=gen)
+
+    def trained(mesh) -> dict[str, torch.Tensor] | None:
+        model = empty_model(str(model_dir))
+        distributed.shard_model(model, fsdp_units(model), bf16_compute=False, mesh=mesh)
+        distributed.materialize(model, torch.device("cpu"))
+        distributed.load_full_state(model, dict(reference) if ranks.rank == 0 else None, "the test model")
+        weight = model.model.layers[0].mlp.up_proj.weight
+        if mesh is None:
+            assert weight.placements == (Shard(0),) and weight.to_local().shape[0] == 24  # 96 rows / 4
+        else:
+            assert weight.placements == (Replicate(), Shard(0)) and weight.to_local().shape[0] == 48  # / 2
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        for _ in range(2):
+            model(input_ids=x, labels=x).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        return distributed.gather_full_state(model)
+
+    flat = trained(None)
+    hybrid = trained(distributed.hybrid_mesh(2, torch.device("cpu")))
+    if ranks.rank == 0:
+        assert flat.keys() == hybrid.keys() == reference.keys()
+        assert any(not torch.equal(flat[k], reference[k]) for k in flat)  # it trained
+        for k in flat:
+            torch.testing.assert_close(hybrid[k], flat[k], rtol=1e-5, atol=1e-6)
+
+    # Under bf16 compute the root's floating inputs stay fp32: they are the loss weights.
+    model = empty_model(str(model_dir))
+    module = LogprobModule(model, chunk_size=4)
+    distributed.shard_model(module, fsdp_units(model), bf16_compute=True)
+    distributed.materialize(module, torch.device("cpu"))
+    distributed.load_full_state(module, {f"model.{k}": v for k, v in reference.items()} if ranks.rank == 0 else None,
+                                "the test model")
+    seen = {}
+
+    def record(_module, _args, kwargs):
+        seen["dtype"] = kwargs["loss_weights"].dtype
+
+    module.register_forward_pre_hook(record, with_kwargs=True)  # runs after FSDP's own pre-forward
+    mask = torch.ones_like(x, dtype=torch.bool)
+    weights = torch.full(x.shape, 1 / 3, dtype=torch.float32)
+    loss, _ = module(x, torch.ones_like(x), mask, loss_weights=weights)
+    assert seen["dtype"] == torch.float32
+    assert torch.isfinite(loss)
+
+
+def test_hybrid_sharding_on_a_2x2_mesh_equals_flat_fsdp_on_four_gloo_ranks(tmp_path):
+    model_dir = tied_tiny_model(tmp_path / "model")
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    mp.start_processes(_four_ranks, args=(4, _free_port(), str(model_dir), str(tmp_path), errors), nprocs=4,
+                       start_method="spawn")
+    problems = []
+    while not errors.empty():
+        problems.append(errors.get())
+    assert not problems, "\n".join(problems)
+
+
+def test_expandable_segments_are_set_on_a_cuda_worker_unless_the_user_chose(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", calls.append)
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    assert not distributed.use_expandable_segments(torch.device("cpu")) and calls == []
+    assert distributed.use_expandable_segments(torch.device("cuda", 0)) and calls == ["expandable_segments:True"]
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False")
+    assert not distributed.use_expandable_segments(torch.device("cuda", 0)) and len(calls) == 1

@@ -306,3 +306,22 @@ def test_an_evaluation_is_not_returned_for_other_settings_or_a_retrained_model(r
     assert (evals / "other" / "scores.json").exists()  # another model's evaluation is left alone
     assert json.loads((evals / "student" / "settings.json").read_text())["settings"]["model.weights"] != \
         json.loads((evals / "other" / "settings.json").read_text())["settings"]["model.weights"]
+
+
+def test_a_student_folder_without_weights_is_one_line_before_any_worker_starts(tmp_path, capsys, monkeypatch):
+    """Checked on the driver (``models.fetch_weights``), not found by rank 0 inside a Ray worker."""
+    import shutil
+
+    import ray
+
+    from t3s_ray.models import resolve
+
+    folder = tmp_path / "no-weights"
+    shutil.copytree(resolve("builtin:tiny-llama"), folder)
+    for f in folder.glob("*.safetensors"):
+        f.unlink()
+    cfg = write_config(tmp_path)
+    assert run_cli(capsys, "traces", cfg)[0] == 0
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray was started before the student was checked"))
+    code, err = run_cli(capsys, "train", cfg, "--set", f"student.ref={folder}")
+    assert code == 2 and f"model folder {folder} holds no weights" in one_error_line(err)

@@ -486,3 +486,79 @@ def test_inverse_and_random_diagnostics_use_the_static_anchors(static_run, trace
         assert all(abs(r["kept_frac"] - (1 - r["anchor_frac"])) < 1e-9 for r in m)
     a, b = final_weights(static), final_weights(cfg)
     assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def fsdp_static_probe(traces_root, tmp_path_factory):
+    """The static probe under FSDP with 2 gloo ranks (shared by the FSDP static-protocol tests)."""
+    root = tmp_path_factory.mktemp("fsdp-static")
+    cfg = clone_traces(traces_root, root, "fsdp-static", train={"strategy": "fsdp", "max_steps": 2},
+                       selection={"protocol": "t3s_static", "max_anchor_frac": 0.5})
+    return cfg, run_train(cfg)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("protocol", ["t3s_static", "inverse", "random", "dllm"])
+def test_static_protocols_reload_theta0_under_fsdp_on_two_ranks(fsdp_static_probe, traces_root, tmp_path, protocol):
+    """θb is scored, then θ0 is loaded into the same sharded module (a dLLM's selector module likewise):
+    FSDP2 leaves its root unsharded after that scoring pass, and a load that only rank 0 resharded
+    failed on rank 1 ("got mixed torch.Tensor and DTensor") while rank 0 hung."""
+    static, summary = fsdp_static_probe
+    if protocol == "t3s_static":
+        cfg = static
+    else:
+        sections = {"selection": {"protocol": protocol, "max_anchor_frac": 0.5}}
+        if protocol == "dllm":
+            sections = {"selection": {"protocol": "t3s_static", "tau": 0.0},
+                        "student": {"ref": "builtin:tiny-dllm", "kind": "dllm", "selector_ref": "builtin:tiny-llama"}}
+            sections["probe"] = {"steps": 2, "eval_every": 2}  # its own probe: the selector's
+        cfg = clone_traces(traces_root, tmp_path, protocol, train={"strategy": "fsdp", "max_steps": 2}, **sections)
+        if protocol != "dllm":
+            import shutil
+
+            shutil.copytree(static.run_dir / "probe", cfg.run_dir / "probe")  # the same probe, reused
+        summary = run_train(cfg)
+    assert summary["step"] == 2 and (cfg.run_dir / "train" / "model" / "config.json").exists()
+    m = metrics(cfg)
+    assert [r["step"] for r in m] == [1, 2]
+    assert all(r["masking_on"] and r["mask_version"] == 1 for r in m)
+    assert all(math.isfinite(r["loss"]) for r in m)
+    if protocol != "dllm":
+        assert all(0 < r["anchor_frac"] <= 0.5 for r in m)
+    ckpt = max(p for p in (cfg.run_dir / "train" / "ray_train").glob("checkpoint_*") if p.is_dir())
+    assert {p.name for p in (ckpt / "dcp").iterdir()} == {".metadata", "__0_0.distcp", "__1_0.distcp"}
+
+
+
+def test_ray_checkpoints_are_written_straight_into_the_runs_storage(tmp_path, monkeypatch):
+    """No rank stages its shard in local /tmp (98 GB a node for Qwen3-8B): each writes into the
+    checkpoint's folder under Ray Train's storage, which is then reported without an upload."""
+    import tempfile
+    from types import SimpleNamespace
+
+    import ray.train
+
+    from t3s_ray.train import RaySession
+
+    storage = tmp_path / "storage" / "ray_train"
+    ctx = SimpleNamespace(get_storage=lambda: SimpleNamespace(experiment_fs_path=str(storage)),
+                          get_world_rank=lambda: 0)
+    reports = []
+    monkeypatch.setattr(ray.train, "get_context", lambda: ctx)
+    monkeypatch.setattr(ray.train, "report", lambda metrics, **kw: reports.append((metrics, kw)))
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda *a, **k: pytest.fail("a checkpoint was staged in a temp folder"))
+    (storage / "checkpoint_step-000004").mkdir(parents=True)
+    (storage / "checkpoint_step-000004" / "stale").write_text("from an interrupted attempt")
+    written = []
+
+    def write(folder: Path) -> None:
+        written.append(folder)
+        (folder / "shard").write_bytes(b"x")
+
+    RaySession().save_checkpoint(4, {"loss": 1.0}, write)
+    assert written == [storage / "checkpoint_step-000004"]
+    assert sorted(p.name for p in written[0].iterdir()) == ["shard"]
+    (metrics, kw), = reports
+    assert metrics == {"loss": 1.0} and kw["checkpoint"].path == str(written[0])
+    assert kw["checkpoint_dir_name"] == "checkpoint_step-000004"
+    assert kw["checkpoint_upload_mode"] == ray.train.CheckpointUploadMode.NO_UPLOAD
