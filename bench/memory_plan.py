@@ -6,12 +6,19 @@ master weights, bf16 compute (``train.dtype: bfloat16``) and full activation che
 decoder layer recomputed in backward), for ``--seq`` tokens per row and the configs' micro-batch:
 
 * sharded, for the whole run: fp32 parameters 4P/N, fp32 gradients 4P/N, AdamW moments 8P/N;
-* the FSDP root (final norm and lm head, which the chunked lm head reads directly) unsharded in bf16,
-  and at the end of backward its fp32 gradient before the reduce-scatter;
+* the FSDP root (final norm and lm head, which the chunked lm head reads directly) unsharded in bf16;
+* the fused loss's lm-head gradient (``t3s.confidence._LinearTokenLoss``): an fp32 ``V x H``
+  accumulator held from the forward pass to the backward, where it is scaled (a second fp32 copy)
+  and cast to the parameter's bf16, next to the bf16 product of the last chunk: ~12 B x V x H at
+  the start of backward (10 GB for Qwen3-32B's 778M-entry head);
+* an untied input embedding is an FSDP unit of its own: all-gathered in bf16 for the first forward
+  and again in backward, where its dense bf16 gradient and the fp32 copy FSDP reduce-scatters
+  coexist: ~8 B x V x H (Qwen3-8B and -32B do not tie their embeddings);
 * one decoder layer all-gathered in bf16, with the next one prefetched, and its fp32 gradient;
 * activations: the checkpointed input of every layer (bf16, T x hidden each), plus the working set
   of the one layer being recomputed and backpropagated (about twice its forward activations);
-* the chunked lm head: a few fp32 [chunk x vocab] tensors (never the [T x vocab] logits);
+* the chunked lm head: a few fp32 [chunk x vocab] tensors (never the [T x vocab] logits), at the
+  configs' ``train.confidence_chunk`` (2048: 3.7 GB at Qwen3's vocabulary);
 * with several micro-batches a step and ``train.fsdp_reduce_every_micro_batch: false``, the whole
   fp32 gradient accumulated unsharded between micro-batches (4P): shown apart, since the configs
   for 80 GB GPUs reduce every micro-batch instead.
@@ -60,14 +67,16 @@ QWEN3_8B = Shape("Qwen3-8B", 4096, 12288, 36, 32, 8, 128, 151936)
 QWEN3_32B = Shape("Qwen3-32B", 5120, 25600, 64, 64, 8, 128, 151936)
 
 
-def plan(shape: Shape, gpus: int, micro_batch: int, seq: int, chunk: int = 256) -> dict[str, float]:
+def plan(shape: Shape, gpus: int, micro_batch: int, seq: int, chunk: int = 2048) -> dict[str, float]:
     p, tokens = shape.params, micro_batch * seq
     head = shape.vocab * shape.hidden
     rows = {
         "fp32 params (sharded)": 4 * p / gpus,
         "fp32 grads (sharded)": 4 * p / gpus,
         "AdamW moments (sharded)": 8 * p / gpus,
-        "root: lm head bf16 + its fp32 grad": 2 * head + 4 * head,
+        "root: lm head bf16 (unsharded)": 2 * head,
+        "fused loss: lm-head grad at backward": 12 * head,
+        "untied embedding unit in backward": 8 * head,
         "layer all-gather x2 bf16 + fp32 grad": 2 * 2 * shape.layer_params + 4 * shape.layer_params,
         "activations: layer inputs (AC)": 2 * tokens * shape.hidden * shape.layers,
         "activations: one layer recomputed": 2 * shape.layer_activation_bytes(tokens),
@@ -80,14 +89,18 @@ def plan(shape: Shape, gpus: int, micro_batch: int, seq: int, chunk: int = 256) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq", type=int, default=16384, help="tokens per row (data.max_seq_len)")
+    parser.add_argument("--chunk", type=int, default=0, help="train.confidence_chunk (default: each config's)")
     args = parser.parse_args()
-    setups = [(QWEN3_8B, 8, 2, "configs/qwen3-8b-boba200.yaml, 8x H100/H200"),
-              (QWEN3_32B, 16, 1, "configs/qwen3-32b.yaml, 16x H100"),
-              (QWEN3_32B, 8, 2, "Qwen3-32B on 8x H200 (141 GB)")]
-    for shape, gpus, mb, where in setups:
-        print(f"{shape.name}: {shape.params / 1e9:.2f}B parameters, {gpus} GPUs, micro-batch {mb} x {args.seq} "
-              f"tokens ({where})")
-        rows = plan(shape, gpus, mb, args.seq)
+    # (shape, GPUs the state is sharded over, micro-batch, confidence_chunk, where)
+    setups = [(QWEN3_8B, 8, 2, 2048, "configs/qwen3-8b-boba200.yaml, 8x H100/H200"),
+              (QWEN3_32B, 16, 1, 1024, "configs/qwen3-32b.yaml, 16x H100, flat FSDP"),
+              (QWEN3_32B, 8, 2, 2048, "Qwen3-32B on 8x H200 (141 GB), or 2 nodes x 8 H200 with "
+               "train.fsdp_shard_size: 8 (hybrid: each GPU holds a node's 1/8)")]
+    for shape, gpus, mb, chunk, where in setups:
+        chunk = args.chunk or chunk
+        print(f"{shape.name}: {shape.params / 1e9:.2f}B parameters, sharded over {gpus} GPUs, micro-batch {mb} x "
+              f"{args.seq} tokens, confidence_chunk {chunk} ({where})")
+        rows = plan(shape, gpus, mb, args.seq, chunk)
         for key, value in rows.items():
             print(f"  {key:38s} {value:7.1f} GB")
         unsharded = 4 * shape.params / GB

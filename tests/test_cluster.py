@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import ray
 
@@ -28,3 +29,23 @@ def test_address_resolution(monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
     assert resolve_address(RayConfig()) == "10.0.0.1:6379"
     assert resolve_address(RayConfig(address="auto")) == "auto"
+
+
+def test_hub_models_are_fetched_on_the_other_nodes_before_training(ray_local, tmp_path):
+    """One task per node (here the only node, named explicitly): a hub id found in that node's cache
+    passes; one that is missing fails as the project's one-line error; local folders are not sent."""
+    import pytest
+
+    from t3s_ray.cluster import prefetch_on_other_nodes
+    from t3s_ray.errors import user_error
+    from t3s_ray.models import resolve
+    from test_worker import fake_hub_repo
+
+    node = ray.get_runtime_context().get_node_id()
+    assert prefetch_on_other_nodes({resolve("builtin:tiny-llama"): None}, nodes=[node]) == []  # local: skipped
+    assert prefetch_on_other_nodes({"t3s-test/prefetch": None}) == []  # the driver's own node: not again
+    fake_hub_repo("t3s-test/prefetch", Path(resolve("builtin:tiny-llama")))
+    assert prefetch_on_other_nodes({"t3s-test/prefetch": None}, nodes=[node]) == [node]
+    with pytest.raises(Exception) as failure:
+        prefetch_on_other_nodes({"t3s-test/not-in-the-cache": None}, nodes=[node])
+    assert "could not get the files of model 't3s-test/not-in-the-cache'" in user_error(failure.value)
