@@ -227,3 +227,50 @@ def test_fsdp_reduces_gradients_once_per_step_unless_asked_every_micro_batch(eve
         with trainer._gradient_sync(last_micro_batch=k == 2):
             pass
     assert calls == ([True, True, True] if every_micro_batch else [False, False, True])
+
+
+def test_the_dllm_selectors_sharded_scorer_is_freed_before_training(tmp_path, monkeypatch):
+    """FSDP2 modules sit in reference cycles, so ``del scorer`` alone left the selector's weights on
+    the device for the whole training. One rank in a gloo group (FSDP on), the automatic collector
+    off so that only the worker's own collection can free it."""
+    import gc
+    import os
+    import weakref
+
+    import torch.distributed as dist
+
+    from t3s_ray import distributed
+    from t3s_ray.store import local_store
+    from t3s_ray.worker import LocalSession, StudentTrainer
+    from test_distributed import _free_port
+
+    built = []
+    build = StudentTrainer._build_module
+
+    def recording(self, ref):
+        module = build(self, ref)
+        built.append((ref, weakref.ref(module)))
+        return module
+
+    monkeypatch.setattr(StudentTrainer, "_build_module", recording)
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    ranks = distributed.init_process_group(torch.device("cpu"), timeout_s=60)
+    gc.disable()
+    try:
+        job = make_job(tmp_path, model_ref="builtin:tiny-dllm", train={"strategy": "fsdp", "max_steps": 1},
+                       selection={"protocol": "t3s_static", "tau": 0.0},
+                       student={"kind": "dllm", "selector_ref": "builtin:tiny-llama"})
+        job = dataclasses.replace(job, model_kind="dllm", scoring_ref="builtin:tiny-llama",
+                                  anchor_model="builtin:tiny-llama")
+        session = LocalSession(tmp_path / "checkpoints", ranks)
+        trainer = StudentTrainer(job, tiny_examples(), ranks, local_store(1), session)
+        trainer.setup()
+        assert trainer.sharded and [ref for ref, _ in built] == ["builtin:tiny-dllm", "builtin:tiny-llama"]
+        assert built[0][1]() is trainer.module
+        assert built[1][1]() is None, "the selector's sharded scorer outlived the scoring passes"
+    finally:
+        gc.enable()
+        dist.destroy_process_group()
+        os.environ.pop("MASTER_PORT", None)
