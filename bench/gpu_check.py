@@ -1,11 +1,12 @@
 """The GPU path, checked on a CUDA GPU against the same code on the CPU.
 
-CI has no GPU, so this is the check to run where one is lent (needs torch with CUDA, transformers,
-accelerate, tokenizers, safetensors, pyyaml, numpy, tensorboard; no Ray, no vLLM, no download:
-builtin tiny models and a random model built from a config):
+CI has no GPU, so this is the check to run where one is lent. It needs only torch with CUDA,
+transformers, accelerate, safetensors and tensorboard (and their numpy, pyyaml, tokenizers,
+huggingface_hub): no Ray, vLLM, pyarrow, datasets or math-verify, no download (builtin tiny models and
+random models built from a config):
 
-    python bench/gpu_check.py            # ~2-4 min on an H200 (80 GB+ GPU for check 6 in full)
-    python bench/gpu_check.py --device cpu   # a dry run of every check on the CPU, small shapes
+    python bench/gpu_check.py                # ~4-6 min on one H100 or H200 (at most 10)
+    python bench/gpu_check.py --device cpu   # a dry run of every check on the CPU, small shapes (~2-4 min)
 
 1. chunked token confidence of a causal LM: CUDA fp32 == CPU fp32 (and CUDA bf16 close), values and
    the gradient of the masked T3S loss; the fused training loss (lm-head gradients formed in the
@@ -14,26 +15,41 @@ builtin tiny models and a random model built from a config):
    else sdpa) give the padded confidences;
 2. greedy generation (``HFGenerator``): the same token ids on CUDA as on the CPU, and the same
    step-by-step log-probabilities of the sampled tokens;
-3. the diffusion sampler (tiny denoiser, greedy): the same token ids on CUDA as on the CPU;
+3. the diffusion sampler (tiny denoiser): greedy, the same token ids on CUDA as on the CPU; at
+   temperature > 0 through ``HFGenerator`` (a seeded CPU generator, CUDA probabilities): no sample
+   fails, the same seed gives the same tokens, every token is in the vocabulary and not the mask;
 4. the training worker without Ray (``worker.train_standalone``) under an NCCL process group of
    world size 1, FSDP2 (2 micro-batches a step, gradients reduced once per step): a tiny model's
    losses and final weights match the same run on the CPU (no group), and so does a run cut into
-   micro-batches by a token budget; a bf16-compute run keeps fp32 master weights;
+   micro-batches by a token budget; a bf16-compute run keeps fp32 master weights; the static
+   protocol (``t3s_static``, bf16 compute): θb (a perturbed copy of the tiny model) is scored in
+   bf16, then θ0 is loaded into the same sharded module, and the run's losses, anchor fraction and
+   weights match the same job on the CPU;
 5. a sharded checkpoint round trip under NCCL: stopped at step 2 and resumed == uninterrupted;
-6. a Qwen3-8B-shaped random model (36 layers, hidden 4096, vocab 151,936; built from its config)
-   trains on 16k-token rows with FSDP2, bf16 compute over fp32 master weights, activation
-   checkpointing and fused AdamW: peak memory and tokens/s, against torchtitan's published 5,762
-   tokens/s/GPU (Llama-3.1-8B, FSDP2, 8x H100). One GPU holds the whole 16 B/param state (131 GB):
-   if it does not fit, the check says so and measures fewer layers; then a Qwen3-0.6B-shaped model
-   (where the lm head is a third of the compute), 4 x 4096 tokens: t3s_ray's step (fused loss) against
-   a plain Hugging Face step (``model(input_ids, labels=...)``), ABBA, target ratio <= 1.05;
-7. then ``bench/confidence_memory.py`` on CUDA (peak memory from the allocator's own statistics).
+6. a Qwen3-8B-shaped random model (hidden 4096, vocab 151,936; built from its config) trains on
+   16k-token rows with FSDP2, bf16 compute over fp32 master weights, activation checkpointing and
+   fused AdamW: peak memory and tokens/s, against torchtitan's published 5,762 tokens/s/GPU
+   (Llama-3.1-8B, FSDP2, 8x H100). All 36 layers need ~131 GB at 16 B/param on one GPU, so the layer
+   count is chosen from ``torch.cuda.mem_get_info()`` (the arithmetic is in ``layers_that_fit``);
+   after an out-of-memory error the attempt's memory is freed (``gc.collect()``: FSDP2 modules sit
+   in reference cycles) before a retry with fewer layers (the dry run injects one OOM to take that
+   path); then a Qwen3-0.6B-shaped model (where the lm head is a third of the compute), 4 x 4096
+   tokens: t3s_ray's step (fused loss) against a plain Hugging Face step (``model(input_ids,
+   labels=...)``), ABBA, target ratio <= 1.05;
+7. the fused loss (``token_loss_and_confidence``) at Qwen3-8B's lm-head shape (hidden 4096, vocab
+   151,936, 1 x 16384 tokens, bf16 autocast) at ``chunk_size`` 256, 2048 and 4096: time per call
+   (forward + backward) and peak memory; a larger chunk passes when it is not slower than 256 and its
+   peak stays under the bound printed with it;
+8. nothing imported Ray, vLLM, pyarrow, datasets, math-verify or matplotlib;
+9. then ``bench/confidence_memory.py`` on CUDA (peak memory from the allocator's own statistics).
 
-Prints one PASS/FAIL line per check; exits non-zero if any fails.
+Every check prints one PASS/FAIL line with its number (section.check), and the total at the end;
+exits non-zero if any fails.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
@@ -54,12 +70,22 @@ from t3s_ray.t3s import masked_token_loss, token_confidence  # noqa: E402
 from t3s_ray.t3s.diffusion import diffusion_generate  # noqa: E402
 
 PROMPTS = ["Tom has 3 apples and buys 4 more.", "A train travels 60 km in 2 hours.", "What is 12 times 11?"]
+# Packages a bare GPU machine does not have: nothing this script runs may import them.
+ABSENT = ("ray", "vllm", "pyarrow", "datasets", "math_verify", "matplotlib")
 results: list[tuple[str, bool, str]] = []
+_numbering = {"section": 0, "check": 0}
+
+
+def section(number: int, title: str) -> None:
+    _numbering.update(section=number, check=0)
+    print(f"-- {number}. {title}", flush=True)
 
 
 def check(name: str, ok: bool, detail: str) -> None:
-    results.append((name, ok, detail))
-    print(f"{'PASS' if ok else 'FAIL'}  {name}: {detail}", flush=True)
+    _numbering["check"] += 1
+    number = f"{_numbering['section']}.{_numbering['check']}"
+    results.append((f"{number} {name}", ok, detail))
+    print(f"{'PASS' if ok else 'FAIL'} {number:>5}  {name}: {detail}", flush=True)
 
 
 def confidence_and_grad(ref: str, device: str, dtype: torch.dtype):
@@ -91,7 +117,7 @@ def fused_loss_and_grad(ref: str, device: str, autocast: bool):
     with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=autocast):
         loss, conf = token_loss_and_confidence(model, ids, attention, target, weights, chunk_size=7)
     loss.backward()
-    return float(loss), conf.float().cpu(), model.get_input_embeddings().weight.grad.float().cpu(), target.cpu()
+    return float(loss.detach()), conf.float().cpu(), model.get_input_embeddings().weight.grad.float().cpu(), target.cpu()
 
 
 def packed_vs_padded(device: str) -> tuple[float, str]:
@@ -127,143 +153,267 @@ def packed_vs_padded(device: str) -> tuple[float, str]:
     return float(np.abs(out[0] - out[1]).max()), attn
 
 
-def tiny_job(out: Path, strategy: str, dtype: str = "float32", stop_at: int | None = None, **train):
-    """A 4-step SFT job of builtin:tiny-llama on 8 arithmetic traces (what tests/test_worker.py runs)."""
+def tiny_job(out: Path, strategy: str, dtype: str = "float32", stop_at: int | None = None,
+             selection: dict | None = None, anchor_model: str | None = None, max_steps: int = 4, lr: float = 1e-2,
+             **train):
+    """A ``max_steps``-step job of builtin:tiny-llama on 8 arithmetic traces (what tests/test_worker.py
+    runs): SFT unless ``selection`` says otherwise, θb = ``anchor_model`` for a static protocol."""
     from t3s_ray import config
-    from t3s_ray.train import tokenize_traces
+    from t3s_ray.data import tokenize_traces
     from t3s_ray.worker import SelectionPlan, TrainJob
 
     cfg = config.from_dict({"name": "gpu-check", "output_dir": str(out), "student": {"ref": "builtin:tiny-llama",
                             "dtype": "float32"},
-                            "train": {"batch_size": 4, "micro_batch_size": 2, "max_steps": 4, "lr": 1e-2,
+                            "train": {"batch_size": 4, "micro_batch_size": 2, "max_steps": max_steps, "lr": lr,
                                       "checkpoint_every": 2, "keep_last": 0, "strategy": strategy, "dtype": dtype,
                                       **train},
-                            "selection": {"protocol": "sft"}})
+                            "selection": selection or {"protocol": "sft"}})
     rows = [{"id": str(i), "sample_index": 0, "prompt": f"What is {i} + {i + 3}?",
              "response": f"{i} + {i + 3} = {2 * i + 3}. The answer is {2 * i + 3}."} for i in range(8)]
     examples = tokenize_traces(rows, load_tokenizer("builtin:tiny-llama"), system_prompt=None, chat_template=True,
                                max_seq_len=256)[0]
     job = TrainJob(cfg=cfg.to_dict(), out_dir=str(out / "train"), model_ref="builtin:tiny-llama", model_kind="ar",
-                   scoring_ref="builtin:tiny-llama", plan=SelectionPlan.for_protocol(cfg), anchor_model=None,
-                   max_steps=4, store_name="gpu-check", stop_at=stop_at)
+                   scoring_ref="builtin:tiny-llama", plan=SelectionPlan.for_protocol(cfg), anchor_model=anchor_model,
+                   max_steps=max_steps, store_name="gpu-check", stop_at=stop_at)
     return job, examples
 
 
-def run_tiny(out: Path, ranks, strategy: str, dtype: str = "float32", stop_at: int | None = None, **train):
+def run_tiny(out: Path, ranks, strategy: str, dtype: str = "float32", stop_at: int | None = None, **kw):
+    """``tiny_job`` run by the worker without Ray: (trainer, metrics per step, exported weights)."""
     import json
 
     from safetensors.torch import load_file
 
     from t3s_ray.worker import train_standalone
 
-    job, examples = tiny_job(out, strategy, dtype, stop_at, **train)
+    job, examples = tiny_job(out, strategy, dtype, stop_at, **kw)
     trainer = train_standalone(job, examples, ranks)
-    losses = [json.loads(line)["loss"] for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
-    return trainer, losses, load_file(str(out / "train" / "model" / "model.safetensors"))
+    metrics = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
+    return trainer, metrics, load_file(str(out / "train" / "model" / "model.safetensors"))
+
+
+def perturbed_tiny_model(folder: Path, scale: float = 0.02) -> str:
+    """θb for the static protocol: builtin:tiny-llama with seeded Gaussian noise on every weight, saved
+    as a model folder (a probe would save an SFT checkpoint; any other weights serve the check)."""
+    tok = load_tokenizer("builtin:tiny-llama")
+    model = load_model("builtin:tiny-llama", dtype="float32")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(scale * torch.randn(param.shape, generator=generator))
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
 
 
 def check_worker(device_under_test: str, dut: str) -> None:
-    """Checks 4 and 5: the Ray-free worker on the device under a process group, against the CPU."""
+    """Sections 4 and 5: the Ray-free worker on the device under a process group, against the CPU."""
     from t3s_ray import distributed
     from t3s_ray.distributed import Ranks
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        _, cpu_losses, cpu_weights = run_tiny(tmp / "cpu", Ranks(), "ddp")  # no process group
+        _, cpu_metrics, cpu_weights = run_tiny(tmp / "cpu", Ranks(), "ddp")  # no process group
+        cpu_losses = [m["loss"] for m in cpu_metrics]
+        theta_b = perturbed_tiny_model(tmp / "theta-b")
+        static = dict(dtype="bfloat16", selection={"protocol": "t3s_static", "rule": "top_frac", "top_frac": 0.3},
+                      anchor_model=theta_b, max_steps=2, lr=1e-4)
+        _, cpu_static, cpu_static_weights = run_tiny(tmp / "cpu-static", Ranks(), "fsdp", **static)
         ranks = distributed.init_process_group(torch.device(device_under_test), timeout_s=300)
         backend = torch.distributed.get_backend()
-        trainer, losses, weights = run_tiny(tmp / "dut", ranks, "fsdp")
+        section(4, f"the worker without Ray, {backend} process group of world size 1, FSDP2")
+        trainer, metrics, weights = run_tiny(tmp / "dut", ranks, "fsdp")
+        losses = [m["loss"] for m in metrics]
         loss_diff = max(abs(a - b) / abs(a) for a, b in zip(cpu_losses, losses))
         weight_diff = max((cpu_weights[k] - weights[k]).abs().max().item() for k in cpu_weights)
         check(f"worker without Ray, {backend} world 1, FSDP2 fp32: losses vs CPU", loss_diff < 1e-4,
               f"{len(losses)} steps, max relative diff {loss_diff:.2e} ({losses[0]:.4f} -> {losses[-1]:.4f})")
         check(f"worker without Ray, {backend}: final weights vs CPU", weight_diff < 1e-3,
               f"max |diff| {weight_diff:.2e}")
-        _, budget_losses, budget_weights = run_tiny(tmp / "budget", ranks, "fsdp", max_tokens_per_micro_batch=40)
-        bl_diff = max(abs(a - b) / abs(a) for a, b in zip(cpu_losses, budget_losses))
+        _, budget_metrics, budget_weights = run_tiny(tmp / "budget", ranks, "fsdp", max_tokens_per_micro_batch=40)
+        bl_diff = max(abs(a - b["loss"]) / abs(a) for a, b in zip(cpu_losses, budget_metrics))
         bw_diff = max((cpu_weights[k] - budget_weights[k]).abs().max().item() for k in cpu_weights)
         check(f"worker, {backend} FSDP2, token-budget micro-batches: losses and weights vs CPU",
               bl_diff < 1e-4 and bw_diff < 1e-3, f"max relative loss diff {bl_diff:.2e}, max |weight diff| {bw_diff:.2e}")
-        trainer, bf_losses, _ = run_tiny(tmp / "bf16", ranks, "fsdp", dtype="bfloat16")
+        trainer, bf_metrics, _ = run_tiny(tmp / "bf16", ranks, "fsdp", dtype="bfloat16")
+        bf_losses = [m["loss"] for m in bf_metrics]
         master = {p.dtype for p in trainer.module.parameters()}
         check(f"worker, {dut} bf16 compute: fp32 master weights, loss falls", master == {torch.float32}
               and bf_losses[-1] < bf_losses[0], f"parameters {sorted(map(str, master))}, loss {bf_losses[0]:.4f} "
               f"-> {bf_losses[-1]:.4f} (fp32 {losses[-1]:.4f})")
+        # The static protocol scores θb with the sharded module (a bf16 no-grad forward leaves FSDP2's
+        # root unsharded), then loads θ0 into that same module: a reload that fails, or leaves θb's
+        # weights in place, shows in the first step's loss and in the weights (θb is ~0.02 away per
+        # weight, two steps at lr 1e-4 move a weight by ~2e-4).
+        _, static_metrics, static_weights = run_tiny(tmp / "static", ranks, "fsdp", **static)
+        theta0 = load_model("builtin:tiny-llama", dtype="float32").state_dict()
+        s_loss = max(abs(a["loss"] - b["loss"]) / abs(a["loss"]) for a, b in zip(cpu_static, static_metrics))
+        s_anchor = abs(cpu_static[0]["anchor_frac"] - static_metrics[0]["anchor_frac"])
+        s_weight = max((cpu_static_weights[k] - static_weights[k]).abs().max().item() for k in cpu_static_weights)
+        moved = max((static_weights[k] - theta0[k]).abs().max().item() for k in static_weights if k in theta0)
+        check(f"static protocol under {backend} FSDP2, bf16: θb scored, θ0 reloaded; losses, anchors, weights "
+              "vs CPU", len(static_metrics) == 2 and s_loss < 2e-2 and s_anchor <= 0.05 and s_weight < 1e-3
+              and moved < 1e-3 and static_metrics[0]["anchor_frac"] > 0,
+              f"max relative loss diff {s_loss:.2e} (step 1 {static_metrics[0]['loss']:.4f} vs CPU "
+              f"{cpu_static[0]['loss']:.4f}), anchor fraction {static_metrics[0]['anchor_frac']:.3f} vs "
+              f"{cpu_static[0]['anchor_frac']:.3f}, max |weight diff| {s_weight:.2e}, max |w - θ0| {moved:.2e}")
+        section(5, f"a sharded checkpoint round trip, {backend}")
         run_tiny(tmp / "resumed", ranks, "fsdp", stop_at=2)
-        _, resumed_losses, resumed = run_tiny(tmp / "resumed", ranks, "fsdp")  # from the step-2 checkpoint
+        _, resumed_metrics, resumed = run_tiny(tmp / "resumed", ranks, "fsdp")  # from the step-2 checkpoint
         files = sorted(p.name for p in (tmp / "resumed" / "train" / "checkpoints" / "step-000002" / "dcp").iterdir())
         same = all(torch.equal(resumed[k], weights[k]) for k in weights)
         check(f"sharded checkpoint round trip, {backend}: resumed == uninterrupted", same and
-              resumed_losses == losses, f"checkpoint files {files}")
+              [m["loss"] for m in resumed_metrics] == losses, f"checkpoint files {files}")
 
 
-def check_8b_shaped(device_under_test: str, small: bool) -> None:
-    """Check 6: an 8B-shaped model trained on 16k-token rows with FSDP2 on this one GPU."""
-    from transformers import Qwen3Config
+def layers_that_fit(shape: dict, seq: int, free_bytes: float) -> tuple[int, str]:
+    """How many decoder layers of ``shape`` train on one GPU with ``free_bytes`` free, and the arithmetic.
+
+    * 16 B per parameter: fp32 master weights (4), fp32 gradients (4), AdamW's two fp32 moments (8).
+      Qwen3-8B: 6.95B in 36 layers (193M a layer: q, o 4096 x 4096, k, v 4096 x 1024, the MLP
+      3 x 4096 x 12288) and 1.24B in the untied embedding and lm head: 131 GB in all, 3.09 GB a layer.
+    * Activation checkpointing keeps each layer's bf16 input: seq x hidden x 2 B a layer (134 MB at 16k).
+    * Headroom, independent of the layer count: the fused loss at the lm-head backward ~12 B x V x H
+      (its fp32 weight gradient formed in the forward, the scaled copy backward returns, the bf16
+      unsharded embedding and lm head of FSDP2's root: 4 + 4 + 2 + 2 B; 7.5 GB at Qwen3-8B's shape),
+      one layer's recompute in backward (~4 bf16 seq x intermediate MLP tensors and ~6 seq x hidden
+      attention ones: 2.4 GB at 16k), two layers' bf16 all-gathered weights (0.8 GB), and 3 GB for the
+      CUDA context, cuBLAS workspaces and fragmentation. At 16k tokens: 13.7 GB + 19.9 GB (the
+      embedding and lm head's 16 B/param) before the first layer, then 3.22 GB a layer: an H100
+      (80 GiB, ~84.5 GB free) trains 15 layers, an H200 (141 GB, ~140 GB free) 32.
+    """
+    fixed, per_layer, headroom = memory_plan(shape, seq)
+    layers = max(0, min(shape["num_hidden_layers"], int((free_bytes - fixed) // per_layer)))
+    return layers, (f"{free_bytes / 1e9:.1f} GB free - {fixed / 1e9:.1f} GB (embedding and lm head at 16 B/param "
+                    f"+ {headroom / 1e9:.1f} GB headroom) = {layers} x {per_layer / 1e9:.2f} GB a layer")
+
+
+def memory_plan(shape: dict, seq: int) -> tuple[float, float, float]:
+    """(bytes before the first layer, bytes a layer, the headroom within the first): see ``layers_that_fit``."""
+    h, v, i = shape["hidden_size"], shape["vocab_size"], shape["intermediate_size"]
+    heads, kv, hd = shape["num_attention_heads"], shape["num_key_value_heads"], shape["head_dim"]
+    layer_params = 2 * h * heads * hd + 2 * h * kv * hd + 3 * h * i + 2 * h + 2 * hd
+    fixed_params = v * h * (1 if shape["tie_word_embeddings"] else 2) + h
+    headroom = 12 * v * h + (4 * seq * i + 6 * seq * h) * 2 + 2 * 2 * layer_params + 3e9
+    return 16 * fixed_params + headroom, 16 * layer_params + seq * h * 2, headroom
+
+
+def _train_shaped(config, device: torch.device, seq: int, inject_oom: bool, attempt: dict) -> dict:
+    """Build, shard and train ``config`` for 4 steps (1 warm-up + 3 timed): step time, peak, size.
+    ``attempt`` receives a weak reference to the module (so the caller can see it freed); ``inject_oom``
+    raises an out-of-memory error in the middle of the second step's backward (the dry run's retry
+    path: optimizer state allocated, FSDP2 halfway through its backward hooks)."""
+    import weakref
 
     from t3s_ray import distributed
     from t3s_ray.models import empty_model_from_config
     from t3s_ray.worker import LogprobModule, fsdp_units
+
+    model = empty_model_from_config(config)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    module = LogprobModule(model, 256)
+    attempt["module"] = weakref.ref(module)
+    distributed.shard_model(module, fsdp_units(model), bf16_compute=True)
+    distributed.materialize(module, device)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            p.fill_(1.0) if "norm" in name else p.normal_(0.0, 0.02)
+    module.train()
+    steps_done = [0]
+    if inject_oom:
+        def arm(layer, args, output):  # the gradient reaching the first layer's output raises
+            if steps_done[0] and output.requires_grad:
+                output.register_hook(lambda grad: _raise_oom())
+
+        model.model.layers[0].register_forward_hook(arm)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-5, betas=(0.9, 0.95), fused=True)
+    n_params = sum(p.numel() for p in module.parameters())
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, config.vocab_size, (1, seq), generator=generator).to(device)
+    attention = torch.ones_like(ids)
+    target = torch.ones_like(ids, dtype=torch.bool)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    weights = target.float() / target.sum()
+    for _ in range(4):  # 1 warm-up + 3 timed
+        started = time.perf_counter()
+        module(ids, attention, target, loss_weights=weights)[0].backward()  # the worker's fused loss
+        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        steps_done[0] += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - started)
+    peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else float("nan")
+    return {"step": sorted(times[1:])[1], "peak": peak, "n_params": n_params}
+
+
+def _raise_oom():
+    raise torch.OutOfMemoryError("CUDA out of memory (injected by the dry run, halfway through a backward)")
+
+
+def check_8b_shaped(device_under_test: str, small: bool) -> None:
+    """Section 6: an 8B-shaped model trained on 16k-token rows with FSDP2 on this one GPU."""
+    from transformers import Qwen3Config
 
     shape = dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
                  num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960,
                  tie_word_embeddings=False, rope_theta=1e6)
     seq = 16384
     if small:  # the dry run: the same code on a shape a CPU trains in seconds
-        shape.update(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=2,
+        shape.update(hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=2,
                      num_key_value_heads=1, head_dim=64, vocab_size=4096)
         seq = 256
     device = torch.device(device_under_test, torch.cuda.current_device()) if device_under_test == "cuda" \
         else torch.device("cpu")
-    for layers in ([shape["num_hidden_layers"]] if small else [36, 24]):
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:  # the dry run pretends to have just the room for all its layers, then injects an OOM (retry path)
+        fixed, per_layer, _ = memory_plan(shape, seq)
+        free = fixed + shape["num_hidden_layers"] * per_layer
+    layers, arithmetic = layers_that_fit(shape, seq, free)
+    print(f"layer count from free memory: {arithmetic}", flush=True)
+
+    def plan(n: int) -> float:
+        fixed, per_layer, _ = memory_plan(shape, seq)
+        return (fixed + n * per_layer) / 1e9
+
+    baseline = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    while layers >= 1:
         config = Qwen3Config(**{**shape, "num_hidden_layers": layers})
-        module = optimizer = None
+        attempt: dict = {}
+        oom = None
         try:
-            model = empty_model_from_config(config)
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            module = LogprobModule(model, 256)
-            distributed.shard_model(module, fsdp_units(model), bf16_compute=True)
-            distributed.materialize(module, device)
-            with torch.no_grad():
-                for name, p in module.named_parameters():
-                    p.fill_(1.0) if "norm" in name else p.normal_(0.0, 0.02)
-            module.train()
-            optimizer = torch.optim.AdamW(module.parameters(), lr=1e-5, betas=(0.9, 0.95), fused=True)
-            n_params = sum(p.numel() for p in module.parameters())
-            generator = torch.Generator().manual_seed(0)
-            ids = torch.randint(0, config.vocab_size, (1, seq), generator=generator).to(device)
-            attention = torch.ones_like(ids)
-            target = torch.ones_like(ids, dtype=torch.bool)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            times = []
-            weights = target.float() / target.sum()
-            for _ in range(4):  # 1 warm-up + 3 timed
-                started = time.perf_counter()
-                module(ids, attention, target, loss_weights=weights)[0].backward()  # the worker's fused loss
-                torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                times.append(time.perf_counter() - started)
-            step = sorted(times[1:])[1]
-            peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else float("nan")
-            tokens_per_s = seq / step
-            check(f"Qwen3-8B-shaped ({layers} layers, {n_params / 1e6:,.0f}M params), {seq}-token rows, FSDP2 "
-                  "bf16/fp32-master/AC", True,
-                  f"step {step:.2f} s, {tokens_per_s:,.0f} tokens/s/GPU ({tokens_per_s / 5762:.2f}x torchtitan's "
-                  f"5,762 for Llama-3.1-8B on H100), peak allocated {peak:.1f} GB"
-                  + ("" if layers == shape["num_hidden_layers"] or small else
-                     f"; 36 layers would need ~{peak + (36 - layers) * 16 * n_params / layers / 1e9:.0f} GB"))
+            got = _train_shaped(config, device, seq, inject_oom=small and layers == shape["num_hidden_layers"],
+                                attempt=attempt)
+        except RuntimeError as e:  # torch.OutOfMemoryError, or cuBLAS failing to allocate its workspace
+            if not isinstance(e, torch.OutOfMemoryError) and "ALLOC_FAILED" not in str(e):
+                raise
+            oom = str(e).splitlines()[0][:160]
+        # The attempt's module and optimizer sit in reference cycles (FSDP2's hooks refer back to their
+        # modules): leaving the attempt frees nothing until the cycle collector runs. Collect, then give
+        # the cached blocks back, after a failed attempt (before a smaller retry) and after a good one
+        # (before the next checks).
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if oom is None:
+            tokens_per_s = seq / got["step"]
+            check(f"Qwen3-8B-shaped ({layers} of 36 layers, {got['n_params'] / 1e6:,.0f}M params), {seq}-token "
+                  "rows, FSDP2 bf16/fp32-master/AC", True,
+                  f"step {got['step']:.2f} s, {tokens_per_s:,.0f} tokens/s/GPU ({tokens_per_s / 5762:.2f}x "
+                  f"torchtitan's 5,762 for Llama-3.1-8B on H100), peak allocated {got['peak']:.1f} GB"
+                  + ("" if small else f"; the plan: {plan(layers):.0f} GB at {layers} layers, ~{plan(36):.0f} GB at 36"))
             return
-        except torch.OutOfMemoryError as e:
-            print(f"{layers} layers do not fit on this one GPU ({str(e).splitlines()[0][:160]}); trying fewer",
-                  flush=True)
-        finally:
-            del module, optimizer
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        print(f"{layers} layers do not fit ({oom}); the attempt freed, retrying with fewer", flush=True)
+        left = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        freed = attempt.get("module") is None or attempt["module"]() is None
+        check(f"after an out-of-memory error at {layers} layers, the attempt's memory is freed before the retry",
+              freed and left - baseline < 2**30, f"module collected: {freed}, allocated "
+              f"{(left - baseline) / 1e9:.2f} GB above the level before the attempt")
+        layers = layers * 2 // 3
     check("Qwen3-8B-shaped training", False, "no layer count fitted")
 
 
@@ -323,6 +473,112 @@ def check_step_vs_hf(device_under_test: str, small: bool, rounds: int = 4) -> No
           f"{batch * seq / statistics.median(times['hf']):,.0f} tokens/s")
 
 
+def check_loss_chunks(device_under_test: str, small: bool, chunks=(256, 2048, 4096), calls: int = 5) -> None:
+    """Section 7: the fused training loss (``token_loss_and_confidence``) at Qwen3-8B's lm-head shape
+    under bf16 autocast, at several ``chunk_size``: median time of a call (forward + backward) and the
+    peak memory above the model and inputs. At chunk 256 each chunk's matmuls are small and every
+    chunk reads and adds into the fp32 V x H weight gradient, so the head is memory-bound; a larger
+    chunk must not be slower, and must stay under the bound 12 B x V x H + 8 B x chunk x V + 20 B x
+    tokens x H + 0.5 GB: in the forward the fp32 weight gradient (4 B x V x H), the bf16 weight (2) and
+    a chunk's bf16 product before it is added (2), in backward that gradient and its scaled copy (8),
+    4 B slack; a chunk's fp32 logits turned into their gradient in place and its bf16 copy (6 B x
+    chunk x V, 2 slack); the hidden rows, their gradient and the norm's (~5 fp32 tokens x H)."""
+    import statistics
+
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from t3s_ray.t3s import token_loss_and_confidence
+
+    h, v, n = 4096, 151936, 16384
+    if small:  # bf16 matmuls are emulated on most CPUs: a shape and a count of calls that take seconds
+        h, v, n, calls = 64, 2048, 2048, 2
+    device = torch.device(device_under_test)
+    # No decoder layers: the embedding, the final norm and the lm head, so that the call's time and
+    # memory are the head's. fp32 weights under bf16 autocast, as the worker's unsharded path.
+    config = Qwen3Config(hidden_size=h, intermediate_size=4 * h, num_hidden_layers=0, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=128, vocab_size=v, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with device:  # initialised where it runs: 1.2B random weights are slow to draw on a CPU
+        model = Qwen3ForCausalLM(config).train()
+    # The input embedding's gradient (4 B x V x H, dense) is not the head's: frozen, the peak is the head's.
+    model.get_input_embeddings().weight.requires_grad_(False)
+    ids = torch.randint(0, v, (1, n), device=device)
+    attention = torch.ones_like(ids)
+    target = torch.ones_like(ids, dtype=torch.bool)
+    weights = target.float() / target.sum()
+    rows = []
+    for chunk in chunks:
+        times, loss = [], None
+        for k in range(calls + 1):  # a warm-up, then the timed calls
+            model.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                if k == 1:
+                    torch.cuda.reset_peak_memory_stats(device)
+                    base = torch.cuda.memory_allocated(device)
+            started = time.perf_counter()
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+                loss = token_loss_and_confidence(model, ids, attention, target, weights, chunk_size=chunk)[0]
+            loss.backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - started)
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 1e9 if device.type == "cuda" else float("nan")
+        bound = (12 * v * h + 8 * chunk * v + 20 * n * h) / 1e9 + 0.5
+        rows.append((chunk, statistics.median(times[1:]), peak, bound, float(loss.detach())))
+    print(f"fused loss, hidden {h}, vocab {v:,}, 1 x {n} tokens, bf16 autocast, forward + backward:", flush=True)
+    print(f"{'chunk':>7} {'ms/call':>9} {'vs 256':>7} {'peak GB':>8} {'bound GB':>9}", flush=True)
+    base_time = rows[0][1]
+    for chunk, t, peak, bound, _ in rows:
+        print(f"{chunk:>7} {t * 1e3:>9.1f} {t / base_time:>7.2f} {peak:>8.2f} {bound:>9.2f}", flush=True)
+    same_loss = all(abs(r[4] - rows[0][4]) <= 1e-2 * abs(rows[0][4]) for r in rows)
+    for chunk, t, peak, bound, _ in rows[1:]:
+        # 3 % for timing noise; the dry run's CPU timings and memory say nothing about a GPU
+        fast = t <= 1.03 * base_time or small
+        fits = peak <= bound or device.type != "cuda"
+        check(f"fused loss at chunk {chunk} vs 256 (hidden {h}, vocab {v:,}, {n} tokens, bf16)",
+              fast and fits and same_loss, f"{t * 1e3:.1f} vs {base_time * 1e3:.1f} ms/call "
+              f"({t / base_time:.2f}x), peak {peak:.2f} GB (bound {bound:.2f} GB), same loss: {same_loss}")
+
+
+def check_diffusion(device_under_test: str, dut: str) -> None:
+    """Section 3: the diffusion sampler, greedy against the CPU, then sampling at temperature > 0 through
+    ``HFGenerator`` (which seeds a CPU generator whatever device the model is on)."""
+    from t3s_ray.generate import HFGenerator
+
+    tok = load_tokenizer("builtin:tiny-dllm")
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    dl = {}
+    for device in ("cpu", device_under_test):
+        model = load_model("builtin:tiny-dllm", dtype="float32").to(device).eval()
+        dl[device] = [o["token_ids"] for o in diffusion_generate(
+            model, ids, 12, mask_id=mask_token_id(tok, "", "builtin:tiny-dllm"), pad_id=tok.pad_token_id,
+            eos_ids={tok.eos_token_id}, steps=6, block_length=4, temperature=0.0, top_p=1.0)]
+    check(f"diffusion sampler greedy, {dut} vs CPU", dl["cpu"] == dl[device_under_test],
+          f"{sum(a == b for a, b in zip(dl['cpu'], dl[device_under_test]))}/3 sequences equal")
+
+    def sample(device: str, seed: int) -> list[dict]:
+        gen = HFGenerator("builtin:tiny-dllm", temperature=1.0, top_p=0.95, topk_logprobs=0, dtype="float32",
+                          device=device, sampler="diffusion", diffusion_steps=6, diffusion_block_length=4)
+        rows = [{"id": str(i), "sample_index": 0, "prompt_text": p, "max_tokens": 12, "seed": seed}
+                for i, p in enumerate(PROMPTS)]
+        return gen.generate_rows(rows)
+
+    first, again, other, cpu = (sample(device_under_test, 7), sample(device_under_test, 7),
+                                sample(device_under_test, 8), sample("cpu", 7))
+    errors = [r["error"] for r in first + again + other if r["finish_reason"] == "error"]
+    tokens = [t for r in first + other for t in r["token_ids"]]
+    mask = mask_token_id(tok, "", "builtin:tiny-dllm")
+    in_vocab = bool(tokens) and all(0 <= t < len(tok) and t != mask for t in tokens)
+    same = [r["token_ids"] for r in first] == [r["token_ids"] for r in again]
+    check(f"diffusion sampler at temperature 1.0, top-p 0.95, on {dut} (seeded CPU generator)",
+          not errors and same and in_vocab,
+          f"{len(errors)} failed samples{' (' + errors[0][:120] + ')' if errors else ''}; same seed, same tokens: "
+          f"{same}; {len(tokens)} tokens in the vocabulary, none the mask: {in_vocab}; another seed differs: "
+          f"{[r['token_ids'] for r in other] != [r['token_ids'] for r in first]}; the same seed on the CPU gives "
+          f"{sum(a['token_ids'] == b['token_ids'] for a, b in zip(first, cpu))}/3 equal sequences")
+
+
 def main() -> int:
     # --device cpu runs every comparison CPU against CPU: a dry run of this script without a GPU.
     device_under_test = sys.argv[sys.argv.index("--device") + 1] if "--device" in sys.argv else "cuda"
@@ -331,8 +587,11 @@ def main() -> int:
         return 2
     name = torch.cuda.get_device_name() if device_under_test == "cuda" else "CPU (dry run)"
     print(f"torch {torch.__version__} on {name}", flush=True)
+    started = time.perf_counter()
     dut = device_under_test.upper()
+    small = device_under_test != "cuda"
 
+    section(1, "token confidence and the fused training loss")
     for ref in ("builtin:tiny-llama", "builtin:tiny-qwen3"):
         cpu, g_cpu, target = confidence_and_grad(ref, "cpu", torch.float32)
         gpu, g_gpu, _ = confidence_and_grad(ref, device_under_test, torch.float32)
@@ -357,6 +616,7 @@ def main() -> int:
     check(f"padding-free micro-batch ({attn}) vs padded, {dut}", packed_diff < (5e-2 if attn != "sdpa" else 1e-4),
           f"max |diff| of the confidences {packed_diff:.2e}")
 
+    section(2, "greedy generation (HFGenerator)")
     rows = [{"id": str(i), "sample_index": 0, "prompt_text": p, "max_tokens": 16, "seed": 0}
             for i, p in enumerate(PROMPTS)]
     outs, lps = {}, {}
@@ -374,32 +634,29 @@ def main() -> int:
           f"{sum(a == b for a, b in zip(outs['cpu'], outs[device_under_test]))}/3 "
           "sequences equal")
 
-    tok = load_tokenizer("builtin:tiny-dllm")
-    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
-    dl = {}
-    for device in ("cpu", device_under_test):
-        model = load_model("builtin:tiny-dllm", dtype="float32").to(device).eval()
-        dl[device] = [o["token_ids"] for o in diffusion_generate(
-            model, ids, 12, mask_id=mask_token_id(tok, "", "builtin:tiny-dllm"), pad_id=tok.pad_token_id,
-            eos_ids={tok.eos_token_id}, steps=6, block_length=4, temperature=0.0, top_p=1.0)]
-    check(f"diffusion sampler greedy, {dut} vs CPU", dl["cpu"] == dl[device_under_test],
-          f"{sum(a == b for a, b in zip(dl['cpu'], dl[device_under_test]))}/3 sequences equal")
+    section(3, "the diffusion sampler (tiny denoiser)")
+    check_diffusion(device_under_test, dut)
 
-    check_worker(device_under_test, dut)
-    check_8b_shaped(device_under_test, small=device_under_test != "cuda")
-    check_step_vs_hf(device_under_test, small=device_under_test != "cuda")
-    assert "ray" not in sys.modules and "vllm" not in sys.modules, "the GPU path must not need Ray or vLLM"
+    check_worker(device_under_test, dut)  # sections 4 and 5
+    section(6, "Qwen3-8B-shaped training on this one device, then a training step against plain Hugging Face")
+    check_8b_shaped(device_under_test, small=small)
+    check_step_vs_hf(device_under_test, small=small)
+    section(7, "the fused loss at Qwen3-8B's lm-head shape: chunk size")
+    check_loss_chunks(device_under_test, small=small)
+    section(8, "what this ran without")
+    imported = sorted(m for m in ABSENT if m in sys.modules)
+    check("nothing imported Ray, vLLM, pyarrow, datasets, math-verify or matplotlib", not imported,
+          f"imported: {imported or 'none'}")
 
-    if device_under_test != "cuda":
-        failed = [name for name, ok, _ in results if not ok]
-        print(f"{len(results) - len(failed)}/{len(results)} checks passed (dry run)", flush=True)
-        return 1 if failed else 0
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "confidence_memory.py")], capture_output=True,
-                          text=True)
-    print(proc.stdout[-3000:], proc.stderr[-2000:], flush=True)
-    check("bench/confidence_memory.py on CUDA", proc.returncode == 0, f"exit {proc.returncode}")
+    if device_under_test == "cuda":
+        section(9, "bench/confidence_memory.py on CUDA")
+        proc = subprocess.run([sys.executable, str(ROOT / "bench" / "confidence_memory.py")], capture_output=True,
+                              text=True)
+        print(proc.stdout[-3000:], proc.stderr[-2000:], flush=True)
+        check("bench/confidence_memory.py on CUDA", proc.returncode == 0, f"exit {proc.returncode}")
     failed = [name for name, ok, _ in results if not ok]
-    print(f"{len(results) - len(failed)}/{len(results)} checks passed", flush=True)
+    print(f"{len(results) - len(failed)}/{len(results)} checks passed{' (dry run)' if small else ''} in "
+          f"{time.perf_counter() - started:.0f} s" + (f"; failed: {', '.join(failed)}" if failed else ""), flush=True)
     return 1 if failed else 0
 
 

@@ -127,3 +127,77 @@ def test_sampling_is_seeded_and_temperature_changes_the_draw():
                                 eos_ids=set())[0]["token_ids"]
     assert draw(1) == draw(1)
     assert len({tuple(draw(s)) for s in range(4)} | {tuple(greedy)}) > 1
+
+
+class ElsewhereGenerator:
+    """A seeded CPU generator that claims to live on another device ("cuda"): on a CPU-only machine
+    this stands in for a generator whose device differs from the probabilities' (on a GPU: a CPU
+    generator and CUDA probabilities, which ``torch.multinomial`` refuses)."""
+
+    device = torch.device("cuda")
+
+    def __init__(self, seed: int):
+        self.inner = torch.Generator().manual_seed(seed)
+
+
+def refuse_foreign_generators(monkeypatch):
+    """Random ops that, like CUDA's, refuse a generator of another device than the one they draw on;
+    with an ``ElsewhereGenerator`` on its own (claimed) device they draw from its CPU generator."""
+    real_rand, real_multinomial = torch.rand, torch.multinomial
+
+    def unwrap(generator, draw_device):
+        if isinstance(generator, ElsewhereGenerator):
+            if torch.device(draw_device) != generator.device:
+                raise RuntimeError(f"Expected a '{torch.device(draw_device).type}' device type for generator "
+                                   f"but found '{generator.device.type}'")
+            return generator.inner
+        return generator
+
+    def rand(*size, generator=None, device=None, **kw):
+        device = device if device is not None else "cpu"
+        inner = unwrap(generator, device)
+        return real_rand(*size, generator=inner, device="cpu" if inner is not generator else device, **kw)
+
+    def multinomial(input, num_samples, replacement=False, *, generator=None, **kw):
+        return real_multinomial(input, num_samples, replacement, generator=unwrap(generator, input.device), **kw)
+
+    monkeypatch.setattr(torch, "rand", rand)
+    monkeypatch.setattr(torch, "multinomial", multinomial)
+
+
+def test_sampling_works_with_a_generator_on_another_device_than_the_probabilities(monkeypatch):
+    """The HF backend seeds a CPU generator whatever device the dLLM runs on: sampling at temperature
+    > 0 must draw where the generator lives (it used to hand it to ``torch.multinomial`` with CUDA
+    probabilities, and every GPU sample failed). The draw is the same as with a plain CPU generator."""
+    from t3s_ray.models import load_model, load_tokenizer
+
+    model = load_model("builtin:tiny-dllm", dtype="float32").eval()
+    tok = load_tokenizer("builtin:tiny-dllm")
+    prompts = [tok("1 + 2 =", add_special_tokens=False)["input_ids"], tok("7 x", add_special_tokens=False)["input_ids"]]
+
+    def draw(generator):
+        return [o["token_ids"] for o in diffusion_generate(
+            model, prompts, 12, mask_id=tok.mask_token_id, pad_id=tok.pad_token_id, eos_ids=set(), steps=6,
+            block_length=4, temperature=1.0, top_p=0.9, generator=generator)]
+
+    plain = draw(torch.Generator().manual_seed(3))
+    refuse_foreign_generators(monkeypatch)
+    elsewhere = draw(ElsewhereGenerator(3))
+    assert elsewhere == plain
+    assert all(0 <= t < len(tok) and t != tok.mask_token_id for row in elsewhere for t in row)
+
+
+def test_inverse_cdf_draws_follow_the_probabilities_and_never_a_zero():
+    """The sampler's draw (one uniform per row through the CDF): frequencies match the probabilities,
+    tokens of probability 0 (between others, first, last) are never drawn."""
+    from t3s_ray.t3s.diffusion import _inverse_cdf_sample
+
+    probs = torch.tensor([0.0, 0.1, 0.0, 0.6, 0.3, 0.0])
+    drawn = _inverse_cdf_sample(probs.expand(40000, -1).contiguous(), torch.Generator().manual_seed(0))
+    counts = torch.bincount(drawn, minlength=6).float() / len(drawn)
+    assert counts[[0, 2, 5]].sum() == 0
+    torch.testing.assert_close(counts, probs, atol=0.01, rtol=0)
+    # unnormalised rows, and a row whose only mass is on its last token
+    rows = torch.tensor([[2.0, 0.0, 6.0], [0.0, 0.0, 1e-30]])
+    drawn = _inverse_cdf_sample(rows.repeat(500, 1), torch.Generator().manual_seed(1)).reshape(500, 2)
+    assert set(drawn[:, 0].tolist()) == {0, 2} and set(drawn[:, 1].tolist()) == {2}

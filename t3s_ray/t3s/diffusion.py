@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from .selection import uniform
+
 
 def transfer_schedule(block_size: int, steps: int) -> list[int]:
     """How many tokens each of ``steps`` steps commits so that ``block_size`` tokens are committed."""
@@ -40,8 +42,29 @@ def _draw(logits: torch.Tensor, temperature: float, top_p: float, generator: tor
         drop = sorted_p.cumsum(-1) - sorted_p >= top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    flat = probs.reshape(-1, probs.shape[-1])
-    return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+    return _inverse_cdf_sample(probs.reshape(-1, probs.shape[-1]), generator).reshape(probs.shape[:-1])
+
+
+def _inverse_cdf_sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One index per row of ``probs`` ([N, V], rows summing to > 0) drawn by inverting its CDF with one
+    uniform per row, the uniforms drawn on the generator's device and moved to ``probs``' device.
+
+    ``torch.multinomial`` needs a generator on the probabilities' own device (a seeded CPU generator
+    fails on CUDA probabilities), and its draws differ between CPU and CUDA for the same seed. Here
+    only N uniforms cross devices (not N x V probabilities), and a seed gives the same uniforms on
+    every device, hence the same tokens on CPU and GPU except where a uniform falls within rounding
+    of a CDF boundary.
+    """
+    cdf = probs.cumsum(-1)
+    # A token of probability 0 (the mask token, the tail cut by top-p) must never be drawn, whatever
+    # the rounding of a (parallel) cumsum: it gets its predecessor's value, and cummax makes the CDF
+    # non-decreasing, so the first index whose CDF exceeds u always has probability > 0.
+    cdf = torch.where(probs > 0, cdf, torch.zeros((), dtype=cdf.dtype, device=cdf.device)).cummax(-1).values
+    total = cdf[:, -1:].contiguous()
+    u = uniform((probs.shape[0], 1), device=probs.device, generator=generator).to(cdf.dtype) * total
+    drawn = torch.searchsorted(cdf, u, right=True)
+    # u * total can round up to total; the last token of probability > 0 is the first to reach it
+    return torch.minimum(drawn, torch.searchsorted(cdf, total))[:, 0]
 
 
 @torch.inference_mode()
