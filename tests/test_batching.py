@@ -97,6 +97,97 @@ def test_packed_rows_attend_only_within_their_example():
                            atol=1e-3)
 
 
+def test_a_packed_micro_batch_holds_the_boundaries_flash_attention_would_derive():
+    """The boundaries a packed micro-batch carries equal what transformers derives from its position
+    ids (its own helper, which flash attention otherwise runs in every layer); a padded batch has none."""
+    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+
+    examples = examples_of([5, 1, 9, 3])
+    packed = build_micro_batch(examples, [2, 0, 3, 1], 0, torch.device("cpu"), packed=True)
+    (cu_q, cu_k), (max_q, max_k) = prepare_fa_kwargs_from_position_ids(packed.position_ids)
+    assert packed.cu_seq_lens.dtype == cu_q.dtype == torch.int32
+    assert packed.cu_seq_lens.tolist() == cu_q.tolist() == cu_k.tolist() == [0, 9, 14, 17, 18]
+    assert isinstance(packed.max_seq_len, int) and packed.max_seq_len == int(max_q) == int(max_k) == 9
+    assert packed.packing == {"position_ids": packed.position_ids, "cu_seq_lens": packed.cu_seq_lens,
+                              "max_seq_len": 9}
+    padded = build_micro_batch(examples, [2, 0, 3, 1], 0, torch.device("cpu"))
+    assert padded.packing == {"position_ids": None, "cu_seq_lens": None, "max_seq_len": None}
+
+
+FLASH_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def _varlen_attention(calls: list):
+    """An attention implementation whose name says flash attention, for the CPU: it records the
+    flash keyword arguments each layer receives and, given ``cu_seq_lens_q``, attends causally within
+    each sequence it delimits (flash attention's variable-length path), else over the whole row."""
+    import torch.nn.functional as F
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        calls.append({k: kwargs.get(k) for k in FLASH_KEYS})
+        key, value = repeat_kv(key, module.num_key_value_groups), repeat_kv(value, module.num_key_value_groups)
+        cu = kwargs.get("cu_seq_lens_q")
+        bounds = cu.tolist() if cu is not None else [0, query.shape[2]]
+        parts = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True,
+                                                scale=scaling) for s, e in zip(bounds[:-1], bounds[1:])]
+        return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
+
+    return attention
+
+
+def test_flash_attention_gets_the_micro_batch_boundaries_exactly_when_packed():
+    """The worker's module (``LogprobModule``) passes a packed batch's boundaries to the model when its
+    attention is flash attention, so that no layer derives them from the position ids (a host sync
+    each): every layer receives them, and the packed confidences and loss equal the padded ones under
+    sdpa. sdpa gets none (its mask comes from the position ids), nor does a padded batch."""
+    from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
+
+    from t3s_ray.worker import LogprobModule
+
+    calls: list = []
+    AttentionInterface.register("flash_varlen_cpu_test", _varlen_attention(calls))
+    config = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    module = LogprobModule(model, chunk_size=5)
+    examples = examples_of([7, 12, 4, 9], seed=1)
+    padded = build_micro_batch(examples, [0, 1, 2, 3], 0, torch.device("cpu"))
+    packed = build_micro_batch(examples, [0, 1, 2, 3], 0, torch.device("cpu"), packed=True)
+    weights = [torch.rand(b.target_mask.shape) * b.predicted_mask for b in (padded, packed)]
+
+    def run(batch, w):
+        calls.clear()
+        with torch.no_grad():
+            conf = module(batch.input_ids, batch.attention_mask, batch.predicted_mask, **batch.packing)
+            loss, _ = module(batch.input_ids, batch.attention_mask, batch.predicted_mask, loss_weights=w,
+                             **batch.packing)
+        return batch.per_example(conf), loss
+
+    reference, ref_loss = run(padded, weights[0])
+    assert not calls  # sdpa: the spy never ran
+
+    model.config._attn_implementation = "flash_varlen_cpu_test"
+    confidences, loss = run(packed, packed.to_positions(padded.per_example(weights[0]), dtype=torch.float32))
+    assert len(calls) == 2 * config.num_hidden_layers  # every layer of both passes
+    for got in calls:
+        assert got["cu_seq_lens_q"] is packed.cu_seq_lens and got["cu_seq_lens_k"] is packed.cu_seq_lens
+        assert got["max_length_q"] == got["max_length_k"] == 12 and isinstance(got["max_length_q"], int)
+    for x, y in zip(reference, confidences):
+        np.testing.assert_allclose(x, y, rtol=0, atol=1e-5)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+
+    run(padded, weights[0])  # flash attention on a padded batch: the mask says where rows end
+    assert calls and all(v is None for got in calls for v in got.values())
+
+    model.config._attn_implementation = "sdpa"
+    seen: list = []
+    model.model.register_forward_pre_hook(lambda _m, _a, kw: seen.append(sorted(kw)), with_kwargs=True)
+    run(packed, weights[1])
+    assert seen and all(not set(FLASH_KEYS) & set(kw) for kw in seen)
+
+
 @pytest.mark.parametrize("normalization", ["token_mean", "sum", "seq_mean"])
 def test_loss_weights_reproduce_the_normalised_loss_however_split(normalization):
     """Σ w·CE summed over any split of a batch equals normalize_token_losses of the whole batch."""

