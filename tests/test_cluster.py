@@ -35,11 +35,11 @@ def test_hub_models_are_fetched_on_the_other_nodes_before_training(ray_local, tm
     """One task per node (here the only node, named explicitly): a hub id found in that node's cache
     passes; one that is missing fails as the project's one-line error; local folders are not sent."""
     import pytest
+    from test_worker import fake_hub_repo
 
     from t3s_ray.cluster import prefetch_on_other_nodes
     from t3s_ray.errors import user_error
     from t3s_ray.models import resolve
-    from test_worker import fake_hub_repo
 
     node = ray.get_runtime_context().get_node_id()
     assert prefetch_on_other_nodes({resolve("builtin:tiny-llama"): None}, nodes=[node]) == []  # local: skipped

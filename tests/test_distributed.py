@@ -45,17 +45,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_ranks(rank: int, world: int, port: int, model_dir: str, out: str, errors) -> None:
+def _one_rank(rank: int, world: int, port: int, model_dir: str, out: str, errors, checks) -> None:
+    """One spawned rank of a gloo group running ``checks(ranks, model_dir, out)``."""
     try:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
         ranks = distributed.init_process_group(torch.device("cpu"), timeout_s=120)
         assert (ranks.rank, ranks.world) == (rank, world)
-        _checks(ranks, Path(model_dir), Path(out))
+        checks(ranks, Path(model_dir), Path(out))
     except BaseException:  # surfaced by the parent
         errors.put(f"rank {rank}: {traceback.format_exc()}")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def run_ranks(world: int, checks, model_dir: Path, out: Path) -> None:
+    """``checks`` on ``world`` spawned gloo ranks; every rank's failure, with its traceback, fails the test."""
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    mp.start_processes(_one_rank, args=(world, _free_port(), str(model_dir), str(out), errors, checks), nprocs=world,
+                       start_method="spawn")
+    problems = []
+    while not errors.empty():
+        problems.append(errors.get())
+    assert not problems, "\n".join(problems)
 
 
 def _checks(ranks, model_dir: Path, out: Path) -> None:
@@ -145,14 +158,7 @@ def test_shard_load_gather_and_sharded_checkpoint_on_two_gloo_ranks(tmp_path):
     model_dir = tied_tiny_model(tmp_path / "model")
     out = tmp_path / "out"
     out.mkdir()
-    ctx = mp.get_context("spawn")
-    errors = ctx.SimpleQueue()
-    mp.start_processes(_two_ranks, args=(2, _free_port(), str(model_dir), str(out), errors), nprocs=2,
-                       start_method="spawn")
-    problems = []
-    while not errors.empty():
-        problems.append(errors.get())
-    assert not problems, "\n".join(problems)
+    run_ranks(2, _checks, model_dir, out)
     files = {p.name for p in (out / "dcp").iterdir()}
     assert files == {".metadata", "__0_0.distcp", "__1_0.distcp"}
     # The checkpoint reads back whole in one process (another world size): the model after one step.
@@ -160,18 +166,6 @@ def test_shard_load_gather_and_sharded_checkpoint_on_two_gloo_ranks(tmp_path):
     two_steps = torch.load(out / "after_two_steps.pt", map_location="cpu", weights_only=True)
     assert one_step.keys() >= {"model.norm.weight", "lm_head.weight"}
     assert any(not torch.equal(one_step[k], two_steps[k]) for k in two_steps)
-
-
-def _four_ranks(rank: int, world: int, port: int, model_dir: str, out: str, errors) -> None:
-    try:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-        ranks = distributed.init_process_group(torch.device("cpu"), timeout_s=120)
-        _hybrid_checks(ranks, Path(model_dir), Path(out))
-    except BaseException:  # surfaced by the parent
-        errors.put(f"rank {rank}: {traceback.format_exc()}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def _hybrid_checks(ranks, model_dir: Path, out: Path) -> None:
@@ -230,15 +224,7 @@ def _hybrid_checks(ranks, model_dir: Path, out: Path) -> None:
 
 
 def test_hybrid_sharding_on_a_2x2_mesh_equals_flat_fsdp_on_four_gloo_ranks(tmp_path):
-    model_dir = tied_tiny_model(tmp_path / "model")
-    ctx = mp.get_context("spawn")
-    errors = ctx.SimpleQueue()
-    mp.start_processes(_four_ranks, args=(4, _free_port(), str(model_dir), str(tmp_path), errors), nprocs=4,
-                       start_method="spawn")
-    problems = []
-    while not errors.empty():
-        problems.append(errors.get())
-    assert not problems, "\n".join(problems)
+    run_ranks(4, _hybrid_checks, tied_tiny_model(tmp_path / "model"), tmp_path)
 
 
 def test_expandable_segments_are_set_on_a_cuda_worker_unless_the_user_chose(monkeypatch):

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_worker import make_job, tiny_examples
 
 from t3s_ray.distributed import Ranks
 from t3s_ray.models import resolve
 from t3s_ray.worker import train_standalone
-from test_worker import make_job, tiny_examples
 
 PINNED = {  # [loss, kept fraction, gradient norm] per step, measured 2026-12-05 (torch 2.13.0 CPU)
     "sft": [[6.24751615524292, 1.0, 2.6128950119018555], [5.79561448097229, 1.0, 3.2668814659118652],

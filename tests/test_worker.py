@@ -240,11 +240,11 @@ def test_the_dllm_selectors_sharded_scorer_is_freed_before_training(tmp_path, mo
     import weakref
 
     import torch.distributed as dist
+    from test_distributed import _free_port
 
     from t3s_ray import distributed
     from t3s_ray.store import local_store
     from t3s_ray.worker import LocalSession, StudentTrainer
-    from test_distributed import _free_port
 
     built = []
     build = StudentTrainer._build_module
