@@ -150,6 +150,14 @@ class DataConfig:
             "gives away N" sentence to keep track of, so the problems get harder).
         max_seq_len: Longest tokenised (prompt + response) the student trains on; longer rows are
             skipped and counted.
+        lab_insert_prob: ``builtin:lab`` only: the probability q with which the oracle teacher's
+            ``solution`` (correct arithmetic in the student's terse format) gets a thought-lead
+            phrase at each step boundary (before each step and before ``Answer``), drawn per
+            (``builtin_seed``, prompt). 0.8: about 24 % of the response tokens are style; 0.3: 11 %.
+        lab_phrases: ``builtin:lab`` only: the phrases inserted, one drawn uniformly per insertion;
+            every word must be in the lab tokenizer (``Hmm``, ``Wait``, ``Okay``, ``so``, ``Let``,
+            ``me``, ``check``, ``Now``, ``see``, ``Then``, ``think``, ``right``, and the task's
+            words and punctuation) and a phrase must start with one of those style words.
     """
 
     source: str = "builtin:arith"
@@ -165,6 +173,9 @@ class DataConfig:
     builtin_seed: int = 0
     builtin_steps: int = 1
     max_seq_len: int = 1024
+    lab_insert_prob: float = 0.0
+    lab_phrases: list[str] = field(default_factory=lambda: ["Hmm ,", "Wait ,", "Okay , so", "Let me check .", "Now ,",
+                                                            "Let me see ,", "Then", "Let me think .", "Okay right ."])
 
     def check(self) -> list[tuple[str, str]]:
         errs = []
@@ -177,6 +188,11 @@ class DataConfig:
                 errs.append((name, "must be >= 1"))
         if self.max_seq_len < 8:
             errs.append(("max_seq_len", "must be >= 8"))
+        if not 0 <= self.lab_insert_prob <= 1:
+            errs.append(("lab_insert_prob", "must be in [0, 1]"))
+        from .lab import phrase_problems  # stdlib-only module
+
+        errs += [("lab_phrases", e) for e in phrase_problems(self.lab_phrases)]
         return errs
 
 
@@ -602,7 +618,8 @@ class EvalConfig:
 
     Attributes:
         benchmarks: Benchmarks to run: preset names (``aime24``, ``aime25``, ``math500``,
-            ``gpqa_diamond``, ``builtin:arith``, ``builtin:lab``) or paths of benchmark YAML files (fields as in
+            ``gpqa_diamond``, ``builtin:arith``, ``builtin:lab``, ``builtin:lab-avg4`` / ``builtin:lab-greedy``
+            (the lab's 400 held-out problems, avg@4 at T = 0.6 / greedy)) or paths of benchmark YAML files (fields as in
             the benchmark reference below).
         sources: Local files that replace a benchmark's hub dataset, by benchmark name (for
             machines without a hub), e.g. ``{aime24: /data/aime24.jsonl}``; same columns.
@@ -750,7 +767,8 @@ class BenchmarkConfig:
 
 # Preset name -> YAML file in t3s_ray/benchmarks/.
 BENCHMARK_PRESETS = {"aime24": "aime24.yaml", "aime25": "aime25.yaml", "math500": "math500.yaml",
-                     "gpqa_diamond": "gpqa_diamond.yaml", "builtin:arith": "arith.yaml", "builtin:lab": "lab.yaml"}
+                     "gpqa_diamond": "gpqa_diamond.yaml", "builtin:arith": "arith.yaml", "builtin:lab": "lab.yaml",
+                     "builtin:lab-avg4": "lab-avg4.yaml", "builtin:lab-greedy": "lab-greedy.yaml"}
 BENCHMARK_DIR = Path(__file__).resolve().parent / "benchmarks"
 
 
@@ -848,7 +866,8 @@ class RunConfig:
         sweep: Stage 4: Ray Tune sweep.
         compare: Methods ``t3s run`` compares in its final table (``base``, ``teacher`` (the
             teacher model itself, as the paper lists R1's score), ``sft``, ``t3s``, ``inverse``,
-            ``random``, ``rrt``).
+            ``random``, ``rrt``, ``t3s_online`` (the online protocol with the ``selection`` keys,
+            next to a static ``t3s``)).
     """
 
     name: str = "t3s-run"
@@ -864,7 +883,7 @@ class RunConfig:
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
-    compare: list[Literal["base", "teacher", "sft", "t3s", "inverse", "random", "rrt"]] = field(
+    compare: list[Literal["base", "teacher", "sft", "t3s", "inverse", "random", "rrt", "t3s_online"]] = field(
         default_factory=lambda: ["base", "sft", "t3s"])
 
     def check(self) -> list[tuple[str, str]]:

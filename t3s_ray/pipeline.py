@@ -7,6 +7,8 @@ For every method of ``compare``:
 * ``sft``: plain SFT on the traces;
 * ``t3s``: the config's T3S protocol (``selection.protocol`` when it is ``t3s_static`` or
   ``t3s_online``, else ``t3s_static``);
+* ``t3s_online``: the online protocol with the config's ``selection`` keys (``switch``,
+  ``rewind``, ...), next to a static ``t3s``;
 * ``inverse`` / ``random``: the paper's diagnostics (train on anchors only / drop random tokens);
 * ``rrt``: the merged model θ0 + (θ_sft − θb) (needs ``sft`` and a static probe: list it after them).
 
@@ -32,7 +34,7 @@ from typing import Any
 
 from .config import ConfigError, RunConfig, from_dict
 
-PROTOCOL_OF_METHOD = {"sft": "sft", "inverse": "inverse", "random": "random"}
+PROTOCOL_OF_METHOD = {"sft": "sft", "inverse": "inverse", "random": "random", "t3s_online": "t3s_online"}
 
 
 def method_config(cfg: RunConfig, method: str) -> RunConfig:

@@ -110,7 +110,7 @@ def confidence_trajectories(cfg, run_dir: Path) -> dict[str, Any] | None:
     for b in range(len(examples)):  # the target tokens of each trace, in order, with their class
         row = [tokenizer.convert_ids_to_tokens(int(t)) for t in input_ids[b][target[b]]]
         tokens += row
-        classes += token_classes(row, cfg.data.source)
+        classes += token_classes(row, cfg.data.source, cfg.data.lab_phrases)
         is_anchor += anchors[b][target[b]].tolist()
         deltas += delta[b][target[b]].tolist()
     return {"steps": steps, "bottleneck_step": result["bottleneck_step"], "tau": cfg.selection.tau,
@@ -119,15 +119,17 @@ def confidence_trajectories(cfg, run_dir: Path) -> dict[str, Any] | None:
             "tokens": tokens, "classes": classes, "is_anchor": is_anchor, "delta": deltas}
 
 
-def token_classes(tokens: list[str], source: str) -> list[str]:
-    """A class per response token: the lab's own classes (``lab.token_classes``: wrapper, operand,
-    result, borrow-fix, ...) for its problems, else digit / punctuation / word / special."""
+def token_classes(tokens: list[str], source: str, phrases=None) -> list[str]:
+    """A class per response token: the lab's own classes (``lab.token_classes``: style, wrapper,
+    operand, result, borrow-fix, ...; ``phrases``: the inserted ones, default the lab's) for its
+    problems, else digit / punctuation / word / special."""
     from .data import LAB_SOURCE
 
     if source == LAB_SOURCE:
+        from .lab import PHRASES
         from .lab import token_classes as lab_classes
 
-        return lab_classes(tokens)
+        return lab_classes(tokens, phrases or PHRASES)
     out = []
     for t in tokens:
         text = t.lstrip("Ġ▁#").strip()
@@ -407,6 +409,12 @@ def write_report(run_dir: str | Path) -> Path:
                   f"{traj['anchor'].mean(1)[-1]:.3f}, yet-to-learn tokens' {traj['other'].mean(1)[0]:.3f} → "
                   f"{traj['other'].mean(1)[-1]:.3f} ({traj['anchor'].shape[1]} anchors, {traj['other'].shape[1]} "
                   "others).", ""]
+    probe_result = run_dir / "probe" / "result.json"
+    diagnostics = json.loads(probe_result.read_text()).get("diagnostics") if probe_result.exists() else None
+    if diagnostics:
+        from .probe_diagnostics import diagnostics_lines
+
+        lines += diagnostics_lines(diagnostics)
     if anchors is not None:
         lines += [f"Anchors: {100 * anchors['anchor_frac']:.1f}% of {anchors['tokens']} response tokens; by class: "
                   + ", ".join(f"{name} {100 * c['anchor_frac']:.0f}% ({c['anchors']}/{c['tokens']}, median Δc "

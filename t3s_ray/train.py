@@ -216,6 +216,10 @@ def run_probe(cfg: RunConfig, examples, prompts, scoring_ref: str, tokenizer_ref
     result = {**choose_bottleneck(accuracies), "backend": engine.backend,
               "engine": {"concurrency": engine.concurrency, "gpus_per_engine": engine.gpus_per_engine,
                          "engine_kwargs": engine.engine_kwargs}}
+    if p.diagnostics:  # what the probe tells before any T3S step (t3s_ray/probe_diagnostics.py)
+        from .probe_diagnostics import probe_diagnostics
+
+        result["diagnostics"] = probe_diagnostics(cfg, examples, result, scoring_ref)
     result_path.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
