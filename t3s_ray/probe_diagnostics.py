@@ -95,15 +95,9 @@ def gradient_groups(model, batch: dict[str, Any], anchors, chunk: int) -> dict[s
 def padded_batch(examples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     import torch
 
-    length = max(len(e["input_ids"]) for e in examples)
-    input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(examples), length), dtype=torch.long)
-    target = torch.zeros((len(examples), length), dtype=torch.bool)
-    for b, e in enumerate(examples):
-        n = len(e["input_ids"])
-        input_ids[b, :n] = torch.as_tensor(e["input_ids"])
-        attention[b, :n] = 1
-        target[b, :n] = torch.as_tensor(e["target_mask"], dtype=torch.bool)
+    from .batching import collate
+
+    input_ids, attention, target = collate(examples, list(range(len(examples))), pad_id, torch.device("cpu"))
     return {"input_ids": input_ids, "attention_mask": attention, "target": target}
 
 

@@ -68,11 +68,13 @@ def confidence_trajectories(cfg, run_dir: Path) -> dict[str, Any] | None:
     Returns None when the run has no static probe (nothing to draw the trajectories along)."""
     import torch
 
+    from .batching import collate
+    from .data import tokenize_traces
     from .models import load_model, load_tokenizer
     from .t3s import token_confidence
     from .t3s.selection import select_delta
     from .traces import load_traces
-    from .train import read_probe_result, tokenize_traces
+    from .train import read_probe_result
 
     if not (run_dir / "probe" / "result.json").exists():
         return None
@@ -83,16 +85,8 @@ def confidence_trajectories(cfg, run_dir: Path) -> dict[str, Any] | None:
     examples, _ = tokenize_traces(load_traces(run_dir), tokenizer, system_prompt=cfg.data.system_prompt,
                                   chat_template=cfg.traces.chat_template, max_seq_len=cfg.data.max_seq_len)
     examples = examples[:MAX_SCORED_EXAMPLES]
-    length = max(len(e["input_ids"]) for e in examples)
-    pad = tokenizer.pad_token_id or 0
-    input_ids = torch.full((len(examples), length), pad, dtype=torch.long)
-    attention = torch.zeros((len(examples), length), dtype=torch.long)
-    target = torch.zeros((len(examples), length), dtype=torch.bool)
-    for b, e in enumerate(examples):
-        n = len(e["input_ids"])
-        input_ids[b, :n] = torch.as_tensor(e["input_ids"])
-        attention[b, :n] = 1
-        target[b, :n] = torch.as_tensor(e["target_mask"])
+    input_ids, attention, target = collate(examples, list(range(len(examples))), tokenizer.pad_token_id or 0,
+                                           torch.device("cpu"))
     conf = {}
     for step in steps:
         model = load_model(refs[step], dtype="float32", trust_remote_code=cfg.student.trust_remote_code).eval()
