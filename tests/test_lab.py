@@ -288,7 +288,7 @@ def test_lab_pipeline_runs_with_oracle_traces_two_benchmarks_online_and_diagnost
     results = json.loads((run / "results.json").read_text())
     assert set(results["scores"]) == {"base", "sft", "t3s", "t3s_online"}
     for s in results["scores"].values():
-        avg4, greedy = s["benchmarks"]["lab-avg4"], s["benchmarks"]["lab-greedy"]
+        avg4, greedy = s["benchmarks"]["builtin:lab-avg4"], s["benchmarks"]["builtin:lab-greedy"]
         assert avg4["k"] == 4 and greedy["k"] == 1 and avg4["n"] == greedy["n"] == 6
     online = json.loads((run / "methods" / "t3s_online" / "train" / "summary.json").read_text())
     assert online["protocol"] == "t3s_online"
