@@ -2,7 +2,10 @@
 
 After the probe has chosen θb, ``probe_diagnostics`` scores a seeded sample of the traces under θ0
 and θb (on the driver: ``probe.diagnostics`` traces, meant for small students such as the lab's)
-and records in the probe's ``result.json`` (key ``diagnostics``) and the report:
+and records in the probe's ``result.json`` (key ``diagnostics``) and the report. The anchors depend on
+the selection settings, the probe's output does not (one probe serves every tau of a sweep), so the
+record carries ``selection`` and a run whose selection differs computes its own record into
+``probe/diagnostics-<rule>-<value>-cap<max_anchor_frac>.json`` (:func:`diagnostics_path`):
 
 * ``dip``: train accuracy at θ0 minus at θb (the bottleneck's depth);
 * ``anchor_frac``: the anchors (the config's selection rule on Δc = c(θb) − c(θ0)) among the
@@ -24,9 +27,11 @@ and records in the probe's ``result.json`` (key ``diagnostics``) and the report:
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -112,6 +117,31 @@ def class_stats(classes: list[str], is_anchor: list[bool], delta: list[float]) -
     return dict(sorted(out.items(), key=lambda kv: -kv[1]["tokens"]))
 
 
+def selection_of(cfg) -> dict[str, Any]:
+    """The selection settings the anchors of a diagnostics record depend on."""
+    s = cfg.selection
+    return {"rule": s.rule, "tau": s.tau, "top_frac": s.top_frac, "max_anchor_frac": s.max_anchor_frac}
+
+
+def diagnostics_path(probe_dir: Path, cfg) -> Path:
+    """Where the record for ``cfg``'s selection lives when it is not the probe's first one."""
+    sel = selection_of(cfg)
+    value = f"tau{sel['tau']:g}" if sel["rule"] != "top_frac" else f"top{sel['top_frac']:g}"
+    return Path(probe_dir) / f"diagnostics-{sel['rule']}-{value}-cap{sel['max_anchor_frac']:g}.json"
+
+
+def read_diagnostics(probe_dir: Path, cfg) -> dict[str, Any] | None:
+    """The diagnostics record for ``cfg``'s selection: its own file, else the probe result's record
+    if that was computed for the same selection (a record without ``selection`` predates this
+    check and is not trusted), else None."""
+    own = diagnostics_path(probe_dir, cfg)
+    if own.exists():
+        return json.loads(own.read_text())
+    result = Path(probe_dir) / "result.json"
+    record = json.loads(result.read_text()).get("diagnostics") if result.exists() else None
+    return record if record and record.get("selection") == selection_of(cfg) else None
+
+
 def probe_diagnostics(cfg, examples: list[dict[str, Any]], result: dict[str, Any], theta0_ref: str) -> dict[str, Any]:
     """Score ``cfg.probe.diagnostics`` sampled traces under θ0 and θb (``result['bottleneck_model']``)
     and return the record described in the module docstring."""
@@ -156,6 +186,7 @@ def probe_diagnostics(cfg, examples: list[dict[str, Any]], result: dict[str, Any
               "dip": dip, "anchor_frac": sum(is_anchor) / max(1, len(is_anchor)),
               "correction_anchor_frac": correction, "correction_median_delta": correction_median,
               "anchor_median_delta": anchor_median, "gradient": grads, "classes": stats,
+              "selection": selection_of(cfg),
               "verdict": {**verdict(dip, correction_median, anchor_median), "rule": VERDICT_RULE}}
     print(f"[probe] diagnostics on {n} traces: {one_line(record)}", file=sys.stderr, flush=True)
     return record

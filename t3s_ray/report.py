@@ -403,11 +403,10 @@ def write_report(run_dir: str | Path) -> Path:
                   f"{traj['anchor'].mean(1)[-1]:.3f}, yet-to-learn tokens' {traj['other'].mean(1)[0]:.3f} → "
                   f"{traj['other'].mean(1)[-1]:.3f} ({traj['anchor'].shape[1]} anchors, {traj['other'].shape[1]} "
                   "others).", ""]
-    probe_result = run_dir / "probe" / "result.json"
-    diagnostics = json.loads(probe_result.read_text()).get("diagnostics") if probe_result.exists() else None
-    if diagnostics:
-        from .probe_diagnostics import diagnostics_lines
+    from .probe_diagnostics import diagnostics_lines, read_diagnostics
 
+    diagnostics = read_diagnostics(run_dir / "probe", cfg)
+    if diagnostics:
         lines += diagnostics_lines(diagnostics)
     if anchors is not None:
         lines += [f"Anchors: {100 * anchors['anchor_frac']:.1f}% of {anchors['tokens']} response tokens; by class: "

@@ -186,7 +186,14 @@ def run_probe(cfg: RunConfig, examples, prompts, scoring_ref: str, tokenizer_ref
     result_path = probe_dir / "result.json"
     claim(probe_dir, "probe", probe_settings(cfg))
     if result_path.exists():
-        return read_probe_result(probe_dir)
+        result = read_probe_result(probe_dir)
+        if cfg.probe.diagnostics:  # the anchors, and so the record, depend on this run's selection
+            from .probe_diagnostics import diagnostics_path, read_diagnostics, probe_diagnostics
+
+            if read_diagnostics(probe_dir, cfg) is None:
+                record = probe_diagnostics(cfg, examples, result, scoring_ref)
+                diagnostics_path(probe_dir, cfg).write_text(json.dumps(record, indent=2) + "\n")
+        return result
     p = cfg.probe
     job = TrainJob(cfg=cfg.to_dict(), out_dir=str(probe_dir), model_ref=scoring_ref, model_kind="ar",
                    scoring_ref=scoring_ref, plan=SelectionPlan.for_protocol(cfg, "sft"), anchor_model=None,

@@ -297,3 +297,18 @@ def test_lab_pipeline_runs_with_oracle_traces_two_benchmarks_online_and_diagnost
     assert "style" in diag["classes"] and diag["verdict"]["label"] in ("helps", "unclear", "will not help")
     report = (run / "report" / "report.md").read_text()
     assert "Probe diagnostics" in report and "Verdict" in report
+    assert diag["selection"]["tau"] == 0.0
+
+    # Another tau on the same probe (a sweep, or a run folder reused): the anchors differ, so the
+    # probe stage computes that selection's own record instead of serving tau 0's.
+    from t3s_ray.probe_diagnostics import diagnostics_path, read_diagnostics
+    from t3s_ray.train import run_probe, training_inputs
+
+    high = from_dict({**cfg.to_dict(), "selection": {**cfg.to_dict()["selection"], "tau": 1000.0}})
+    assert read_diagnostics(run / "probe", high) is None  # tau 0's record is not served for tau 1000
+    examples, _, prompts, scoring_ref = training_inputs(high)
+    run_probe(high, examples, prompts, scoring_ref, high.student.ref)
+    own = read_diagnostics(run / "probe", high)
+    assert diagnostics_path(run / "probe", high).exists() and own["selection"]["tau"] == 1000.0
+    assert own["anchor_frac"] == 0.0 < diag["anchor_frac"]  # no token rose by 1000 nats
+    assert read_diagnostics(run / "probe", cfg) == diag  # tau 0's record still served to tau 0
