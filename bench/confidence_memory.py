@@ -1,6 +1,6 @@
 """Peak memory of chunked confidence extraction vs the naive full-vocabulary fp32 log-softmax.
 
-Target (DESIGN.md §6): chunked peak ≤ 25% of naive at V=49152, T=1024, batch 4, H=576
+Target (the README's "Benchmarks"): chunked peak ≤ 25% of naive at V=49152, T=1024, batch 4, H=576
 (SmolLM2-135M's shapes).
 
     python bench/confidence_memory.py              # all variants, prints the table and PASS/FAIL

@@ -64,7 +64,8 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import torch  # noqa: E402
 
-from t3s_ray.generate import HFGenerator  # noqa: E402
+from bench.abba import abba  # noqa: E402
+from t3s_ray.engines.hf import HFGenerator  # noqa: E402
 from t3s_ray.models import load_model, load_tokenizer, mask_token_id  # noqa: E402
 from t3s_ray.t3s import masked_token_loss, token_confidence  # noqa: E402
 from t3s_ray.t3s.diffusion import diffusion_generate  # noqa: E402
@@ -173,7 +174,7 @@ def tiny_job(out: Path, strategy: str, dtype: str = "float32", stop_at: int | No
              **train):
     """A ``max_steps``-step job of builtin:tiny-llama on 8 arithmetic traces (what tests/test_worker.py
     runs): SFT unless ``selection`` says otherwise, θb = ``anchor_model`` for a static protocol."""
-    from t3s_ray import config
+    import t3s_ray.config as config  # by module path: tests/test_gpu_check.py imports each module named here
     from t3s_ray.data import tokenize_traces
     from t3s_ray.worker import SelectionPlan, TrainJob
 
@@ -477,10 +478,9 @@ def check_step_vs_hf(device_under_test: str, small: bool, rounds: int = 4) -> No
         return time.perf_counter() - started
 
     times = {"t3s_ray": [], "hf": []}
-    for r in range(rounds):
-        for side in (("t3s_ray", "hf") if r % 2 == 0 else ("hf", "t3s_ray")):
-            got = [step(side) for _ in range(4)]
-            times[side] += got[1:]
+    for side in abba("t3s_ray", "hf", rounds):
+        got = [step(side) for _ in range(4)]
+        times[side] += got[1:]
     ratio = statistics.median(times["t3s_ray"]) / statistics.median(times["hf"])
     check(f"training step vs plain HF ({shape['num_hidden_layers']} layers, vocab {shape['vocab_size']}, "
           f"{batch} x {seq} tokens, bf16)", ratio <= 1.05 or small,
@@ -559,7 +559,7 @@ def check_loss_chunks(device_under_test: str, small: bool, chunks=(256, 2048, 40
 def check_diffusion(device_under_test: str, dut: str) -> None:
     """Section 3: the diffusion sampler, greedy against the CPU, then sampling at temperature > 0 through
     ``HFGenerator`` (which seeds a CPU generator whatever device the model is on)."""
-    from t3s_ray.generate import HFGenerator
+    from t3s_ray.engines.hf import HFGenerator
 
     tok = load_tokenizer("builtin:tiny-dllm")
     ids = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]

@@ -4,7 +4,7 @@ Generates ``--rows`` x ``--tokens`` tokens (default 4 x 1024, EOS disabled so ev
 end) with SmolLM2-135M on the CPU, in a fresh process per measurement, two ways:
 
 * ``stepwise``: ``HFGenerator._generate`` as shipped, whose logits processor keeps one step's
-  ``[B, V]`` log-softmax and each sampled token's log-probability (``generate.SampledLogprobs``);
+  ``[B, V]`` log-softmax and each sampled token's log-probability (``engines.hf.SampledLogprobs``);
 * ``full``: the previous implementation, ``generate(output_logits=True)``, then the stacked
   ``[B, steps, V]`` fp32 logits and their log-softmax (4 x 1024 x 49,152 x 4 B = 0.8 GB each).
 
@@ -31,6 +31,8 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("T3S_CACHE", str(ROOT / ".cache" / "t3s_ray"))
 
+from bench.abba import abba  # noqa: E402
+
 
 def full_logits_generate(gen, prompts: list[str], max_tokens: int, seed: int):
     """The previous HF path: every step's full-vocabulary logits, stacked, then log-softmax."""
@@ -51,7 +53,7 @@ def child(mode: str, model: str, rows: int, tokens: int) -> None:
     import psutil
     import torch
 
-    from t3s_ray.generate import HFGenerator
+    from t3s_ray.engines.hf import HFGenerator
 
     torch.set_num_threads(2)
     gen = HFGenerator(model, temperature=0.8, top_p=0.95, topk_logprobs=0, dtype="float32", device="cpu")
@@ -93,7 +95,7 @@ def main() -> None:
         child(args.child, args.model, args.rows, args.tokens)
         return
     results: dict[str, list[float]] = {"full": [], "stepwise": []}
-    for mode in ("full", "stepwise", "stepwise", "full"):
+    for mode in abba("full", "stepwise", 2):
         proc = subprocess.run([sys.executable, __file__, "--child", mode, "--model", args.model, "--rows",
                                str(args.rows), "--tokens", str(args.tokens)], capture_output=True, text=True,
                               check=True)

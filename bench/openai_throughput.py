@@ -22,16 +22,18 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "tests"))  # servers.launch_vllm_server
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+from servers import launch_vllm_server  # noqa: E402  (tests/servers.py)
 
 from t3s_ray.cluster import ray_session  # noqa: E402
 from t3s_ray.config import RayConfig  # noqa: E402
 from t3s_ray.data import arith_rows  # noqa: E402
 from t3s_ray.generate import GenerationSpec, prepare_requests, run_requests  # noqa: E402
 from t3s_ray.models import load_tokenizer, resolve  # noqa: E402
-from t3s_ray.openai_backend import launch_vllm_server  # noqa: E402
 
 
 def timed(requests, spec) -> tuple[int, float, int]:

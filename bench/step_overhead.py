@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from bench.abba import abba  # noqa: E402
 from t3s_ray import config  # noqa: E402
 from t3s_ray.cluster import ray_session  # noqa: E402
 from t3s_ray.traces import run_traces  # noqa: E402
@@ -69,8 +70,7 @@ def main() -> int:
             times: dict[str, list[float]] = {"sft": [], "t3s_online": []}
             refresh_times: list[float] = []
             tokens = []
-            order = [p for r in range(args.rounds) for p in (("sft", "t3s_online") if r % 2 == 0 else ("t3s_online", "sft"))]
-            for i, protocol in enumerate(order):
+            for i, protocol in enumerate(abba("sft", "t3s_online", args.rounds)):
                 m = run(Path(tmp), f"{model}-{protocol}-{i}", model, protocol, args.steps, args.refresh, args.workers,
                         args.batch)
                 for r in m[args.warmup:]:

@@ -1,6 +1,6 @@
 """Confidence-store throughput: a 1M-token record + refresh + mask round trip, and bytes per token.
 
-Target (DESIGN.md §6): <= 8 bytes per stored token, and a 1M-token record+mask round trip under
+Target (the README's "Benchmarks"): <= 8 bytes per stored token, and a 1M-token record+mask round trip under
 1 s per shard.
 
     python bench/store_throughput.py                      # 4000 examples x 250 tokens, both paths
@@ -91,6 +91,21 @@ def fmt(times: dict) -> str:
     return "  ".join(f"{k} {v * 1000:7.1f} ms" for k, v in times.items())
 
 
+def time_rules(where: str, round_trip, store, ids, batches, visits, step: int, repeats: int, verdicts: list) -> int:
+    """Each rule's round trip on ``store``, ``repeats`` times (the steps go on from ``step``, the visit
+    sets alternating): print the medians and add a verdict per rule. Returns the last step."""
+    for label, rule in RULES.items():
+        runs = []
+        for _ in range(repeats):
+            step += 1
+            runs.append(round_trip(store, ids, batches, visits[step % 2], step, rule))
+        times = median_times(runs)
+        print(f"{where} [{label:12s}] {fmt(times)}")
+        verdicts.append((f"{where} round trip [{label}] {times['total']:.3f} s < {TARGET_SECONDS} s",
+                         times["total"] < TARGET_SECONDS))
+    return step
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--examples", type=int, default=4000)
@@ -117,16 +132,7 @@ def main() -> int:
     store.register(ids, lengths)
     store.set_base(ids, base)
     print(f"in-process register + set_base: {(time.perf_counter() - t) * 1000:.1f} ms")
-    step = 0
-    for label, rule in RULES.items():
-        runs = []
-        for _ in range(args.repeats):
-            step += 1
-            runs.append(round_trip_local(store, ids, batches, visits[step % 2], step, rule))
-        times = median_times(runs)
-        print(f"in-process [{label:12s}] {fmt(times)}")
-        verdicts.append((f"in-process round trip [{label}] {times['total']:.3f} s < {TARGET_SECONDS} s",
-                         times["total"] < TARGET_SECONDS))
+    step = time_rules("in-process", round_trip_local, store, ids, batches, visits, 0, args.repeats, verdicts)
     stats = store.stats()
     print(f"anchor_frac {stats['anchor_frac']:.3f}  bytes_per_token {stats['bytes_per_token']:.3f}  "
           f"bytes_per_token_total {stats['bytes_per_token_total']:.3f}")
@@ -148,15 +154,7 @@ def main() -> int:
             client.register(ids, lengths)
             client.set_base(ids, base)
             print(f"ray (1 actor shard) register + set_base: {(time.perf_counter() - t) * 1000:.1f} ms")
-            for label, rule in RULES.items():
-                runs = []
-                for _ in range(args.repeats):
-                    step += 1
-                    runs.append(round_trip_ray(client, ids, batches, visits[step % 2], step, rule))
-                times = median_times(runs)
-                print(f"ray 1 shard [{label:12s}] {fmt(times)}")
-                verdicts.append((f"ray 1-shard round trip [{label}] {times['total']:.3f} s < {TARGET_SECONDS} s",
-                                 times["total"] < TARGET_SECONDS))
+            time_rules("ray 1 shard", round_trip_ray, client, ids, batches, visits, step, args.repeats, verdicts)
             # The training path: prefetch one batch's masks (64 examples).
             t = time.perf_counter()
             futures = [client.get_masks_async(chunk) for chunk in batches]

@@ -26,7 +26,8 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 from t3s_ray.cluster import ray_session  # noqa: E402
 from t3s_ray.config import RayConfig  # noqa: E402
 from t3s_ray.data import arith_rows  # noqa: E402
-from t3s_ray.generate import GenerationSpec, HFGenerator, prepare_requests, run_requests  # noqa: E402
+from t3s_ray.engines.hf import HFGenerator  # noqa: E402
+from t3s_ray.generate import GenerationSpec, prepare_requests, run_requests  # noqa: E402
 from t3s_ray.models import load_tokenizer, resolve  # noqa: E402
 
 

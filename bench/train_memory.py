@@ -40,6 +40,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("T3S_CACHE", str(ROOT / ".cache" / "t3s_ray"))
 
+from bench.abba import abba  # noqa: E402
+
 
 def random_student(folder: Path, hidden: int, layers: int, vocab: int) -> int:
     """A random Llama of the given shape with the tiny tokenizer, saved in bf16; its parameter count."""
@@ -108,8 +110,7 @@ def main() -> None:
                                  "traces": {"source": "dataset", "response_field": "solution", "keep": "all_correct"}})
         run_traces(base)
         peaks: dict[str, list[float]] = {"ddp": [], "fsdp": []}
-        order = ["ddp", "fsdp", "fsdp", "ddp"] * args.rounds if args.rounds > 1 else ["ddp", "fsdp"]
-        for strategy in order:
+        for strategy in abba("ddp", "fsdp", 2 * args.rounds if args.rounds > 1 else 1):
             r = run(strategy, tmp / "student", tmp / "runs", base.run_dir / "traces")
             peaks[strategy].append(r["peak_gb"])
             print(f"{strategy:5s} peak RSS of the worst worker {r['peak_gb']:.2f} GB ({r['seconds']:.0f} s)", flush=True)

@@ -1,5 +1,5 @@
 """Training throughput: t3s_ray's SFT step against a plain Hugging Face step, and what token-budget
-micro-batches save on long-tailed traces (targets: ratio <= 1.05; DESIGN.md §6).
+micro-batches save on long-tailed traces (targets: ratio <= 1.05; the README's "Benchmarks").
 
 1. **Step time.** The same model, batch and optimizer (AdamW, fused) on both sides:
    * ``t3s_ray``: the real worker (``worker.train_standalone``: an SFT run, its in-process store,
@@ -40,6 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from bench.abba import abba  # noqa: E402
 from t3s_ray import config  # noqa: E402
 from t3s_ray.batching import build_micro_batch, micro_batches, token_budget_micro_batches  # noqa: E402
 from t3s_ray.distributed import Ranks  # noqa: E402
@@ -161,8 +162,7 @@ def main() -> int:
 
     examples = examples_of([args.seq_len] * (args.batch * 4), args.response / args.seq_len, vocab, seed=0)
     times: dict[str, list[float]] = {"t3s_ray": [], "hf": []}
-    order = [s for r in range(args.rounds) for s in (("t3s_ray", "hf") if r % 2 == 0 else ("hf", "t3s_ray"))]
-    for side in order:
+    for side in abba("t3s_ray", "hf", args.rounds):
         if side == "t3s_ray":
             with tempfile.TemporaryDirectory() as tmp:
                 got = [r["step_time_s"] for r in t3s_steps(model, examples, args.steps, args.batch, Path(tmp))]

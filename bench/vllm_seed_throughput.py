@@ -35,10 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
+from bench.abba import abba  # noqa: E402
 from t3s_ray.data import arith_rows  # noqa: E402
+from t3s_ray.engines.vllm import default_engine_kwargs  # noqa: E402
 from t3s_ray.generate import GenerationSpec, prepare_requests  # noqa: E402
 from t3s_ray.models import load_tokenizer, resolve  # noqa: E402
-from t3s_ray.vllm_backend import default_engine_kwargs  # noqa: E402
 
 
 def main() -> int:
@@ -87,8 +88,7 @@ def main() -> int:
     run(False)
     rates: dict[str, list[float]] = {"seeded": [], "unseeded": []}
     paired: list[float] = []
-    order = [s for r in range(args.rounds) for s in (("seeded", "unseeded") if r % 2 == 0 else ("unseeded", "seeded"))]
-    for side in order:
+    for side in abba("seeded", "unseeded", args.rounds):
         rate, tokens = run(side == "seeded")
         rates[side].append(rate)
         print(f"  round {side:8s} {tokens} tokens, {rate:8.1f} tokens/s", flush=True)

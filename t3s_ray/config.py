@@ -26,10 +26,8 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration problem, with the key path and file it concerns."""
-
+from .errors import ConfigError  # defined at the bottom of the layers; still importable from here
+from .protocols import PROTOCOLS, dllm_protocols
 
 # --------------------------------------------------------------------------------------------
 # Sections
@@ -890,8 +888,8 @@ class RunConfig:
         errs = []
         if not self.name.strip() or not re.fullmatch(r"[A-Za-z0-9._-]+", self.name):
             errs.append(("name", "must be non-empty and use only letters, digits, '.', '_' or '-'"))
-        if self.student.kind == "dllm" and self.selection.protocol not in ("sft", "t3s_static"):
-            errs.append(("selection.protocol", "a dLLM student supports 'sft' and 't3s_static' (its AR selector "
+        if self.student.kind == "dllm" and not PROTOCOLS[self.selection.protocol].dllm:
+            errs.append(("selection.protocol", f"a dLLM student supports {dllm_protocols()} (its AR selector "
                          "is probed once; it does not train alongside the student)"))
         for key in self.sweep.space:
             problem = _key_path_problem(RunConfig, key.split("."))

@@ -17,13 +17,10 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .config import DataConfig
+from .errors import DataError
 
 ARITH_SOURCE = "builtin:arith"
 LAB_SOURCE = "builtin:lab"  # the imitation-shock lab's problems (t3s_ray/lab.py)
-
-
-class DataError(ValueError):
-    """A dataset problem; the message names the source and the offending rows or columns."""
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,9 +9,18 @@ from __future__ import annotations
 import logging
 import re
 
-from .config import ConfigError
-from .data import DataError
-from .models import ModelRefError
+
+class ConfigError(ValueError):
+    """A configuration problem, with the key path and file it concerns."""
+
+
+class DataError(ValueError):
+    """A dataset problem; the message names the source and the offending rows or columns."""
+
+
+class ModelRefError(ValueError):
+    """A model ref that cannot be resolved or loaded; the message names the ref."""
+
 
 # Problems caused by the user's input: printed as one clear line, never as a traceback.
 USER_ERRORS = (ConfigError, DataError, ModelRefError, FileNotFoundError)

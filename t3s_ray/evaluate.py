@@ -34,7 +34,7 @@ from typing import Any
 
 from .config import BenchmarkConfig, ConfigError, EvalConfig, RunConfig, load_benchmark
 from .data import ARITH_SOURCE, LAB_SOURCE, DataError, arith_rows, normalize_rows, read_records
-from .runfolder import changed_keys, claim, eval_settings, flatten
+from .runfolder import EvalFolder, RunLayout, changed_keys, claim, flatten, stage_settings
 from .stats import mean_ci, paired_difference
 from .verify import score_counts
 
@@ -114,7 +114,7 @@ def benchmark_rows(bench: BenchmarkConfig, limit: int | None = None) -> list[dic
 
 def default_model(cfg: RunConfig) -> tuple[str, str]:
     """(model ref, label): the run's trained student when it exists, else the configured student."""
-    trained = cfg.run_dir / "train" / "model"
+    trained = RunLayout(cfg.run_dir).train.model
     if (trained / "config.json").exists():
         return str(trained.resolve()), "final"
     return cfg.student.ref, "base"
@@ -162,10 +162,12 @@ def evaluate(cfg: RunConfig, model_ref: str | None = None, label: str | None = N
         engine = dataclasses.replace(engine, backend="hf", engine_kwargs={})
     # The teacher (``compare: teacher``) loads with its own settings; every other model is the student's.
     who = cfg.teacher if model_ref == cfg.teacher.ref and model_ref != cfg.student.ref else cfg.student
-    out = Path(out_dir) if out_dir else cfg.run_dir / "eval" / label
+    folder = EvalFolder(Path(out_dir)) if out_dir else RunLayout(cfg.run_dir).eval(label)
+    out = folder.path
     benches = resolve_benchmarks(ev)
-    claim(out, "eval", eval_settings(cfg, model_ref, who.dtype), new_folder="another --label (or a new `name`)")
-    scores_path, samples_path = out / "scores.json", out / "samples.jsonl"
+    claim(out, "eval", stage_settings("eval", cfg, model_ref, who.dtype),
+          new_folder="another --label (or a new `name`)")
+    scores_path, samples_path = folder.scores, folder.samples
     previous = json.loads(scores_path.read_text()) if scores_path.exists() else {}
     done = previous.get("benchmarks", {})
     results: dict[str, Any] = {}

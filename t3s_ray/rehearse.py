@@ -30,10 +30,12 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, RunConfig, engine_gpus, from_dict, load_benchmark
+from .protocols import PROTOCOLS
 
 # The rehearsal's run folders: never the real output_dir (on a cluster, shared storage).
 REHEARSE_DIR = "runs/rehearse"
@@ -299,7 +301,7 @@ def rehearsal_config(cfg: RunConfig, *, backend: str = "auto", out_dir: str = RE
         ed.set("probe.backend", engine_backend)
     if p.concurrency is not None:
         ed.set("probe.concurrency", 1)
-    if cfg.selection.protocol == "t3s_online":
+    if PROTOCOLS[cfg.selection.protocol].online:
         ed.shrink("selection.refresh_interval", max(1, steps // 2))
 
     # Traces.
@@ -470,6 +472,21 @@ def write_files(files: dict[str, list[dict[str, Any]]]) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+class JSONHandler(BaseHTTPRequestHandler):
+    """A quiet HTTP handler that answers JSON: the stand-in server's (and the tests' scripted servers')."""
+
+    def log_message(self, *args):  # quiet
+        pass
+
+    def _reply(self, status: int, payload: dict[str, Any]) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
 class StandInServer:
     """An OpenAI-compatible ``/v1/chat/completions`` on 127.0.0.1 that answers each known problem with
     its worked solution, the way a reasoning model's API does (``reasoning_content`` and ``content``,
@@ -478,14 +495,9 @@ class StandInServer:
     answer is 0.". A wrong key gets 401."""
 
     def __init__(self, solutions: dict[str, str], api_key: str | None):
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):  # quiet
-                pass
-
+        class Handler(JSONHandler):
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
                 server.requests += 1
@@ -507,14 +519,6 @@ class StandInServer:
                          "top_logprobs": [{"token": w, "logprob": -0.1}] * top} for w in words]}
                 self._reply(200, {"id": "rehearsal", "object": "chat.completion", "model": body.get("model"),
                                   "choices": [choice]})
-
-            def _reply(self, status: int, payload: dict[str, Any]) -> None:
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
 
         self.solutions = solutions
         self.requests = 0
@@ -572,7 +576,9 @@ def _environment(updates: dict[str, str | None]) -> Iterator[None]:
 def _failed_trials(run_dir: Path) -> list[str]:
     """A sweep goes on when a trial fails (its error is in the table); a rehearsal must not pass then.
     A trial that ASHA stopped early (``STOPPED``) ran as it should."""
-    path = run_dir / "sweep" / "results.csv"
+    from .runfolder import RunLayout
+
+    path = RunLayout(run_dir).sweep / "results.csv"
     if not path.exists():
         return ["the sweep wrote no results.csv"]
     with open(path, newline="") as f:

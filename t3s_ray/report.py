@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-REPORT_DIR = "report"
+from .runfolder import RunLayout, TrainFolder, load_traces
+
 MAX_SCORED_EXAMPLES = 48  # the bifurcation figure scores at most this many traces per checkpoint
 
 
@@ -51,10 +52,9 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def _method_dirs(run_dir: Path) -> dict[str, Path]:
-    methods = run_dir / "methods"
-    return {d.name: d for d in sorted(methods.iterdir()) if (d / "train" / "metrics.jsonl").exists()} \
-        if methods.exists() else {}
+def _method_dirs(run_dir: Path) -> dict[str, TrainFolder]:
+    """The methods' trainings that logged metrics, by method."""
+    return {m: t for m, t in RunLayout(run_dir).method_trainings().items() if t.metrics.exists()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -73,12 +73,12 @@ def confidence_trajectories(cfg, run_dir: Path) -> dict[str, Any] | None:
     from .models import load_model, load_tokenizer
     from .t3s import token_confidence
     from .t3s.selection import select_delta
-    from .traces import load_traces
     from .train import read_probe_result
 
-    if not (run_dir / "probe" / "result.json").exists():
+    probe = RunLayout(run_dir).probe
+    if not probe.result.exists():
         return None
-    result = read_probe_result(run_dir / "probe")
+    result = read_probe_result(probe.path)
     steps = [a["step"] for a in result["accuracies"]]
     refs = {a["step"]: a["model"] for a in result["accuracies"]}
     tokenizer = load_tokenizer(cfg.student.ref, trust_remote_code=cfg.student.trust_remote_code)
@@ -226,13 +226,13 @@ def plot_bifurcation(traj: dict[str, Any], path: Path) -> None:
 
 def plot_train_curves(run_dir: Path, path: Path) -> bool:
     methods = _method_dirs(run_dir)
-    probe = run_dir / "probe" / "result.json"
+    probe = RunLayout(run_dir).probe.result
     if not methods and not probe.exists():
         return False
     plt = _plt()
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     for name, d in methods.items():
-        m = _read_jsonl(d / "train" / "metrics.jsonl")
+        m = _read_jsonl(d.metrics)
         ax_loss.plot([r["step"] for r in m], [r["loss"] for r in m], marker=".", label=name)
     ax_loss.set_xlabel("step")
     ax_loss.xaxis.set_major_locator(plt.MaxNLocator(integer=True))  # steps are whole numbers
@@ -248,7 +248,7 @@ def plot_train_curves(run_dir: Path, path: Path) -> bool:
         ax_acc.axvline(result["bottleneck_step"], color="gray", linestyle="--",
                        label=f"bottleneck θb (step {result['bottleneck_step']})")
     for name, d in methods.items():  # online runs measure train accuracy too (switch: bottleneck)
-        acc = [r for r in _read_jsonl(d / "train" / "metrics.jsonl") if r.get("train_accuracy") is not None]
+        acc = [r for r in _read_jsonl(d.metrics) if r.get("train_accuracy") is not None]
         if acc:
             ax_acc.plot([r["step"] for r in acc], [r["train_accuracy"] for r in acc], marker="o", label=name)
     ax_acc.set_xlabel("step")
@@ -264,7 +264,7 @@ def plot_train_curves(run_dir: Path, path: Path) -> bool:
 def plot_trajectories(run_dir: Path, path: Path) -> bool:
     """The paper's first figure, per method: held-out accuracy over training steps (``t3s run`` with
     ``eval.trajectory_every``), the probe's train accuracy, and the training loss, θb marked."""
-    results = run_dir / "results.json"
+    results = RunLayout(run_dir).results
     traj = json.loads(results.read_text()).get("trajectories") if results.exists() else None
     if not traj:
         return False
@@ -279,14 +279,13 @@ def plot_trajectories(run_dir: Path, path: Path) -> bool:
         if train:
             ax_acc.plot([p["step"] for p in train], [100 * p["train_accuracy"] for p in train], linestyle="--",
                         marker="x", color=colors[method], label=f"{method}: train prompts")
-    loss_dirs = {"probe": run_dir / "probe"}
-    loss_dirs.update({m: d / "train" for m, d in _method_dirs(run_dir).items()})
+    loss_dirs = {"probe": RunLayout(run_dir).probe, **_method_dirs(run_dir)}
     for method, d in loss_dirs.items():
-        m = _read_jsonl(d / "metrics.jsonl")
+        m = _read_jsonl(d.metrics)
         if m:
             ax_loss.plot([r["step"] for r in m], [r["loss"] for r in m], color=colors.get(method),
                          label=method, linewidth=1.2)
-    probe = run_dir / "probe" / "result.json"
+    probe = RunLayout(run_dir).probe.result
     if probe.exists():
         step = json.loads(probe.read_text())["bottleneck_step"]
         for ax in (ax_acc, ax_loss):
@@ -311,7 +310,7 @@ def plot_anchor_fraction(run_dir: Path, path: Path) -> bool:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, d in methods.items():
-        m = _read_jsonl(d / "train" / "metrics.jsonl")
+        m = _read_jsonl(d.metrics)
         steps = [r["step"] for r in m]
         line = ax.plot(steps, [r["anchor_frac"] for r in m], marker=".", label=f"{name}: anchor fraction")
         ax.plot(steps, [r["kept_frac"] for r in m], linestyle=":", color=line[0].get_color(),
@@ -354,7 +353,7 @@ def plot_scores(scores: dict[str, dict[str, Any]], path: Path) -> bool:
 
 
 def load_scores(run_dir: Path) -> dict[str, dict[str, Any]]:
-    path = run_dir / "results.json"
+    path = RunLayout(run_dir).results
     return json.loads(path.read_text())["scores"] if path.exists() else {}
 
 
@@ -364,11 +363,12 @@ def write_report(run_dir: str | Path) -> Path:
     from .evaluate import format_paired, format_table
 
     run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.yaml"
+    layout = RunLayout(run_dir)
+    cfg_path = layout.config
     if not cfg_path.exists():
         raise FileNotFoundError(f"{run_dir} is not a t3s run folder (no config.yaml; `t3s run` writes one)")
     cfg = config_mod.load(cfg_path)
-    out = run_dir / REPORT_DIR
+    out = layout.report
     out.mkdir(parents=True, exist_ok=True)
     figures: list[tuple[str, str]] = []
     traj = confidence_trajectories(cfg, run_dir)
@@ -395,7 +395,7 @@ def write_report(run_dir: str | Path) -> Path:
              f"(tau {cfg.selection.tau}), methods {', '.join(cfg.compare)}.", ""]
     if scores:
         benches = list(next(iter(scores.values()))["benchmarks"])
-        paired = json.loads((run_dir / "results.json").read_text()).get("paired")
+        paired = json.loads(layout.results.read_text()).get("paired")
         lines += ["## Scores", "", "```", format_table(scores, benches)] + (
             ["", format_paired(paired)] if paired else []) + ["```", ""]
     if traj is not None:
@@ -405,7 +405,7 @@ def write_report(run_dir: str | Path) -> Path:
                   "others).", ""]
     from .probe_diagnostics import diagnostics_lines, read_diagnostics
 
-    diagnostics = read_diagnostics(run_dir / "probe", cfg)
+    diagnostics = read_diagnostics(layout.probe.path, cfg)
     if diagnostics:
         lines += diagnostics_lines(diagnostics)
     if anchors is not None:

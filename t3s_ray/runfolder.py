@@ -1,7 +1,19 @@
-"""What a run folder's stages were computed with, so that a rerun resumes only what it would compute again.
+"""The run folder: where each stage writes (``RunLayout``), what each stage's output was computed with
+(``stage_settings``), and reading the traces back (``load_traces``, ``checked_manifest``).
 
-Each stage folder (``traces/``, ``probe/``, ``train/``, each ``eval/LABEL/``) holds ``settings.json``:
-the settings that determine its output, written when the stage first starts. A rerun with the same settings resumes;
+A run folder (``output_dir/name``)::
+
+    config.yaml              the run's config (``t3s run``)
+    traces/                  traces/ and samples/ shard pairs, errors.jsonl, manifest.json (TracesFolder)
+    probe/                   the static probe: a training (TrainFolder) plus result.json (θb)
+    train/                   the training (model/, models/step-N/, metrics.jsonl, summary.json, ...)
+    methods/METHOD/          each method of ``t3s run``: a run folder of its own (traces/, probe/ link back)
+    eval/LABEL/              an evaluation: scores.json, samples.jsonl
+    results.json, results.md ``t3s run``'s table; report/ its figures and page; sweep/ a sweep's trials
+
+So that a rerun resumes only what it would compute again, each stage folder (``traces/``, ``probe/``,
+``train/``, each ``eval/LABEL/``) holds ``settings.json``: the settings that determine its output
+(``stage_settings``), written when the stage first starts. A rerun with the same settings resumes;
 with other ones it is refused, naming the changed keys and the two ways out (a new ``name``, or
 ``--restart STAGE``), instead of mixing old and new output in one folder or returning a model
 trained with something else. Operational settings (actors, batch sizes of the engines, how often a
@@ -16,10 +28,12 @@ import hashlib
 import json
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, EngineSettings, RunConfig
+from .errors import DataError
 
 SETTINGS_FILE = "settings.json"
 # How the teacher is run, not what it writes.
@@ -27,6 +41,193 @@ _TRACES_OPERATIONAL = ("backend", "concurrency", "batch_size", "max_model_len", 
 _ENDPOINT_KEEP = ("model",)  # of traces.endpoint: the rest is how the server is reached
 _EVAL_OPERATIONAL = ("benchmarks", "sources", "trajectory_every", *_TRACES_OPERATIONAL)  # benchmarks: per benchmark
 RESTARTABLE = ("traces", "probe", "train", "eval")
+# Train settings that do not change what a run computes: a resumed run may change them.
+_OPERATIONAL_TRAIN_KEYS = ("num_workers", "checkpoint_every", "keep_last", "max_failures", "collective_timeout_s",
+                           "diagnostics_every")
+
+
+# --------------------------------------------------------------------------------------------
+# The layout: where each stage writes
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TracesFolder:
+    """A traces folder (a run's ``traces/``, or one a sweep shares): numbered shard pairs, errors, manifest."""
+
+    path: Path
+
+    @classmethod
+    def of(cls, run_or_traces_dir: str | Path) -> TracesFolder:
+        """The traces folder a run folder holds, or the folder itself when it is one."""
+        folder = Path(run_or_traces_dir)
+        inner = RunLayout(folder).traces
+        return inner if inner.kept.is_dir() else cls(folder)
+
+    @property
+    def kept(self) -> Path:
+        """The kept traces' shards: what training reads."""
+        return self.path / "traces"
+
+    @property
+    def samples(self) -> Path:
+        """Every sample's shards (with ``correct`` and ``kept``): a prompt is finished once its shard is here."""
+        return self.path / "samples"
+
+    @property
+    def errors(self) -> Path:
+        return self.path / "errors.jsonl"
+
+    @property
+    def manifest(self) -> Path:
+        return self.path / "manifest.json"
+
+
+@dataclass(frozen=True)
+class TrainFolder:
+    """What a training writes (``train/``, ``probe/``, ``methods/METHOD/train/``)."""
+
+    path: Path
+
+    @property
+    def model(self) -> Path:
+        """The final model, a Hugging Face folder."""
+        return self.path / "model"
+
+    @property
+    def models(self) -> Path:
+        """The models saved along the way (``probe.eval_every``, ``eval.trajectory_every``)."""
+        return self.path / "models"
+
+    def saved_model(self, step: int) -> Path:
+        return self.models / f"step-{step:06d}"
+
+    def saved_models(self) -> list[Path]:
+        return sorted(self.models.glob("step-*"))
+
+    @staticmethod
+    def step_of(saved_model: Path) -> int:
+        return int(saved_model.name.split("-")[1])
+
+    @property
+    def metrics(self) -> Path:
+        """One line per step (rank 0's; ``tensorboard`` the same as TensorBoard events)."""
+        return self.path / "metrics.jsonl"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / "tensorboard"
+
+    @property
+    def summary(self) -> Path:
+        return self.path / "summary.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        """Checkpoints without Ray (``worker.LocalSession``); Ray Train's go under ``ray_train``."""
+        return self.path / "checkpoints"
+
+    @property
+    def ray_train(self) -> Path:
+        return self.path / "ray_train"
+
+    @property
+    def store(self) -> Path:
+        """The confidence store's final snapshot (``store_stats`` its statistics)."""
+        return self.path / "store.npz"
+
+    @property
+    def store_stats(self) -> Path:
+        return self.path / "store_stats.json"
+
+    @property
+    def result(self) -> Path:
+        """The probe's: the train accuracy of each saved model and θb."""
+        return self.path / "result.json"
+
+
+@dataclass(frozen=True)
+class EvalFolder:
+    """An evaluation (``eval/LABEL/``, or the folder ``out_dir`` names)."""
+
+    path: Path
+
+    @property
+    def scores(self) -> Path:
+        """Per benchmark: its scores and its definition."""
+        return self.path / "scores.json"
+
+    @property
+    def samples(self) -> Path:
+        """One line per sample."""
+        return self.path / "samples.jsonl"
+
+
+class RunLayout:
+    """Every place of a run folder (``output_dir/name``, ``RunConfig.run_dir``): the module docstring's map."""
+
+    def __init__(self, run_dir: str | Path):
+        self.root = Path(run_dir)
+
+    def __repr__(self) -> str:
+        return f"RunLayout({str(self.root)!r})"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def traces(self) -> TracesFolder:
+        return TracesFolder(self.root / "traces")
+
+    @property
+    def probe(self) -> TrainFolder:
+        return TrainFolder(self.root / "probe")
+
+    @property
+    def train(self) -> TrainFolder:
+        return TrainFolder(self.root / "train")
+
+    @property
+    def methods(self) -> Path:
+        return self.root / "methods"
+
+    def method(self, name: str) -> RunLayout:
+        """A method's run folder (``t3s run``): its traces and probe link to this run's."""
+        return RunLayout(self.methods / name)
+
+    def method_trainings(self) -> dict[str, TrainFolder]:
+        """The trainings under ``methods/`` that exist, by method (sft's may be a link to the probe)."""
+        return {p.parent.name: TrainFolder(p) for p in sorted(self.methods.glob("*/train"))}
+
+    @property
+    def merged_model(self) -> Path:
+        """The model of a method that is merged, not trained (rrt's, in its method folder)."""
+        return self.root / "model"
+
+    @property
+    def evals(self) -> Path:
+        return self.root / "eval"
+
+    def eval(self, label: str) -> EvalFolder:
+        return EvalFolder(self.evals / label)
+
+    @property
+    def results(self) -> Path:
+        """``t3s run``'s scores, paired differences and trajectories (``results_md``: its table)."""
+        return self.root / "results.json"
+
+    @property
+    def results_md(self) -> Path:
+        return self.root / "results.md"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report"
+
+    @property
+    def sweep(self) -> Path:
+        return self.root / "sweep"
 
 
 def flatten(prefix: str, value: Any) -> dict[str, Any]:
@@ -76,10 +277,141 @@ def eval_settings(cfg: RunConfig, model_ref: str, model_dtype: str) -> dict[str,
     return {**flatten("eval", ev), **seeding("eval", cfg.engine("eval")), **model, "model.dtype": model_dtype}
 
 
+def run_settings(cfg: RunConfig) -> dict[str, Any]:
+    """The settings that determine what a training computes, flattened to dotted keys: a checkpoint
+    may only be resumed with the same ones (the operational train keys may change). The worker
+    records them in its checkpoints; the train and probe stages add the traces they read."""
+    d = cfg.to_dict()
+    train = {k: v for k, v in d["train"].items() if k not in _OPERATIONAL_TRAIN_KEYS}
+    if cfg.train.schedule != "cosine":
+        train.pop("max_steps")  # a constant schedule may be extended
+    out: dict[str, Any] = {}
+    for section, values in (("student", d["student"]), ("train", train), ("selection", d["selection"]),
+                            ("probe", d["probe"])):
+        for key, value in values.items():
+            out[f"{section}.{key}"] = value
+    # How examples are indexed (the data order picks them by position): a checkpoint written when
+    # they were in the order Ray Data wrote the shards is refused, not resumed with other examples.
+    out["examples.order"] = "trace id, sample index"
+    return out
+
+
+def probe_settings(cfg: RunConfig) -> dict[str, Any]:
+    """What the static probe's run and θb depend on: the training's settings but the selection (the
+    probe is SFT, shared by every static method), and the traces."""
+    settings = {k: v for k, v in run_settings(cfg).items() if not k.startswith("selection.")}
+    # Whether the accuracy samples were seeded as they are drawn (eval's choice unless the probe's own):
+    # False where unseeded, None (as before the key existed) where seeded.
+    settings["probe.seed_requests"] = seeding("probe", cfg.engine("probe")).get("probe.seed_requests")
+    return {**settings, **traces_read(cfg)}
+
+
+def traces_read(cfg: RunConfig) -> dict[str, str]:
+    """``{"traces": fingerprint}`` of the run's traces (checked against their manifest): what a training
+    records, so that a training of traces redone since is refused, never returned as this config's model."""
+    return {"traces": traces_fingerprint(checked_manifest(cfg.run_dir))}
+
+
 def traces_fingerprint(manifest: dict[str, Any]) -> str:
     """A short hash of the trace shards a manifest lists: training records it, so that traces redone
     under it are noticed."""
     return hashlib.sha256(json.dumps(manifest.get("shards", {}), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def stage_settings(stage: str, cfg: RunConfig, model_ref: str | None = None,
+                   model_dtype: str | None = None) -> dict[str, Any]:
+    """What the output of ``stage`` (one of ``RESTARTABLE``) depends on, recorded in its folder's
+    ``settings.json`` by ``claim``: the traces stage's teacher, data and sampling; the probe's and the
+    training's settings with the traces they read; an evaluation's sampling and its model
+    (``model_ref`` and ``model_dtype``: evaluations only)."""
+    if stage == "traces":
+        return traces_settings(cfg)
+    if stage == "probe":
+        return probe_settings(cfg)
+    if stage == "train":
+        return {**run_settings(cfg), **traces_read(cfg)}
+    if stage == "eval":
+        if model_ref is None or model_dtype is None:
+            raise ValueError("the eval stage's settings name its model: pass model_ref and model_dtype")
+        return eval_settings(cfg, model_ref, model_dtype)
+    raise ValueError(f"unknown stage {stage!r}: expected one of {', '.join(RESTARTABLE)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Reading the traces back, checked against their manifest
+# --------------------------------------------------------------------------------------------
+
+
+def traces_folder(run_or_traces_dir: str | Path) -> Path:
+    return TracesFolder.of(run_or_traces_dir).path
+
+
+def read_shards(folder: Path, columns: list[str] | None = None):
+    """The ``part-*.parquet`` shards of ``folder`` as one pyarrow table, in shard order (None without any)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parts = sorted(folder.glob("part-*.parquet"))
+    if not parts:
+        return None
+    return pa.concat_tables([pq.read_table(p, columns=columns) for p in parts])
+
+
+def shard_counts(folder: Path) -> dict[str, dict[str, int]]:
+    """Rows per shard pair: ``{part-NNNNN.parquet: {"samples": n, "traces": k}}`` (-1 where missing)."""
+    import pyarrow.parquet as pq
+
+    folder = TracesFolder(Path(folder))
+    out: dict[str, dict[str, int]] = {}
+    for kind, shards in (("samples", folder.samples), ("traces", folder.kept)):
+        for p in sorted(shards.glob("part-*.parquet")):
+            out.setdefault(p.name, {"samples": -1, "traces": -1})[kind] = pq.ParquetFile(p).metadata.num_rows
+    return out
+
+
+def checked_manifest(run_or_traces_dir: str | Path) -> dict[str, Any]:
+    """The traces folder's manifest, after checking that its shards are exactly the ones it counted:
+    a shard deleted, truncated or added since (an unfinished rerun) would silently change what
+    training sees."""
+    traces = TracesFolder.of(run_or_traces_dir)
+    folder, path = traces.path, traces.manifest
+    if not path.exists():
+        if traces.kept.is_dir():
+            raise DataError(f"{folder} has trace shards but no manifest.json: the traces stage did not finish; "
+                            "rerun `t3s traces` with the same config")
+        raise FileNotFoundError(f"no traces under {folder} (run `t3s traces` first)")
+    manifest = json.loads(path.read_text())
+    listed, present = manifest.get("shards"), shard_counts(folder)
+    if listed is None:  # written before shards were recorded
+        return manifest
+    for name in sorted(set(listed) | set(present)):
+        want, got = listed.get(name), present.get(name)
+        if want == got:
+            continue
+        if want is None:
+            problem = "is not in its manifest (an unfinished `t3s traces` run?)"
+        else:
+            missing = [k for k in ("samples", "traces") if got is None or got[k] < 0]
+            problem = (f"is missing from {'/'.join(missing)}/" if missing else
+                       f"has {got['traces']} traces and {got['samples']} samples, its manifest says "
+                       f"{want['traces']} and {want['samples']}")
+        raise DataError(f"{folder}: shard {name} {problem}; rerun `t3s traces` with the same config to "
+                        "regenerate what is missing, or --restart traces")
+    return manifest
+
+
+def load_traces(run_or_traces_dir: str | Path) -> list[dict[str, Any]]:
+    """The kept traces of a traces folder (or of a run folder holding ``traces/``), checked against
+    the folder's manifest (``checked_manifest``), by prompt id and sample index."""
+    traces = TracesFolder.of(run_or_traces_dir)
+    checked_manifest(traces.path)
+    table = read_shards(traces.kept)
+    if table is None:
+        raise FileNotFoundError(f"no trace shards under {traces.kept} (run `t3s traces` first)")
+    # In a fixed order: Ray Data writes shards as its actors finish, so two runs that keep the same
+    # traces store them in different orders, and training picks its examples by position (the same
+    # seed trained on other batches: the lab's SFT went 14.6 % one run, 7.4 % the next).
+    return sorted(table.to_pylist(), key=lambda t: (str(t["id"]), t.get("sample_index") or 0))
 
 
 def changed_keys(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
@@ -88,9 +420,10 @@ def changed_keys(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
 
 def has_output(folder: Path) -> bool:
     """Whether a stage folder holds anything computed: trace shards, checkpoints, models, results."""
-    return any(folder.glob("*/part-*.parquet")) or any(folder.glob("ray_train/checkpoint_*")) or \
-        any(folder.glob("checkpoints/step-*")) or (folder / "model").exists() or (folder / "result.json").exists() or \
-        (folder / "scores.json").exists()
+    trained = TrainFolder(folder)
+    return any(folder.glob("*/part-*.parquet")) or any(trained.ray_train.glob("checkpoint_*")) or \
+        any(trained.checkpoints.glob("step-*")) or trained.model.exists() or trained.result.exists() or \
+        EvalFolder(folder).scores.exists()
 
 
 def claim(folder: Path, stage: str, settings: dict[str, Any], new_folder: str = "a new `name`") -> None:
@@ -116,15 +449,16 @@ def restart(cfg: RunConfig, stages: list[str], whole_run: bool, eval_label: str 
     """Remove the output of ``stages`` (and, for ``t3s run``, every stage downstream of the first:
     new traces make the probe, the trainings and the evaluations stale). ``eval_label``: ``t3s eval``
     restarts only the evaluation it runs, not the run's others."""
-    run = cfg.run_dir
+    run = RunLayout(cfg.run_dir)
     unknown = [s for s in stages if s not in RESTARTABLE]
     if unknown:
         raise ConfigError(f"--restart {unknown[0]}: expected one of {', '.join(RESTARTABLE)}")
     if whole_run and stages:
         first = min(RESTARTABLE.index(s) for s in stages)
         stages = list(RESTARTABLE[first:])
-    folders = {"traces": [run / "traces"], "probe": [run / "probe"], "eval": [run / "eval" / eval_label if eval_label else run / "eval"],
-               "train": [run / "train", *sorted((run / "methods").glob("*/train"))]}
+    folders = {"traces": [run.traces.path], "probe": [run.probe.path],
+               "eval": [run.eval(eval_label).path if eval_label else run.evals],
+               "train": [run.train.path, *(t.path for t in run.method_trainings().values())]}
     for stage in stages:
         for folder in folders[stage]:
             if folder.is_symlink():  # a method's link to the run's probe (sft is the probe's run)

@@ -1,4 +1,4 @@
-"""The global token-confidence store of the online T3S protocol (DESIGN.md §2 "Online protocol", §3).
+"""The global token-confidence store of the online T3S protocol (README, "Stage 2: training").
 
 Every training forward pass computes ``c_t = log p(y_t | y_<t, x)`` for the response tokens of its
 batch and pushes it here (detached, with the step number).  The store keeps, per token,

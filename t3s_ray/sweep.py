@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, RunConfig, SweepConfig, apply_overrides, from_dict
+from .runfolder import RunLayout
 
 # --------------------------------------------------------------------------------------------
 # Trials: parameters -> a run config
@@ -86,7 +87,7 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], sweep_dir: str, trac
     started = time.time()
     try:
         cfg = trial_config(base, params, trials_dir, name)
-        link_shared_folder(Path(traces_dir), cfg.run_dir / "traces")
+        link_shared_folder(Path(traces_dir), RunLayout(cfg.run_dir).traces.path)
         every = base["sweep"]["eval_every"]  # the trial's own config has no sweep section
         total = cfg.train.max_steps
         stops = sorted({*range(every, total, every), total}) if every else [total]
@@ -99,7 +100,7 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], sweep_dir: str, trac
             tune.report(metrics)
         for stop in sorted(set(stops) - {m["step"] for m in scored}):
             run_train(cfg, stop_at=stop)
-            scores = evaluate(cfg, str((cfg.run_dir / "train" / "model").resolve()), label=f"step-{stop:06d}",
+            scores = evaluate(cfg, str(RunLayout(cfg.run_dir).train.model.resolve()), label=f"step-{stop:06d}",
                               quiet=True)
             metrics = {**reported_metrics(scores), "step": stop, "wall_s": round(time.time() - started, 1)}
             with open(reports, "a") as f:
@@ -133,14 +134,15 @@ def run_sweep(cfg: RunConfig) -> list[dict[str, Any]]:
     allowed = {"score", "avg@k", *(f"pass@{k}" for k in cfg.eval.pass_k), *(f"{b.name}/avg@k" for b in benches)}
     if sw.metric not in allowed:
         raise ConfigError(f"sweep.metric: '{sw.metric}' is not reported; trials report {', '.join(sorted(allowed))}")
-    sweep_dir = (cfg.run_dir / "sweep").resolve()
+    run = RunLayout(cfg.run_dir)
+    sweep_dir = run.sweep.resolve()
     sweep_dir.mkdir(parents=True, exist_ok=True)
     base = cfg.to_dict()
     with ray_session(cfg.ray):
-        if cfg.traces.source == "generate" or not (cfg.run_dir / "traces" / "manifest.json").exists():
+        if cfg.traces.source == "generate" or not run.traces.manifest.exists():
             run_traces(cfg)  # resumable: a finished trace run is only read back
         trainable = tune.with_parameters(_trial, base=base, sweep_dir=str(sweep_dir),
-                                         traces_dir=str((cfg.run_dir / "traces").resolve()))
+                                         traces_dir=str(run.traces.path.resolve()))
         trainable = tune.with_resources(trainable, {"CPU": sw.cpus_per_trial, "GPU": sw.gpus_per_trial})
         experiment = str(sweep_dir / "tune")
         if tune.Tuner.can_restore(experiment):

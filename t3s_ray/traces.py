@@ -32,7 +32,17 @@ from .cluster import ray_session
 from .config import ConfigError, RunConfig
 from .data import DataError, load_prompts
 from .generate import GenerationSpec, generate_and_verify
-from .runfolder import claim, traces_settings
+from .runfolder import (  # noqa: F401  (the trace readers' old home)
+    RunLayout,
+    TracesFolder,
+    checked_manifest,
+    claim,
+    load_traces,
+    read_shards,
+    shard_counts,
+    stage_settings,
+    traces_folder,
+)
 from .verify import get_verifier
 
 # The schema of the kept-trace shards; README "Trace format" documents it.
@@ -58,7 +68,7 @@ SAMPLE_SCHEMA = TRACE_SCHEMA.append(pa.field("kept", pa.bool_())).append(pa.fiel
 
 
 def traces_dir(cfg: RunConfig) -> Path:
-    return cfg.run_dir / "traces"
+    return RunLayout(cfg.run_dir).traces.path
 
 
 def generation_spec(cfg: RunConfig) -> GenerationSpec:
@@ -76,7 +86,7 @@ def generation_spec(cfg: RunConfig) -> GenerationSpec:
 def endpoint_key(cfg: RunConfig):
     """The API key of ``traces.endpoint`` from the variable ``api_key_env`` names (None without one),
     as a Secret: its repr hides it."""
-    from .openai_backend import Secret
+    from .engines.openai import Secret
 
     name = cfg.traces.endpoint.api_key_env
     if not name:
@@ -112,72 +122,6 @@ def choose_kept(samples: list[dict[str, Any]], policy: str, seed: int, prompt_id
     raise ValueError(f"unknown keep policy {policy!r}")
 
 
-def read_shards(folder: Path, columns: list[str] | None = None) -> pa.Table | None:
-    parts = sorted(folder.glob("part-*.parquet"))
-    if not parts:
-        return None
-    return pa.concat_tables([pq.read_table(p, columns=columns) for p in parts])
-
-
-def traces_folder(run_or_traces_dir: str | Path) -> Path:
-    folder = Path(run_or_traces_dir)
-    return folder / "traces" if (folder / "traces" / "traces").is_dir() else folder
-
-
-def shard_counts(folder: Path) -> dict[str, dict[str, int]]:
-    """Rows per shard pair: ``{part-NNNNN.parquet: {"samples": n, "traces": k}}`` (-1 where missing)."""
-    out: dict[str, dict[str, int]] = {}
-    for kind in ("samples", "traces"):
-        for p in sorted((folder / kind).glob("part-*.parquet")):
-            out.setdefault(p.name, {"samples": -1, "traces": -1})[kind] = pq.ParquetFile(p).metadata.num_rows
-    return out
-
-
-def checked_manifest(run_or_traces_dir: str | Path) -> dict[str, Any]:
-    """The traces folder's manifest, after checking that its shards are exactly the ones it counted:
-    a shard deleted, truncated or added since (an unfinished rerun) would silently change what
-    training sees."""
-    folder = traces_folder(run_or_traces_dir)
-    path = folder / "manifest.json"
-    if not path.exists():
-        if (folder / "traces").is_dir():
-            raise DataError(f"{folder} has trace shards but no manifest.json: the traces stage did not finish; "
-                            "rerun `t3s traces` with the same config")
-        raise FileNotFoundError(f"no traces under {folder} (run `t3s traces` first)")
-    manifest = json.loads(path.read_text())
-    listed, present = manifest.get("shards"), shard_counts(folder)
-    if listed is None:  # written before shards were recorded
-        return manifest
-    for name in sorted(set(listed) | set(present)):
-        want, got = listed.get(name), present.get(name)
-        if want == got:
-            continue
-        if want is None:
-            problem = "is not in its manifest (an unfinished `t3s traces` run?)"
-        else:
-            missing = [k for k in ("samples", "traces") if got is None or got[k] < 0]
-            problem = (f"is missing from {'/'.join(missing)}/" if missing else
-                       f"has {got['traces']} traces and {got['samples']} samples, its manifest says "
-                       f"{want['traces']} and {want['samples']}")
-        raise DataError(f"{folder}: shard {name} {problem}; rerun `t3s traces` with the same config to "
-                        "regenerate what is missing, or --restart traces")
-    return manifest
-
-
-def load_traces(run_or_traces_dir: str | Path) -> list[dict[str, Any]]:
-    """The kept traces of a traces folder (or of a run folder holding ``traces/``), checked against
-    the folder's manifest (``checked_manifest``), by prompt id and sample index."""
-    folder = traces_folder(run_or_traces_dir)
-    checked_manifest(folder)
-    table = read_shards(folder / "traces")
-    if table is None:
-        raise FileNotFoundError(f"no trace shards under {folder / 'traces'} (run `t3s traces` first)")
-    # In a fixed order: Ray Data writes shards as its actors finish, so two runs that keep the same
-    # traces store them in different orders, and training picks its examples by position (the same
-    # seed trained on other batches: the lab's SFT went 14.6 % one run, 7.4 % the next).
-    return sorted(table.to_pylist(), key=lambda t: (str(t["id"]), t.get("sample_index") or 0))
-
-
 def _write_atomic(table: pa.Table, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -201,8 +145,9 @@ class ShardWriter:
         name = f"part-{self.index:05d}.parquet"
         samples = pa.Table.from_pylist(self.samples, schema=SAMPLE_SCHEMA)
         kept = samples.filter(pa.compute.field("kept")).select(TRACE_SCHEMA.names)
-        _write_atomic(kept, self.out / "traces" / name)
-        _write_atomic(samples, self.out / "samples" / name)  # the shard counts from here on
+        folder = TracesFolder(self.out)
+        _write_atomic(kept, folder.kept / name)
+        _write_atomic(samples, folder.samples / name)  # the shard counts from here on
         self.index += 1
         self.samples = []
 
@@ -212,15 +157,16 @@ def _finished_state(out: Path) -> tuple[set[str], set[str], int]:
     # A shard counts once both halves exist (kept traces first, then samples: ShardWriter.flush). A
     # kept half without its samples is a half-written pair; samples without their kept half lost it
     # (deleted by hand?): either way the pair goes and its prompts are done again.
-    kept = {p.name for p in (out / "traces").glob("part-*.parquet")}
-    for lost in sorted((out / "samples").glob("part-*.parquet")):
+    folder = TracesFolder(out)
+    kept = {p.name for p in folder.kept.glob("part-*.parquet")}
+    for lost in sorted(folder.samples.glob("part-*.parquet")):
         if lost.name not in kept:
             print(f"[traces] {lost.name} has no traces/ twin: its prompts will be generated again", file=sys.stderr,
                   flush=True)
             lost.unlink()
-    sample_parts = sorted((out / "samples").glob("part-*.parquet"))
+    sample_parts = sorted(folder.samples.glob("part-*.parquet"))
     written = {p.name for p in sample_parts}
-    for stale in (out / "traces").glob("part-*.parquet"):
+    for stale in folder.kept.glob("part-*.parquet"):
         if stale.name not in written:
             stale.unlink()
     for tmp in out.glob("*/.part-*.tmp"):
@@ -234,7 +180,7 @@ def _finished_state(out: Path) -> tuple[set[str], set[str], int]:
 
 
 def _read_errors(out: Path) -> list[dict[str, Any]]:
-    path = out / "errors.jsonl"
+    path = TracesFolder(out).errors
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -259,7 +205,7 @@ def _imported_samples(rows: list[dict[str, Any]], cfg: RunConfig):
     """``traces.source: dataset``: the dataset's own traces, verified where a gold answer exists. With
     ``traces.reasoning_field`` the thinking goes first, as ``<think>\n...\n</think>\n\n`` (the
     answer is verified on the whole trace, as a generated one would be)."""
-    from .openai_backend import join_reasoning
+    from .engines.openai import join_reasoning
 
     check = get_verifier(cfg.traces.verifier)
     for row in rows:
@@ -284,7 +230,7 @@ def run_traces(cfg: RunConfig, flush_every: int | None = None) -> dict[str, Any]
     t = cfg.traces
     if t.source == "generate":
         check_teacher(cfg)
-    claim(out, "traces", traces_settings(cfg))  # other settings than the folder's are refused, not mixed in
+    claim(out, "traces", stage_settings("traces", cfg))  # other settings than the folder's are refused, not mixed in
     extra = None
     if t.source == "dataset":
         extra = {"response": t.response_field, **({"reasoning": t.reasoning_field} if t.reasoning_field else {})}
@@ -299,7 +245,7 @@ def run_traces(cfg: RunConfig, flush_every: int | None = None) -> dict[str, Any]
     started = time.time()
     run_stats = {"prompts": 0, "samples": 0, "tokens": 0, "errors": 0}
     in_buffer = 0
-    errors_file = open(out / "errors.jsonl", "a")
+    errors_file = open(TracesFolder(out).errors, "a")
     teacher = teacher_name(cfg)
 
     def handle(results) -> None:
@@ -338,7 +284,7 @@ def run_traces(cfg: RunConfig, flush_every: int | None = None) -> dict[str, Any]
     print_summary(manifest)
     if rows and not manifest["prompts_finished"]:
         raise DataError(f"traces: none of the {len(rows)} prompts finished{_commonest_error(out)}; every error is "
-                        f"in {out / 'errors.jsonl'}")
+                        f"in {TracesFolder(out).errors}")
     return manifest
 
 
@@ -372,7 +318,7 @@ def check_teacher(cfg: RunConfig) -> None:
 
 def write_manifest(cfg: RunConfig, out: Path, run_stats: dict[str, Any], elapsed: float, n_rows: int) -> dict[str, Any]:
     """Counts over everything written so far (all runs of this folder), plus this run's speed."""
-    samples = read_shards(out / "samples", columns=["id", "correct", "kept", "token_ids", "logprobs"])
+    samples = read_shards(TracesFolder(out).samples, columns=["id", "correct", "kept", "token_ids", "logprobs"])
     ids, n_samples, n_correct, n_kept, tokens, no_correct = set(), 0, 0, 0, 0, []
     if samples is not None:
         per_id: dict[str, bool] = {}
@@ -409,7 +355,7 @@ def write_manifest(cfg: RunConfig, out: Path, run_stats: dict[str, Any], elapsed
         "this_run": {**run_stats, "seconds": round(elapsed, 2),
                      "tokens_per_s": round(run_stats["tokens"] / elapsed, 2) if elapsed > 0 else 0.0},
     }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    TracesFolder(out).manifest.write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 

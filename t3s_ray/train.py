@@ -26,9 +26,8 @@ from typing import Any
 from .config import ConfigError, RunConfig
 from .data import DataError, tokenize_traces  # tokenize_traces lives in data.py (no pyarrow); re-exported
 from .data import trace_prompt as _trace_prompt
-from .runfolder import claim, seeding, traces_fingerprint
-from .traces import checked_manifest
-from .worker import SelectionPlan, TrainJob, run_settings, write_checkpoint_folder
+from .runfolder import RunLayout, TrainFolder, claim, load_traces, stage_settings
+from .worker import SelectionPlan, TrainJob, write_checkpoint_folder
 
 # --------------------------------------------------------------------------------------------
 # The Ray side of one rank
@@ -143,7 +142,7 @@ def fit(cfg: RunConfig, job: TrainJob, examples: list[dict[str, Any]]) -> dict[s
         torch_config=TorchConfig(timeout_s=t.collective_timeout_s),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": 1} if not t.use_gpu else None),
-        run_config=RayRunConfig(name="ray_train", storage_path=str(out.resolve()),
+        run_config=RayRunConfig(name=TrainFolder(out).ray_train.name, storage_path=str(out.resolve()),
                                 failure_config=FailureConfig(max_failures=t.max_failures),
                                 checkpoint_config=CheckpointConfig(num_to_keep=t.keep_last or None),
                                 # Ray Train logs every report and checkpoint at INFO, a long line each:
@@ -156,10 +155,11 @@ def fit(cfg: RunConfig, job: TrainJob, examples: list[dict[str, Any]]) -> dict[s
         raise result.error
     stats = store.stats()
     history = store.history()
-    (out / "store_stats.json").write_text(json.dumps({"final": stats, "refreshes": history}, indent=2) + "\n")
-    store.save(out / "store.npz")
+    folder = TrainFolder(out)
+    folder.store_stats.write_text(json.dumps({"final": stats, "refreshes": history}, indent=2) + "\n")
+    store.save(folder.store)
     store.kill()
-    summary = {"out_dir": str(out), "model": str(out / "model"), "seconds": round(time.time() - started, 1),
+    summary = {"out_dir": str(out), "model": str(folder.model), "seconds": round(time.time() - started, 1),
                "examples": len(examples), "store": stats,
                "checkpoint": result.checkpoint.path if result.checkpoint else None}
     return summary
@@ -182,13 +182,13 @@ def run_probe(cfg: RunConfig, examples, prompts, scoring_ref: str, tokenizer_ref
     from .generate import GenerationSpec, generate_and_verify
     from .verify import score_counts
 
-    probe_dir = (cfg.run_dir / "probe").resolve()  # its model paths are read by workers elsewhere
-    result_path = probe_dir / "result.json"
-    claim(probe_dir, "probe", probe_settings(cfg))
+    probe = TrainFolder(RunLayout(cfg.run_dir).probe.path.resolve())  # its model paths are read by workers elsewhere
+    probe_dir, result_path = probe.path, probe.result
+    claim(probe_dir, "probe", stage_settings("probe", cfg))
     if result_path.exists():
         result = read_probe_result(probe_dir)
         if cfg.probe.diagnostics:  # the anchors, and so the record, depend on this run's selection
-            from .probe_diagnostics import diagnostics_path, read_diagnostics, probe_diagnostics
+            from .probe_diagnostics import diagnostics_path, probe_diagnostics, read_diagnostics
 
             if read_diagnostics(probe_dir, cfg) is None:
                 record = probe_diagnostics(cfg, examples, result, scoring_ref)
@@ -202,8 +202,7 @@ def run_probe(cfg: RunConfig, examples, prompts, scoring_ref: str, tokenizer_ref
     with ray_session(cfg.ray):
         fit(cfg, job, examples)
         rows = prompts[: p.max_prompts] if p.max_prompts else prompts
-        candidates = [(0, scoring_ref)] + [(int(d.name.split("-")[1]), str(d))
-                                           for d in sorted((probe_dir / "models").glob("step-*"))]
+        candidates = [(0, scoring_ref)] + [(probe.step_of(d), str(d)) for d in probe.saved_models()]
         accuracies = []
         engine = cfg.engine("probe")  # eval's engine unless a probe key overrides it
         engine = dataclasses.replace(engine, concurrency=max(1, min(engine.concurrency, len(rows))))
@@ -234,11 +233,11 @@ def run_probe(cfg: RunConfig, examples, prompts, scoring_ref: str, tokenizer_ref
 def read_probe_result(probe_dir: Path) -> dict[str, Any]:
     """A finished probe's ``result.json``, its model paths under ``probe_dir`` as it is now: the run
     folder may have been moved or copied since it was written (step 0 is θ0, the student's own ref)."""
-    probe_dir = Path(probe_dir).resolve()
-    result = json.loads((probe_dir / "result.json").read_text())
+    probe = TrainFolder(Path(probe_dir).resolve())
+    result = json.loads(probe.result.read_text())
 
     def here(a: dict[str, Any]) -> dict[str, Any]:
-        return {**a, "model": str(probe_dir / "models" / f"step-{a['step']:06d}")} if a["step"] > 0 else a
+        return {**a, "model": str(probe.saved_model(a["step"]))} if a["step"] > 0 else a
 
     accuracies = [here(a) for a in result["accuracies"]]
     best = next(a for a in accuracies if a["step"] == result["bottleneck_step"])
@@ -259,7 +258,6 @@ def training_inputs(cfg: RunConfig) -> tuple[list[dict[str, Any]], dict[str, lis
     chat template, the rows skipped by reason, the train prompts, and the model whose confidences
     select tokens (the student, or a dLLM's AR selector)."""
     from .models import declares_masked_lm, fetch_weights, load_tokenizer
-    from .traces import load_traces
 
     traces = load_traces(cfg.run_dir)
     if cfg.student.kind == "ar" and declares_masked_lm(cfg.student.ref):
@@ -272,8 +270,8 @@ def training_inputs(cfg: RunConfig) -> tuple[list[dict[str, Any]], dict[str, lis
     examples, skipped = tokenize_traces(traces, tokenizer, system_prompt=cfg.data.system_prompt,
                                         chat_template=cfg.traces.chat_template, max_seq_len=cfg.data.max_seq_len)
     if len(examples) < cfg.train.batch_size:
-        raise DataError(f"only {len(examples)} usable traces under {cfg.run_dir / 'traces'} but train.batch_size is "
-                         f"{cfg.train.batch_size}: lower the batch size or generate more traces")
+        raise DataError(f"only {len(examples)} usable traces under {RunLayout(cfg.run_dir).traces.path} but "
+                        f"train.batch_size is {cfg.train.batch_size}: lower the batch size or generate more traces")
     return examples, skipped, train_prompts(traces), scoring_ref
 
 
@@ -283,16 +281,6 @@ def model_refs(cfg: RunConfig) -> dict[str, str | None]:
     if cfg.student.kind == "dllm" and cfg.student.selector_ref:
         refs.setdefault(cfg.student.selector_ref, None)
     return refs
-
-
-def probe_settings(cfg: RunConfig) -> dict[str, Any]:
-    """What the static probe's run and θb depend on: the training's settings but the selection (the
-    probe is SFT, shared by every static method), and the traces."""
-    settings = {k: v for k, v in run_settings(cfg).items() if not k.startswith("selection.")}
-    # Whether the accuracy samples were seeded as they are drawn (eval's choice unless the probe's own):
-    # False where unseeded, None (as before the key existed) where seeded.
-    settings["probe.seed_requests"] = seeding("probe", cfg.engine("probe")).get("probe.seed_requests")
-    return {**settings, "traces": traces_fingerprint(checked_manifest(cfg.run_dir))}
 
 
 def run_static_probe(cfg: RunConfig) -> dict[str, Any]:
@@ -312,18 +300,18 @@ def run_train(cfg: RunConfig, stop_at: int | None = None) -> dict[str, Any]:
     from .cluster import ray_session
 
     s = cfg.selection
-    out = cfg.run_dir / "train"
-    summary_path = out / "summary.json"
+    folder = RunLayout(cfg.run_dir).train
+    out, summary_path = folder.path, folder.summary
     # A finished or half-done training of other settings (or of traces redone since) is refused, never
     # returned as this config's model.
-    claim(out, "train", {**run_settings(cfg), "traces": traces_fingerprint(checked_manifest(cfg.run_dir))})
+    claim(out, "train", stage_settings("train", cfg))
     target = min(stop_at or cfg.train.max_steps, cfg.train.max_steps)
-    if summary_path.exists() and (out / "model" / "config.json").exists():
+    if summary_path.exists() and (folder.model / "config.json").exists():
         previous = json.loads(summary_path.read_text())
         # Where the model is now (the run folder may have been moved since it was written).
-        previous.update({"out_dir": str(out), "model": str(out / "model")})
+        previous.update({"out_dir": str(out), "model": str(folder.model)})
         if previous.get("step", cfg.train.max_steps) >= target:
-            print(f"[train] already at step {previous.get('step')}: {out / 'model'}", file=sys.stderr, flush=True)
+            print(f"[train] already at step {previous.get('step')}: {folder.model}", file=sys.stderr, flush=True)
             return previous
     kind = cfg.student.kind
     examples, skipped, prompts, scoring_ref = training_inputs(cfg)

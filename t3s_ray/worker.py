@@ -14,10 +14,11 @@ the store), steps the optimizer, and pushes the detached confidences without wai
 pushes, then rank 0 reclassifies and publishes a new mask version, so every rank trains on the same
 version at the same step.
 
-Memory (``docs/scale.md`` has the arithmetic): the model is built on the meta device, sharded under
-FSDP, materialised on the device and filled from rank 0's one host copy; weights and AdamW state are
-fp32 with bf16 compute; checkpoints are sharded (``torch.distributed.checkpoint``); only exported
-Hugging Face models (final, probe, stop points) are gathered, one tensor at a time, on rank 0.
+Memory (the arithmetic: the README's "Training at the paper's scale", ``bench/memory_plan.py``): the
+model is built on the meta device, sharded under FSDP, materialised on the device and filled from
+rank 0's one host copy; weights and AdamW state are fp32 with bf16 compute; checkpoints are sharded
+(``torch.distributed.checkpoint``); only exported Hugging Face models (final, probe, stop points) are
+gathered, one tensor at a time, on rank 0.
 """
 
 from __future__ import annotations
@@ -51,14 +52,11 @@ from .batching import (
 )
 from .config import RunConfig, from_dict
 from .distributed import Ranks
-from .runfolder import changed_keys
-from .t3s import token_confidence, token_loss_and_confidence
+from .protocols import PROTOCOLS, Protocol
+from .runfolder import TrainFolder, changed_keys, run_settings  # run_settings: re-exported (its old home)
+from .t3s import KEEP_ALL, token_confidence, token_loss_and_confidence
 
 CHECKPOINT_STATE = "trainer_state.json"
-KEEP_OF_PROTOCOL = {"sft": "none", "t3s_static": "t3s", "t3s_online": "t3s", "inverse": "inverse", "random": "random"}
-# Train settings that do not change what a run computes: a resumed run may change them.
-_OPERATIONAL_TRAIN_KEYS = ("num_workers", "checkpoint_every", "keep_last", "max_failures", "collective_timeout_s",
-                           "diagnostics_every")
 
 
 # --------------------------------------------------------------------------------------------
@@ -71,34 +69,41 @@ class SelectionPlan:
     """What the selection config means for one training run, answered in one place.
 
     Attributes:
-        keep_method: Which targets a step keeps once masking is on: ``none`` (all), ``t3s``
-            (non-anchors), ``inverse`` (anchors only) or ``random`` (a random set of the anchors' size).
-        online: Reclassify from the training trajectories every ``refresh_interval`` steps.
+        protocol: The protocol's row (``protocols.PROTOCOLS``): its keep rule once masking is on
+            (``keep_method``), and whether it reclassifies from the training trajectories every
+            ``refresh_interval`` steps (``online``).
         switch: Online: ``immediate`` masks from the first refresh, ``bottleneck`` once train
             accuracy has risen after its minimum.
         refresh_interval: Online: steps between refreshes.
         accuracy_every: Online with ``switch: bottleneck``: steps between train-accuracy measurements.
     """
 
-    keep_method: str = "none"
-    online: bool = False
+    protocol: Protocol = PROTOCOLS["sft"]
     switch: str = "immediate"
     refresh_interval: int = 1
     accuracy_every: int = 1
 
     @classmethod
     def for_protocol(cls, cfg: RunConfig, protocol: str | None = None) -> SelectionPlan:
-        s, protocol = cfg.selection, protocol or cfg.selection.protocol
-        return cls(KEEP_OF_PROTOCOL[protocol], protocol == "t3s_online", s.switch, s.refresh_interval,
-                   cfg.probe.eval_every)
+        s = cfg.selection
+        return cls(PROTOCOLS[protocol or s.protocol], s.switch, s.refresh_interval, cfg.probe.eval_every)
+
+    @property
+    def keep_method(self) -> str:
+        """Which targets a step keeps once masking is on (``t3s.keep_mask``'s method)."""
+        return self.protocol.keep
+
+    @property
+    def online(self) -> bool:
+        return self.protocol.online
 
     @property
     def needs_probe(self) -> bool:
         """The static protocols' anchors come from a probe's θb (``t3s_static``, ``inverse``, ``random``)."""
-        return self.keep_method != "none" and not self.online
+        return self.protocol.needs_probe
 
     def masking_from_start(self) -> bool:
-        return self.keep_method != "none" and (not self.online or self.switch == "immediate")
+        return self.protocol.selects and (not self.online or self.switch == "immediate")
 
     def refreshes_before(self, step: int, masking_on: bool) -> bool:
         return self.online and masking_on and step > 0 and step % self.refresh_interval == 0
@@ -146,24 +151,6 @@ class TrainerState:
     @classmethod
     def load(cls, path: Path) -> TrainerState:
         return cls(**json.loads(path.read_text()))
-
-
-def run_settings(cfg: RunConfig) -> dict[str, Any]:
-    """The settings that determine what a training computes, flattened to dotted keys: a checkpoint
-    may only be resumed with the same ones (the operational train keys may change)."""
-    d = cfg.to_dict()
-    train = {k: v for k, v in d["train"].items() if k not in _OPERATIONAL_TRAIN_KEYS}
-    if cfg.train.schedule != "cosine":
-        train.pop("max_steps")  # a constant schedule may be extended
-    out: dict[str, Any] = {}
-    for section, values in (("student", d["student"]), ("train", train), ("selection", d["selection"]),
-                            ("probe", d["probe"])):
-        for key, value in values.items():
-            out[f"{section}.{key}"] = value
-    # How examples are indexed (the data order picks them by position): a checkpoint written when
-    # they were in the order Ray Data wrote the shards is refused, not resumed with other examples.
-    out["examples.order"] = "trace id, sample index"
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -444,7 +431,7 @@ class StudentTrainer:
             if t.diagnostics_every and (step + 1) % t.diagnostics_every == 0:
                 metrics.update(self._diagnostics(mine, anchors))
             if self.job.model_every and (step + 1) % self.job.model_every == 0:
-                self._save_hf(self.out_dir / "models" / f"step-{step + 1:06d}")
+                self._save_hf(TrainFolder(self.out_dir).saved_model(step + 1))
             checkpoint_now = (step + 1) % t.checkpoint_every == 0 or step + 1 == last
             if checkpoint_now:
                 self.store.wait(pushes)
@@ -455,7 +442,7 @@ class StudentTrainer:
                 self.save_checkpoint(metrics)
         self.store.wait(pushes)
         dist_utils.barrier()
-        self._save_hf(self.out_dir / "model")
+        self._save_hf(TrainFolder(self.out_dir).model)
         if self.log:
             self.log.close()
 
@@ -503,7 +490,7 @@ class StudentTrainer:
         from .t3s import dllm_forced_mask, dllm_loss, keep_mask, token_loss_weights
 
         t, s = self.cfg.train, self.cfg.selection
-        method = self.plan.keep_method if self.state.masking_on else "none"
+        method = self.plan.keep_method if self.state.masking_on else KEEP_ALL
         anchor_of = dict(zip(mine, anchors))
         # Kept targets per example, each drawn from a generator of its own (step, example): the
         # random protocol's draw does not depend on how the batch is split over ranks and micro-batches.
@@ -778,7 +765,8 @@ def sample_accuracy(model, tokenizer, prompts: list[dict[str, Any]], cfg: RunCon
                     world: int, autocast) -> tuple[int, int]:
     """(correct, sampled) for this rank's share of the train prompts, sampled from its own replica
     of the model in training (``probe.samples`` each): the online protocol's bottleneck detector."""
-    from .generate import GenerationSpec, HFGenerator, prepare_requests
+    from .engines.hf import HFGenerator
+    from .generate import GenerationSpec, prepare_requests
     from .verify import get_verifier
 
     p = cfg.probe
@@ -807,11 +795,11 @@ class MetricsLog:
     def __init__(self, out_dir: Path, max_steps: int, resumed_step: int):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.path, self.max_steps = out_dir / "metrics.jsonl", max_steps
+        self.path, self.max_steps = TrainFolder(out_dir).metrics, max_steps
         if self.path.exists():  # after a resume, drop the lines of steps that are about to be redone
             keep = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resumed_step]
             self.path.write_text("".join(ln + "\n" for ln in keep))
-        self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+        self.tb = SummaryWriter(str(TrainFolder(out_dir).tensorboard))
 
     def write(self, metrics: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
@@ -839,7 +827,7 @@ def train_standalone(job: TrainJob, examples: list[dict[str, Any]], ranks: Ranks
     cfg = from_dict(job.cfg)
     s = cfg.selection
     store = local_store(s.store_shards, trajectory_len=s.trajectory_len, summary=s.summary, ema_alpha=s.ema_alpha)
-    session = LocalSession(Path(job.out_dir) / "checkpoints", ranks, cfg.train.keep_last)
+    session = LocalSession(TrainFolder(Path(job.out_dir)).checkpoints, ranks, cfg.train.keep_last)
     trainer = StudentTrainer(job, examples, ranks, store, session)
     trainer.setup()
     trainer.train()

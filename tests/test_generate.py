@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from t3s_ray.generate import HFGenerator
+from t3s_ray.engines.hf import HFGenerator
 
 
 def test_hf_logprobs_and_topk_match_a_teacher_forced_forward():
@@ -32,7 +32,7 @@ def test_hf_generation_keeps_no_step_logits():
     """The recorder holds one step's [B, V] log-softmax at a time, and nothing after generation."""
     from transformers import LogitsProcessorList
 
-    from t3s_ray.generate import SampledLogprobs
+    from t3s_ray.engines.hf import SampledLogprobs
 
     gen = HFGenerator("builtin:tiny-llama", temperature=0.0, top_p=1.0, topk_logprobs=0, dtype="float32", device="cpu")
     enc = gen.tokenizer(["Count: 1 2 3"], return_tensors="pt", add_special_tokens=False)

@@ -14,10 +14,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "t3s_ray"
 # Lowest first. A module may import its own layer and the ones below.
 LAYERS = [
     {"errors", "lab", "stats", "verify", "batching", "distributed", "t3s", "t3s.confidence", "t3s.diagnostics",
-     "t3s.diffusion", "t3s.losses", "t3s.selection", ""},
+     "t3s.diffusion", "t3s.losses", "t3s.selection", "", "protocols"},
     {"config"},
     {"models", "data", "runfolder", "store"},
-    {"generate", "vllm_backend", "openai_backend", "cluster"},
+    {"generate", "engines", "engines.hf", "engines.vllm", "engines.openai", "engines.rows", "cluster"},
     {"worker", "probe_diagnostics"},
     {"traces", "train", "evaluate", "report"},
     {"sweep", "pipeline", "rehearse"},
@@ -27,17 +27,10 @@ STAGES = {"traces", "train", "evaluate", "report", "sweep", "pipeline", "rehears
 CORE = {m for m in LAYERS[0] if m.startswith("t3s")} | {"store"}
 
 KNOWN = {  # (importer, imported): why it is wrong
-    ("errors", "config"): "the error base class belongs at the bottom",
-    ("errors", "data"): "ditto",
-    ("errors", "models"): "ditto",
     ("report", "train"): "the report imports the training driver",
-    ("report", "traces"): "the report imports a stage",
     ("report", "evaluate"): "the report imports a stage",
-    ("generate", "openai_backend"): "a cycle for a numpy-to-Python helper",
-    ("openai_backend", "generate"): "the other half of that cycle",
     ("probe_diagnostics", "report"): "token classes live in the report",
     ("report", "probe_diagnostics"): "the other half of that cycle",
-    ("train", "traces"): "the trace readers live in the traces stage (issue 27: below runfolder)",
 }
 
 

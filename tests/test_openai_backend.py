@@ -11,14 +11,15 @@ import socket
 import subprocess
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import yaml
 
 from t3s_ray import config
-from t3s_ray.openai_backend import Secret, join_reasoning, parse_choice
+from t3s_ray.engines.openai import Secret, join_reasoning, parse_choice
+from t3s_ray.rehearse import JSONHandler
 from t3s_ray.traces import read_shards, run_traces
 
 KEY = "sk-test-0123456789abcdef"
@@ -36,16 +37,13 @@ def test_reasoning_is_joined_the_way_qwen3s_template_renders_it():
     assert repr(Secret(KEY)) == "'***'" and KEY not in repr({"api_key": Secret(KEY)})
 
 
-class ScriptedServer(BaseHTTPRequestHandler):
+class ScriptedServer(JSONHandler):
     """Answers by the prompt: 'RATE' is refused with 429 once, 'FLAKY' with 503 twice, 'BAD' always
     with 400; everything else answers "<reasoning> The answer is <the number in the prompt>"."""
 
     attempts: dict[str, int] = {}
     requests: list[dict] = []
     lock = threading.Lock()
-
-    def log_message(self, *args):  # quiet
-        pass
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -66,14 +64,6 @@ class ScriptedServer(BaseHTTPRequestHandler):
                         "reasoning_content": f"I read {answer}."},
             "finish_reason": "stop",
             "logprobs": {"content": [{"token": "x", "logprob": -0.25}] * 5}}]})
-
-    def _reply(self, status, payload):
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
 
 def _free_port() -> int:
@@ -156,7 +146,7 @@ def test_a_missing_key_variable_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def start_vllm_serve(model_dir: str, port: int, log: Path):
-    from t3s_ray.openai_backend import launch_vllm_server
+    from servers import launch_vllm_server
 
     return launch_vllm_server(model_dir, port, log, served_name="smollm2")
 

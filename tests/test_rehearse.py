@@ -240,7 +240,7 @@ def post(url: str, body: dict, key: str | None) -> tuple[int, dict]:
 
 
 def test_the_stand_in_server_answers_like_a_reasoning_model_and_checks_the_key():
-    from t3s_ray.openai_backend import parse_choice
+    from t3s_ray.engines.openai import parse_choice
 
     with StandInServer({"Ana has 7 coins.": "7 + 5 = 12. The answer is 12."}, "k3y") as server:
         url = server.base_url + "/chat/completions"

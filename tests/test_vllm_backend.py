@@ -7,7 +7,7 @@ import pickle
 
 import pytest
 
-from t3s_ray import vllm_backend
+from t3s_ray.engines import vllm as vllm_backend
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 

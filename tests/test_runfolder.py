@@ -1,0 +1,107 @@
+"""The run folder's resumability promise: a folder written by an earlier version resumes. Its places
+keep their names (``RunLayout``), and every stage's settings fingerprint (``stage_settings``) is the
+one pinned in ``data/pinned_stage_settings.json`` (computed by the code before the fingerprints moved
+into ``runfolder.py``) for a few sample configs: a key added, renamed or valued otherwise would make
+those folders refuse to resume. If that is *meant*, rerun with ``T3S_PRINT_PINNED=1``, replace the
+file with what it prints, and say in the commit why old runs may not resume."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import tiny_run_data
+
+from t3s_ray import config
+from t3s_ray.runfolder import RESTARTABLE, RunLayout, TracesFolder, TrainFolder, changed_keys, stage_settings
+
+PINNED = Path(__file__).parent / "data" / "pinned_stage_settings.json"
+
+
+def sample_configs(tmp_path: Path) -> dict[str, dict]:
+    base = tiny_run_data(tmp_path, "pin")
+    return {
+        "dataset-hf": base,
+        "generate-vllm": {**base, "traces": {"source": "generate", "backend": "vllm", "samples_per_prompt": 2},
+                          "eval": {**base["eval"], "backend": "vllm", "seed_requests": False},
+                          "probe": {"backend": "hf", "seed_requests": False},
+                          "train": {**base["train"], "schedule": "constant"},
+                          "selection": {"protocol": "t3s_online", "switch": "bottleneck"}},
+        "generate-openai": {**base, "traces": {"source": "generate", "backend": "openai",
+                                               "endpoint": {"model": "m", "base_url": "http://x/v1"}},
+                            "selection": {"protocol": "random", "tau": 0.5}},
+    }
+
+
+def write_traces(run_dir: Path) -> None:
+    """A finished traces folder: one shard pair (2 kept traces of 3 samples) and its manifest."""
+    traces = RunLayout(run_dir).traces
+    for shards, n in ((traces.kept, 2), (traces.samples, 3)):
+        shards.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({"id": [str(i) for i in range(n)]}), shards / "part-00000.parquet")
+    traces.manifest.write_text(json.dumps({"shards": {"part-00000.parquet": {"samples": 3, "traces": 2}}}))
+
+
+def test_every_stage_settings_are_the_pinned_ones(tmp_path):
+    got = {}
+    for name, data in sample_configs(tmp_path).items():
+        cfg = config.from_dict(data)
+        write_traces(cfg.run_dir)
+        model = {"model_ref": "org/model", "model_dtype": "bfloat16"}
+        got[name] = {stage: json.loads(json.dumps(stage_settings(stage, cfg, **(model if stage == "eval" else {})),
+                                                  default=str))  # as claim records them
+                     for stage in RESTARTABLE}
+    if os.environ.get("T3S_PRINT_PINNED"):
+        print(json.dumps(got, indent=1))
+    pinned = json.loads(PINNED.read_text())
+    for name, stages in pinned.items():
+        for stage, settings in stages.items():
+            assert changed_keys(settings, got[name][stage]) == [], f"{name}: the {stage} stage's settings changed"
+            assert list(got[name][stage]) == list(settings)  # the same keys in the same order: the same file
+    assert json.dumps(got, indent=1) == PINNED.read_text().rstrip("\n")
+
+
+def test_the_train_and_probe_settings_record_the_traces_they_read(tmp_path):
+    cfg = config.from_dict(tiny_run_data(tmp_path, "pin"))
+    write_traces(cfg.run_dir)
+    before = {s: stage_settings(s, cfg)["traces"] for s in ("train", "probe")}
+    assert before["train"] == before["probe"]
+    (RunLayout(cfg.run_dir).traces.kept / "part-00000.parquet").unlink()  # traces changed under the training
+    with pytest.raises(Exception, match="part-00000.parquet is missing from traces/"):
+        stage_settings("train", cfg)
+    with pytest.raises(ValueError, match="model_ref"):
+        stage_settings("eval", cfg)
+    with pytest.raises(ValueError, match="unknown stage"):
+        stage_settings("report", cfg)
+
+
+def test_the_layout_keeps_the_places_of_folders_written_before(tmp_path):
+    run = RunLayout(tmp_path)
+    places = {
+        run.config: "config.yaml", run.traces.path: "traces", run.traces.kept: "traces/traces",
+        run.traces.samples: "traces/samples", run.traces.manifest: "traces/manifest.json",
+        run.traces.errors: "traces/errors.jsonl", run.probe.path: "probe", run.probe.result: "probe/result.json",
+        run.probe.model: "probe/model", run.probe.saved_model(20): "probe/models/step-000020",
+        run.train.path: "train", run.train.metrics: "train/metrics.jsonl", run.train.summary: "train/summary.json",
+        run.train.checkpoints: "train/checkpoints", run.train.ray_train: "train/ray_train",
+        run.train.store: "train/store.npz", run.train.store_stats: "train/store_stats.json",
+        run.train.tensorboard: "train/tensorboard", run.methods: "methods",
+        run.method("sft").train.path: "methods/sft/train", run.method("rrt").merged_model: "methods/rrt/model",
+        run.evals: "eval", run.eval("final").path: "eval/final", run.eval("final").scores: "eval/final/scores.json",
+        run.eval("final").samples: "eval/final/samples.jsonl", run.results: "results.json",
+        run.results_md: "results.md", run.report: "report", run.sweep: "sweep",
+    }
+    assert {str(p.relative_to(tmp_path)): want for p, want in places.items()} == {w: w for w in places.values()}
+    assert TrainFolder.step_of(run.probe.saved_model(20)) == 20
+
+    # A traces folder is found from its run folder or as itself (a sweep's shared one).
+    write_traces(tmp_path)
+    assert TracesFolder.of(tmp_path) == run.traces == TracesFolder.of(run.traces.path)
+    (run.method("t3s").train.path / "ray_train").mkdir(parents=True)
+    (run.methods / "sft").mkdir()
+    (run.methods / "sft" / "train").symlink_to(run.probe.path, target_is_directory=True)  # dangling: no probe yet
+    assert list(run.method_trainings()) == ["t3s"]
