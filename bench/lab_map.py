@@ -1,7 +1,8 @@
 """The imitation-shock lab's map (README, "The imitation-shock lab"): one row per config × seed,
 read from finished run folders (``runs/<name>-seed<S>``): the methods' avg@4 with 95 % CIs, the
 paired T3S − SFT and T3S − base, the probe's dip, anchor fraction, the correction tokens' anchor
-fraction and median Δc, and the probe's verdict against what happened.
+fraction and median Δc, and the probe's verdict (the current rule of ``t3s_ray/probe_diagnostics.py``
+applied to the record's facts) against what happened.
 
     python bench/lab_map.py                       # the configs of `make lab` and `make lab-controls`
     python bench/lab_map.py --runs runs lab lab-tau2 --seeds 0,1,2,3 --bench greedy
@@ -20,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from t3s_ray.config import load  # noqa: E402
-from t3s_ray.probe_diagnostics import read_diagnostics  # noqa: E402
+from t3s_ray.probe_diagnostics import read_diagnostics, verdict  # noqa: E402
 
 CONFIGS = ["lab", "lab-tau2", "lab-minority", "lab-minority-tau1", "lab-no-style", "lab-unknown-content"]
 METHODS = ["base", "sft", "t3s", "inverse", "random", "t3s_online"]
@@ -55,14 +56,16 @@ def row(run: Path, bench: str) -> tuple[list[str], str, bool | None]:
     fix = diag.get("classes", {}).get("borrow-fix", {}).get("delta_quantiles")
     vs_sft, _, _ = paired(results, "sft", bench)
     vs_base, lo, hi = paired(results, "base", bench)
-    verdict = diag.get("verdict", {}).get("label", "·")
+    # The current rule applied to the record's facts (a record keeps the label of the code that wrote it).
+    label = verdict(diag["dip"], diag.get("correction_median_delta"), diag.get("anchor_median_delta"),
+                    corr)["label"] if diag else "·"
     helped = None if lo is None else lo > 0
-    right = None if verdict not in ("helps", "will not help") or helped is None else (verdict == "helps") == helped
+    right = None if label not in ("helps", "will not help") or helped is None else (label == "helps") == helped
     cells = [dip, f"{100 * diag['anchor_frac']:.0f} %" if diag else "·",
              f"{100 * corr:.0f} %" if corr is not None else "·", f"{fix[2]:+.2f}" if fix else "·"]
     cells += [score(results, m, bench) for m in METHODS] + [vs_sft, vs_base]
     mark = {True: "right", False: "**wrong**", None: "·"}[right]
-    return cells + [f"{verdict} ({mark})"], verdict, right
+    return cells + [f"{label} ({mark})"], label, right
 
 
 def main() -> None:
@@ -82,12 +85,12 @@ def main() -> None:
             if not (run / "results.json").exists():
                 print(f"| {name} | {seed} | (not run) |" + " |" * (len(head) - 3))
                 continue
-            cells, verdict, right = row(run, args.bench)
-            record.setdefault(verdict, []).append(right)
+            cells, label, right = row(run, args.bench)
+            record.setdefault(label, []).append(right)
             print(f"| {name} | {seed} | " + " | ".join(cells) + " |")
     print()
-    for verdict, outcomes in sorted(record.items()):
-        print(f"verdict {verdict!r}: {len(outcomes)} runs, right {sum(o is True for o in outcomes)}, "
+    for label, outcomes in sorted(record.items()):
+        print(f"verdict {label!r}: {len(outcomes)} runs, right {sum(o is True for o in outcomes)}, "
               f"wrong {sum(o is False for o in outcomes)}")
 
 

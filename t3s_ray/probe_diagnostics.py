@@ -36,32 +36,43 @@ from typing import Any
 
 import numpy as np
 
+from .runfolder import TrainFolder
+
 # Rule v1 (set from the issue-25 prototype before any run of this lab: correction tokens 0.54-0.76
 # anchors in its wins, 0.90-0.97 in its non-wins; share ratio 1.5-7.5 in its wins) missed on
 # configs/lab.yaml seed 0: 94 % of the corrections were anchors at tau 0 and the anchors' share of the
-# gradient at θ0 was 117x the others', yet T3S beat base by +5.2 [+2.6, +8.1]. What separated that run
-# from the never-borrow case the issue describes is the *size* of the corrections' Δc: +0.5 nats
-# (the student already borrows, SFT raises it a little) against the style's +18, where a student that
-# has never produced a correction raises it as fast as the style. Rule v2 (this one) was written
-# after seed 0 and checked on the runs after it (README "The imitation-shock lab").
+# gradient at θ0 was 117x the others', yet T3S beat base by +5.2 [+2.6, +8.1]. Rule v2, written after
+# seed 0, looked at the *size* of the corrections' Δc instead (+0.5 nats against the style's +18, where
+# a student that has never produced a correction raises it as fast as the style) and said "helps" on
+# seeds 1 and 2, where T3S lost to base (-6.9, -15.1) with 97-100 % of the corrections masked. Rule v3
+# (this one, written after seeds 0-2 of lab.yaml and before the controls and lab-tau2 ran) keeps v2
+# and puts back v1's masking clause: whatever the sizes, a tau that makes nearly every correction an
+# anchor masks what the teacher has to teach.
 MIN_DIP = 0.10
 HELPS_BELOW = 0.25        # the corrections' median Δc below this fraction of the anchors' median Δc
 HARMS_FROM = 0.5          # ... at least this fraction: the corrections rise with the anchors
+MASKS_FROM = 0.9          # at least this fraction of the correction tokens are anchors: T3S masks them
 VERDICT_RULE = (f"will not help if the probe shows no dip (train accuracy at θb less than {MIN_DIP:.2f} below θ0's: "
-                f"nothing to remove, SFT is the method) or if the correction tokens' median Δc is at least "
-                f"{HARMS_FROM:g}× the anchors' median Δc (the corrections rise with the anchors: T3S would mask what "
-                f"the teacher has to teach); helps if there is a dip and the corrections' median Δc is below "
-                f"{HELPS_BELOW:g}× the anchors' (the student already half-knows them; what rises is the style); "
-                f"unclear otherwise, and where the data has no correction class (the gradient ratios did not "
-                f"separate wins from losses)")
+                f"nothing to remove, SFT is the method), or if the correction tokens' median Δc is at least "
+                f"{HARMS_FROM:g}× the anchors' median Δc (the corrections rise with the anchors), or if at least "
+                f"{MASKS_FROM:g} of the correction tokens are anchors (either way T3S would mask what the teacher "
+                f"has to teach: a higher tau may help); helps if there is a dip and the corrections' median Δc is "
+                f"below {HELPS_BELOW:g}× the anchors' (the student already half-knows them; what rises is the "
+                f"style); unclear otherwise, and where the data has no correction class (the gradient ratios did "
+                f"not separate wins from losses)")
 QUANTILES = (10, 25, 50, 75, 90)
 
 
-def verdict(dip: float | None, correction_median: float | None, anchor_median: float | None) -> dict[str, Any]:
-    """The one-line verdict of :data:`VERDICT_RULE` and the facts it rests on (medians of Δc, nats)."""
+def verdict(dip: float | None, correction_median: float | None, anchor_median: float | None,
+            correction_anchor_frac: float | None = None) -> dict[str, Any]:
+    """The one-line verdict of :data:`VERDICT_RULE` and the facts it rests on (medians of Δc, nats;
+    the fraction of the correction tokens that are anchors)."""
     facts = [f"dip {dip:+.2f}" if dip is not None else "dip unknown"]
     if dip is not None and dip < MIN_DIP:
         return {"label": "will not help", "reasons": facts + [f"no dip (< {MIN_DIP:.2f})"]}
+    if correction_anchor_frac is not None and correction_anchor_frac >= MASKS_FROM:
+        return {"label": "will not help", "reasons": facts + [f"{correction_anchor_frac:.2f} of the correction tokens "
+                                                              f"are anchors (>= {MASKS_FROM:g})"]}
     if correction_median is None or anchor_median is None or anchor_median <= 0:
         return {"label": "unclear", "reasons": facts + ["no correction class" if correction_median is None
                                                         else "no anchor rose"]}
@@ -137,7 +148,7 @@ def read_diagnostics(probe_dir: Path, cfg) -> dict[str, Any] | None:
     own = diagnostics_path(probe_dir, cfg)
     if own.exists():
         return json.loads(own.read_text())
-    result = Path(probe_dir) / "result.json"
+    result = TrainFolder(Path(probe_dir)).result
     record = json.loads(result.read_text()).get("diagnostics") if result.exists() else None
     return record if record and record.get("selection") == selection_of(cfg) else None
 
@@ -187,7 +198,7 @@ def probe_diagnostics(cfg, examples: list[dict[str, Any]], result: dict[str, Any
               "correction_anchor_frac": correction, "correction_median_delta": correction_median,
               "anchor_median_delta": anchor_median, "gradient": grads, "classes": stats,
               "selection": selection_of(cfg),
-              "verdict": {**verdict(dip, correction_median, anchor_median), "rule": VERDICT_RULE}}
+              "verdict": {**verdict(dip, correction_median, anchor_median, correction), "rule": VERDICT_RULE}}
     print(f"[probe] diagnostics on {n} traces: {one_line(record)}", file=sys.stderr, flush=True)
     return record
 

@@ -205,6 +205,11 @@ def test_verdict_rule_cases():
     assert verdict(0.6, 6.0, 18.0)["label"] == "unclear"            # 0.33x: between the thresholds
     assert verdict(0.6, None, 18.0)["label"] == "unclear"           # no correction class
     assert verdict(0.6, 0.5, None)["label"] == "unclear"            # no anchors
+    # v3: tau makes (nearly) every correction an anchor: masked, whatever the sizes
+    assert verdict(0.6, 0.54, 18.0, 0.94)["label"] == "will not help"  # configs/lab.yaml seed 0 at tau 0
+    assert verdict(0.6, 0.54, 18.0, 0.9)["label"] == "will not help"   # exactly the threshold
+    assert verdict(0.6, 0.54, 18.0, 0.0)["label"] == "helps"           # lab-tau2: no correction masked
+    assert verdict(0.05, 0.54, 18.0, 0.0)["label"] == "will not help"  # no dip still decides first
 
 
 def test_class_stats_by_hand():
