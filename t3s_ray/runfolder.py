@@ -32,14 +32,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, EngineSettings, RunConfig
+from .config import ConfigError, EngineConfig, RunConfig, flat_section
 from .errors import DataError
 
 SETTINGS_FILE = "settings.json"
-# How the teacher is run, not what it writes.
-_TRACES_OPERATIONAL = ("backend", "concurrency", "batch_size", "max_model_len", "engine_kwargs", "num_gpus_per_actor")
+# Keys of a sampling stage's section that do not change its samples: everything under ``engine`` (how
+# they are computed; its seed_requests is recorded apart, by ``seeding``) and, for an evaluation, which
+# benchmarks (each is recorded with its scores) and how often a training saves a model to evaluate.
+_TRACES_OPERATIONAL = ("engine",)
 _ENDPOINT_KEEP = ("model",)  # of traces.endpoint: the rest is how the server is reached
-_EVAL_OPERATIONAL = ("benchmarks", "sources", "trajectory_every", *_TRACES_OPERATIONAL)  # benchmarks: per benchmark
+_EVAL_OPERATIONAL = ("engine", "benchmarks", "sources", "trajectory_every")
 RESTARTABLE = ("traces", "probe", "train", "eval")
 # Train settings that do not change what a run computes: a resumed run may change them.
 _OPERATIONAL_TRAIN_KEYS = ("num_workers", "checkpoint_every", "keep_last", "max_failures", "collective_timeout_s",
@@ -239,7 +241,7 @@ def flatten(prefix: str, value: Any) -> dict[str, Any]:
     return {prefix: value}
 
 
-def seeding(stage: str, engine: EngineSettings) -> dict[str, Any]:
+def seeding(stage: str, engine: EngineConfig) -> dict[str, Any]:
     """``{stage}.seed_requests: False`` where the stage's vLLM requests go without seeds, else nothing.
 
     Unseeded requests draw other samples than seeded ones, so a stage may not resume under the other
@@ -251,13 +253,13 @@ def seeding(stage: str, engine: EngineSettings) -> dict[str, Any]:
 def traces_settings(cfg: RunConfig) -> dict[str, Any]:
     """Teacher, prompt data, sampling, verifier and keep policy: what decides which traces are written."""
     d = cfg.to_dict()
-    traces = {k: v for k, v in d["traces"].items() if k not in (*_TRACES_OPERATIONAL, "seed_requests")}
+    traces = flat_section("traces", {k: v for k, v in d["traces"].items() if k not in _TRACES_OPERATIONAL})
     traces["endpoint"] = {k: v for k, v in traces["endpoint"].items() if k in _ENDPOINT_KEEP}
     data = {k: v for k, v in d["data"].items() if k != "max_seq_len"}  # a training setting
     out = {**flatten("data", data), **flatten("traces", traces)}
     if cfg.traces.source == "generate":
         out.update(seeding("traces", cfg.engine("traces")))
-    if cfg.traces.source == "generate" and cfg.traces.backend != "openai":
+    if cfg.traces.source == "generate" and cfg.traces.engine.backend != "openai":
         out.update(flatten("teacher", {k: d["teacher"][k] for k in ("ref", "revision", "trust_remote_code")}))
     return out
 
@@ -267,7 +269,7 @@ def eval_settings(cfg: RunConfig, model_ref: str, model_dtype: str) -> dict[str,
     evaluation's samples. Each benchmark's own definition is recorded with its scores."""
     from .models import weights_fingerprint
 
-    ev = {k: v for k, v in cfg.to_dict()["eval"].items() if k not in (*_EVAL_OPERATIONAL, "seed_requests")}
+    ev = flat_section("eval", {k: v for k, v in cfg.to_dict()["eval"].items() if k not in _EVAL_OPERATIONAL})
     if ev["seed"] is None:
         ev["seed"] = cfg.seed
     # A local model is its weights, wherever its folder is (a run folder moved keeps its scores); a
@@ -287,7 +289,7 @@ def run_settings(cfg: RunConfig) -> dict[str, Any]:
         train.pop("max_steps")  # a constant schedule may be extended
     out: dict[str, Any] = {}
     for section, values in (("student", d["student"]), ("train", train), ("selection", d["selection"]),
-                            ("probe", d["probe"])):
+                            ("probe", flat_section("probe", d["probe"]))):
         for key, value in values.items():
             out[f"{section}.{key}"] = value
     # How examples are indexed (the data order picks them by position): a checkpoint written when

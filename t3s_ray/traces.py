@@ -74,13 +74,11 @@ def traces_dir(cfg: RunConfig) -> Path:
 def generation_spec(cfg: RunConfig) -> GenerationSpec:
     t = cfg.traces
     endpoint, api_key = None, None
-    if t.backend == "openai":
+    if t.engine.backend == "openai":
         endpoint, api_key = dataclasses.asdict(t.endpoint), endpoint_key(cfg)
-    return GenerationSpec.for_engine(
-        cfg.engine("traces"), cfg.teacher.ref, n=t.samples_per_prompt, temperature=t.temperature, top_p=t.top_p,
-        max_tokens=t.max_tokens, seed=t.seed, topk_logprobs=t.topk_logprobs, chat_template=t.chat_template,
-        system_prompt=cfg.data.system_prompt, dtype=cfg.teacher.dtype, trust_remote_code=cfg.teacher.trust_remote_code,
-        revision=cfg.teacher.revision, endpoint=endpoint, api_key=api_key)
+    return GenerationSpec(cfg.teacher, cfg.engine("traces"), cfg.sampling("traces"), topk_logprobs=t.topk_logprobs,
+                          chat_template=t.chat_template, system_prompt=cfg.data.system_prompt, endpoint=endpoint,
+                          api_key=api_key)
 
 
 def endpoint_key(cfg: RunConfig):
@@ -102,7 +100,7 @@ def teacher_name(cfg: RunConfig) -> str:
     t = cfg.traces
     if t.source == "dataset":
         return f"dataset:{cfg.data.source}"
-    return f"openai:{t.endpoint.model}" if t.backend == "openai" else cfg.teacher.ref
+    return f"openai:{t.endpoint.model}" if t.engine.backend == "openai" else cfg.teacher.ref
 
 
 def _n_tokens(record: dict[str, Any]) -> int:
@@ -241,7 +239,7 @@ def run_traces(cfg: RunConfig, flush_every: int | None = None) -> dict[str, Any]
           f"{len(pending)} to {'import' if t.source == 'dataset' else 'generate'} -> {out}", file=sys.stderr, flush=True)
     by_id = {r["id"]: r for r in rows}
     writer = ShardWriter(out, next_index)
-    flush_every = flush_every or max(t.batch_size * t.concurrency // max(1, t.samples_per_prompt), 8)
+    flush_every = flush_every or max(t.engine.batch_size * t.engine.concurrency // max(1, t.sampling.samples), 8)
     started = time.time()
     run_stats = {"prompts": 0, "samples": 0, "tokens": 0, "errors": 0}
     in_buffer = 0
@@ -258,7 +256,7 @@ def run_traces(cfg: RunConfig, flush_every: int | None = None) -> dict[str, Any]
                 continue
             verified = t.verifier != "none" and by_id[prompt_id].get("answer") is not None
             records = [_sample_record(s, by_id[prompt_id], teacher, s.get("verified", verified)) for s in samples]
-            kept = choose_kept(samples, t.keep, t.seed, prompt_id)
+            kept = choose_kept(samples, t.keep, t.sampling.seed, prompt_id)
             for rec in records:
                 rec["kept"] = rec["sample_index"] in kept
             writer.add(records)
@@ -299,21 +297,23 @@ def _commonest_error(out: Path) -> str:
 
 def check_teacher(cfg: RunConfig) -> None:
     """Refuse, before any work, a teacher that cannot generate the traces asked for: a masked LM
-    (a diffusion denoiser) under a backend that samples causal LMs, or ``traces.max_model_len``
+    (a diffusion denoiser) under a backend that samples causal LMs, or ``traces.engine.max_model_len``
     beyond the teacher's context (vLLM refuses it inside its engine actor; HF would run past the
     positions the model was trained on). An endpoint's model is the server's business."""
     from .models import context_length, declares_masked_lm
 
-    t, ref = cfg.traces, cfg.teacher.ref
-    if t.backend == "openai":
+    engine, ref = cfg.traces.engine, cfg.teacher.ref
+    if engine.backend == "openai":
         return
     if declares_masked_lm(ref):
-        raise ConfigError(f"teacher.ref {ref} is a masked LM (a diffusion denoiser); traces.backend {t.backend} "
-                          "samples causal LMs token by token: use an autoregressive teacher")
+        raise ConfigError(f"teacher.ref {ref} is a masked LM (a diffusion denoiser); "
+                          f"{cfg.written_as('traces.engine.backend')} {engine.backend} samples causal LMs token by "
+                          "token: use an autoregressive teacher")
     context = context_length(ref, revision=cfg.teacher.revision, trust_remote_code=cfg.teacher.trust_remote_code)
-    if context is not None and t.max_model_len > context:
-        raise ConfigError(f"traces.max_model_len {t.max_model_len} is longer than the context of teacher.ref {ref} "
-                          f"({context} positions in its config): lower it to at most {context}")
+    if context is not None and engine.max_model_len > context:
+        raise ConfigError(f"{cfg.written_as('traces.engine.max_model_len')} {engine.max_model_len} is longer than the "
+                          f"context of teacher.ref {ref} ({context} positions in its config): lower it to at most "
+                          f"{context}")
 
 
 def write_manifest(cfg: RunConfig, out: Path, run_stats: dict[str, Any], elapsed: float, n_rows: int) -> dict[str, Any]:
@@ -339,7 +339,7 @@ def write_manifest(cfg: RunConfig, out: Path, run_stats: dict[str, Any], elapsed
         "config_hash": cfg.hash("teacher", "data", "traces"),
         "shards": shard_counts(out),
         "teacher": teacher_name(cfg),
-        "backend": cfg.traces.backend if cfg.traces.source == "generate" else "dataset",
+        "backend": cfg.traces.engine.backend if cfg.traces.source == "generate" else "dataset",
         "source": cfg.traces.source,
         "prompts_total": n_rows,
         "prompts_finished": len(ids),

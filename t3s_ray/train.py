@@ -207,12 +207,10 @@ def run_probe(cfg: RunConfig, examples, prompts, scoring_ref: str, tokenizer_ref
         engine = cfg.engine("probe")  # eval's engine unless a probe key overrides it
         engine = dataclasses.replace(engine, concurrency=max(1, min(engine.concurrency, len(rows))))
         for step, ref in candidates:
-            spec = GenerationSpec.for_engine(engine, ref, n=p.samples, temperature=p.temperature,
-                                             max_tokens=p.max_tokens, seed=cfg.seed,
-                                             system_prompt=cfg.data.system_prompt, dtype=cfg.student.dtype,
-                                             trust_remote_code=cfg.student.trust_remote_code)
+            spec = GenerationSpec(cfg.student.with_weights(ref), engine, cfg.sampling("probe"),
+                                  system_prompt=cfg.data.system_prompt)
             # Train accuracy is avg@k over the train prompts, scored as the evaluation stage scores.
-            counts = [(len(samples), sum(s["correct"] for s in samples)) if samples else (p.samples, 0)
+            counts = [(len(samples), sum(s["correct"] for s in samples)) if samples else (p.sampling.samples, 0)
                       for _, samples, _err in generate_and_verify(rows, spec, cfg.traces.verifier,
                                                                   label=f"probe step {step}")]
             accuracy = score_counts(counts)["avg@k"]

@@ -50,7 +50,7 @@ from .batching import (
     rank_share,
     token_budget_micro_batches,
 )
-from .config import RunConfig, from_dict
+from .config import EngineConfig, ModelConfig, RunConfig, from_dict
 from .distributed import Ranks
 from .protocols import PROTOCOLS, Protocol
 from .runfolder import TrainFolder, changed_keys, run_settings  # run_settings: re-exported (its old home)
@@ -764,18 +764,18 @@ def bottleneck_passed(accuracies: list[float], patience: int) -> bool:
 def sample_accuracy(model, tokenizer, prompts: list[dict[str, Any]], cfg: RunConfig, model_ref: str, rank: int,
                     world: int, autocast) -> tuple[int, int]:
     """(correct, sampled) for this rank's share of the train prompts, sampled from its own replica
-    of the model in training (``probe.samples`` each): the online protocol's bottleneck detector."""
+    of the model in training (``probe.sampling.samples`` each): the online protocol's bottleneck detector."""
     from .engines.hf import HFGenerator
     from .generate import GenerationSpec, prepare_requests
     from .verify import get_verifier
 
     p = cfg.probe
     mine = (prompts[: p.max_prompts] if p.max_prompts else prompts)[rank::world]
-    spec = GenerationSpec(model_ref=model_ref, n=p.samples, temperature=p.temperature, max_tokens=p.max_tokens,
-                          seed=cfg.seed, system_prompt=cfg.data.system_prompt,
-                          max_model_len=cfg.data.max_seq_len + p.max_tokens)
+    # This replica, on the hf backend in this process: only the probe's length budget is its engine's.
+    spec = GenerationSpec(ModelConfig(ref=model_ref), EngineConfig(max_model_len=cfg.engine("probe").max_model_len),
+                          cfg.sampling("probe"), system_prompt=cfg.data.system_prompt)
     requests, _ = prepare_requests(mine, spec, tokenizer)
-    gen = HFGenerator.from_model(model, tokenizer, p.temperature, 1.0)
+    gen = HFGenerator.from_model(model, tokenizer, spec.sampling.temperature, 1.0)
     check = get_verifier(cfg.traces.verifier)
     answers = {r["id"]: r.get("answer") for r in mine}
     model.eval()

@@ -1,4 +1,4 @@
-"""The generation engines, and the table that picks one for a ``GenerationSpec``'s ``backend``.
+"""The generation engines, and the table that picks one for a ``GenerationSpec``'s ``engine.backend``.
 
 * ``hf`` (:mod:`.hf`): transformers ``generate`` with left padding in a Ray Data actor pool;
 * ``vllm`` (:mod:`.vllm`): ``ray.data.llm`` engine actors;
@@ -19,10 +19,11 @@ ENGINES = {"hf": hf.generate_dataset, "vllm": vllm.generate_dataset, "openai": o
 
 
 def generate_dataset(ds, spec, actors: int, placement_groups: list):
-    """``ds`` (one request per row) mapped to samples by ``actors`` actors of ``spec.backend``'s engine;
+    """``ds`` (one request per row) mapped to samples by ``actors`` actors of ``spec.engine.backend``'s engine;
     lazy. Multi-GPU vLLM engines append their placement groups to ``placement_groups``."""
-    if spec.backend != "hf" and spec.sampler == "diffusion":
+    backend = spec.engine.backend
+    if backend != "hf" and spec.sampler == "diffusion":
         raise ValueError("masked-diffusion models are sampled by the hf backend only (vLLM does not serve them)")
-    if spec.backend not in ENGINES:
-        raise ValueError(f"unknown generation backend {spec.backend!r} (use 'hf', 'vllm' or 'openai')")
-    return ENGINES[spec.backend](ds, spec, actors, placement_groups)
+    if backend not in ENGINES:
+        raise ValueError(f"unknown generation backend {backend!r} (use 'hf', 'vllm' or 'openai')")
+    return ENGINES[backend](ds, spec, actors, placement_groups)

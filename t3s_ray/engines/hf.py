@@ -192,13 +192,14 @@ def generate_dataset(ds, spec, actors: int, placement_groups: list):
     and sampling settings; lazy. (HF actors make no placement groups: ``placement_groups`` is unused.)"""
     import ray.data
 
+    gpus = spec.engine.gpus_per_engine
     return ds.map_batches(
-        HFGenerator, batch_size=spec.batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
-        num_gpus=spec.num_gpus_per_actor,
-        num_cpus=1 if not spec.num_gpus_per_actor else None, batch_format="numpy",
-        fn_constructor_kwargs={"model_ref": spec.model_ref, "temperature": spec.temperature, "top_p": spec.top_p,
-                               "topk_logprobs": spec.topk_logprobs, "dtype": spec.dtype,
-                               "trust_remote_code": spec.trust_remote_code, "revision": spec.revision,
-                               "sampler": spec.sampler, "diffusion_steps": spec.diffusion_steps,
+        HFGenerator, batch_size=spec.engine.batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
+        num_gpus=gpus, num_cpus=1 if not gpus else None, batch_format="numpy",
+        fn_constructor_kwargs={"model_ref": spec.model.ref, "temperature": spec.sampling.temperature,
+                               "top_p": spec.sampling.top_p, "topk_logprobs": spec.topk_logprobs,
+                               "dtype": spec.model.dtype, "trust_remote_code": spec.model.trust_remote_code,
+                               "revision": spec.model.revision, "sampler": spec.sampler,
+                               "diffusion_steps": spec.diffusion_steps,
                                "diffusion_block_length": spec.diffusion_block_length,
                                "mask_token": spec.mask_token})

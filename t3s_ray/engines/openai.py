@@ -203,6 +203,6 @@ def openai_generate(ds, *, endpoint: dict[str, Any], api_key: str | None, temper
 
 def generate_dataset(ds, spec, actors: int, placement_groups: list):
     """:func:`openai_generate` on ``spec``'s endpoint and sampling settings, ``actors`` request actors."""
-    return openai_generate(ds, endpoint=spec.endpoint or {}, api_key=spec.api_key, temperature=spec.temperature,
-                           top_p=spec.top_p, topk_logprobs=spec.topk_logprobs, concurrency=actors,
-                           batch_size=spec.batch_size)
+    return openai_generate(ds, endpoint=spec.endpoint or {}, api_key=spec.api_key,
+                           temperature=spec.sampling.temperature, top_p=spec.sampling.top_p,
+                           topk_logprobs=spec.topk_logprobs, concurrency=actors, batch_size=spec.engine.batch_size)

@@ -74,6 +74,7 @@ import pickle
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
+from ..config import engine_gpus
 from .rows import plain
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -325,7 +326,7 @@ def vllm_generate(ds: "ray.data.Dataset", *, model_path: str, temperature: float
         # Without chunked prefill a whole prompt must fit in one step's token budget.
         kwargs["max_num_batched_tokens"] = max(effective_max_len, 4096)
     trust = bool(kwargs.get("trust_remote_code", trust_remote_code))
-    tp = int(kwargs.get("tensor_parallel_size", 1)) * int(kwargs.get("pipeline_parallel_size", 1))
+    tp = engine_gpus(kwargs)
 
     if on_gpu:
         if ray.is_initialized() and not ray.cluster_resources().get("GPU"):
@@ -396,8 +397,10 @@ def generate_dataset(ds, spec, actors: int, placement_groups: list):
     """:func:`vllm_generate` on ``spec``'s model, sampling and engine settings, ``actors`` engines."""
     from ..models import resolve
 
-    return vllm_generate(ds, model_path=resolve(spec.model_ref), temperature=spec.temperature, top_p=spec.top_p,
-                         topk_logprobs=spec.topk_logprobs, concurrency=actors, batch_size=spec.batch_size,
-                         max_model_len=spec.max_model_len, engine_kwargs=spec.engine_kwargs,
-                         num_gpus_per_actor=spec.num_gpus_per_actor, trust_remote_code=spec.trust_remote_code,
-                         dtype=spec.dtype, placement_groups=placement_groups)
+    engine = spec.engine
+    return vllm_generate(ds, model_path=resolve(spec.model.ref), temperature=spec.sampling.temperature,
+                         top_p=spec.sampling.top_p, topk_logprobs=spec.topk_logprobs, concurrency=actors,
+                         batch_size=engine.batch_size, max_model_len=engine.max_model_len,
+                         engine_kwargs=engine.engine_kwargs, num_gpus_per_actor=engine.gpus_per_engine,
+                         trust_remote_code=spec.model.trust_remote_code, dtype=spec.model.dtype,
+                         placement_groups=placement_groups)
