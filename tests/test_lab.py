@@ -280,10 +280,10 @@ def test_lab_pipeline_runs_with_oracle_traces_two_benchmarks_online_and_diagnost
         "train": {"num_workers": 1, "batch_size": 8, "micro_batch_size": 8, "max_steps": 4, "lr": 1e-3,
                   "checkpoint_every": 4, "keep_last": 1},
         "selection": {"protocol": "t3s_static", "tau": 0.0, "switch": "bottleneck", "rewind": True},
-        "probe": {"steps": 4, "eval_every": 2, "samples": 2, "temperature": 0.6, "max_prompts": 4, "max_tokens": 24,
-                  "diagnostics": 8},
-        "eval": {"benchmarks": ["builtin:lab-avg4", "builtin:lab-greedy"], "limit": 6, "max_tokens": 24,
-                 "concurrency": 1, "batch_size": 12, "max_model_len": 256},
+        "probe": {"steps": 4, "eval_every": 2, "sampling": {"samples": 2, "temperature": 0.6, "max_tokens": 24},
+                  "max_prompts": 4, "diagnostics": 8},
+        "eval": {"benchmarks": ["builtin:lab-avg4", "builtin:lab-greedy"], "limit": 6, "sampling": {"max_tokens": 24},
+                 "engine": {"concurrency": 1, "batch_size": 12, "max_model_len": 256}},
         "compare": ["base", "sft", "t3s", "t3s_online"],
     })
     run_pipeline(cfg)

@@ -19,7 +19,7 @@ def pipeline_data(tmp_path: Path, **over) -> dict:
     from conftest import tiny_run_data
 
     sections = {"train": {"lr": 1e-3}, "selection": {"protocol": "t3s_static", "tau": 0.0},
-                "probe": {"steps": 2, "eval_every": 1, "samples": 1, "max_prompts": 2, "max_tokens": 4},
+                "probe": {"steps": 2, "eval_every": 1, "sampling": {"samples": 1, "max_tokens": 4}, "max_prompts": 2},
                 "compare": ["base", "sft", "t3s", "rrt"]}
     return tiny_run_data(tmp_path, "pipe", **{**sections, **over})
 

@@ -313,13 +313,13 @@ cfg = config.from_dict({
     "name": "engines-then-training", "output_dir": out, "ray": {"num_cpus": 2},
     "teacher": {"ref": "builtin:tiny-llama"}, "student": {"ref": "builtin:tiny-llama", "dtype": "float32"},
     "data": {"source": "builtin:arith", "builtin_size": 8, "max_seq_len": 256},
-    "traces": {"backend": "vllm", "concurrency": 1, "batch_size": 8, "samples_per_prompt": 2, "max_tokens": 8,
-               "max_model_len": 256, "keep": "all", "verifier": "none", "topk_logprobs": 2},
+    "traces": {"engine": {"backend": "vllm", "concurrency": 1, "batch_size": 8, "max_model_len": 256},
+               "sampling": {"samples": 2, "max_tokens": 8}, "keep": "all", "verifier": "none", "topk_logprobs": 2},
     "train": {"num_workers": 2, "batch_size": 4, "micro_batch_size": 1, "max_steps": 2, "checkpoint_every": 2,
               "lr": 1e-2},
     "selection": {"protocol": "t3s_static", "max_anchor_frac": 0.5},
-    "probe": {"steps": 2, "eval_every": 2, "samples": 1, "max_tokens": 4, "max_prompts": 4, "backend": "vllm",
-              "concurrency": 1, "batch_size": 4},
+    "probe": {"steps": 2, "eval_every": 2, "sampling": {"samples": 1, "max_tokens": 4}, "max_prompts": 4,
+              "engine": {"backend": "vllm", "concurrency": 1, "batch_size": 4}},
 })
 from t3s_ray.traces import load_traces
 with ray_session(cfg.ray):

@@ -1,7 +1,7 @@
 """The ``openai`` engine: the teacher behind an OpenAI-compatible server.
 
 ``vllm serve``, SGLang, DeepSeek's API, or any server that speaks ``POST {base_url}/chat/completions``.
-A Ray Data actor pool (``traces.concurrency`` actors) sends the requests of its batches from a few
+A Ray Data actor pool (``traces.engine.concurrency`` actors) sends the requests of its batches from a few
 threads each, so that ``endpoint.max_concurrency`` requests are in flight over the pool and at most
 ``endpoint.qps`` start per second. The rest of the traces stage (verification, keeping, shards,
 resume) is the engine backends', unchanged.
