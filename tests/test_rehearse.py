@@ -374,8 +374,8 @@ def test_an_openai_teacher_is_rehearsed_against_the_stand_in(tmp_path):
     answers would be. (No shipped GPU config uses the openai backend; the README shows one.)"""
     path = tmp_path / "api.yaml"
     data = yaml.safe_load((ROOT / "configs" / "qwen3-8b-boba200.yaml").read_text())
-    data["traces"].update({"backend": "openai", "engine_kwargs": {}, "num_gpus_per_actor": 0,
-                           "endpoint": {"base_url": "https://api.deepseek.com/v1", "model": "deepseek-reasoner",
+    data["traces"]["engine"].update({"backend": "openai", "engine_kwargs": {}, "num_gpus_per_actor": 0})
+    data["traces"].update({"endpoint": {"base_url": "https://api.deepseek.com/v1", "model": "deepseek-reasoner",
                                         "api_key_env": "DEEPSEEK_API_KEY", "request_logprobs": False}})
     path.write_text(yaml.safe_dump(data))
     env = {k: v for k, v in os.environ.items() if k != "DEEPSEEK_API_KEY"}  # no real key anywhere
