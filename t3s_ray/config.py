@@ -8,6 +8,11 @@ overrides, so a key means the same thing everywhere.
 Loading is strict: an unknown key, a wrong type or an out-of-range value raises ``ConfigError``
 naming the key path and the file, with the nearest valid key for typos.  A config may inherit from
 another file with a top-level ``base: other.yaml`` key (relative to the file); its own keys override.
+
+A stage that samples has an ``engine`` section (how generation runs) and a ``sampling`` section (how it
+samples); their keys were flat keys of the stage before (``traces.backend``, ``eval.samples``). Those
+still load, moved where they are now after a one-line deprecation notice each (``FLAT_KEYS``); a
+config that writes a key both ways is refused.
 """
 
 from __future__ import annotations
