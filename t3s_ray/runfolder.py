@@ -34,6 +34,7 @@ from typing import Any
 
 from .config import ConfigError, EngineConfig, RunConfig, flat_section
 from .errors import DataError
+from .protocols import PROTOCOLS
 
 SETTINGS_FILE = "settings.json"
 # Keys of a sampling stage's section that do not change its samples: everything under ``engine`` (how
@@ -288,8 +289,11 @@ def run_settings(cfg: RunConfig) -> dict[str, Any]:
     if cfg.train.schedule != "cosine":
         train.pop("max_steps")  # a constant schedule may be extended
     out: dict[str, Any] = {}
-    for section, values in (("student", d["student"]), ("train", train), ("selection", d["selection"]),
-                            ("probe", flat_section("probe", d["probe"]))):
+    sections = [("student", d["student"]), ("train", train), ("selection", d["selection"]),
+                ("probe", flat_section("probe", d["probe"]))]
+    if not PROTOCOLS[cfg.selection.protocol].selects:  # plain SFT reads neither tau & co. nor the probe's knobs
+        sections = sections[:2] + [("selection", {"protocol": cfg.selection.protocol})]
+    for section, values in sections:
         for key, value in values.items():
             out[f"{section}.{key}"] = value
     # How examples are indexed (the data order picks them by position): a checkpoint written when
@@ -417,7 +421,10 @@ def load_traces(run_or_traces_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def changed_keys(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    return sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    """The keys of ``now`` whose value differs from ``saved``'s (a key ``saved`` lacks reads as None, the
+    value a key has until it exists). Keys only ``saved`` has are no longer part of what the stage
+    depends on (an SFT training written when it still recorded the selection) and do not count."""
+    return sorted(k for k in now if saved.get(k) != now.get(k))
 
 
 def has_output(folder: Path) -> bool:

@@ -222,10 +222,13 @@ def test_a_finished_training_is_not_returned_for_other_settings(ray_local, tmp_p
     cfg = write_config(tmp_path, selection={"protocol": "sft"})  # no probe: one short training
     assert run_cli(capsys, "traces", cfg)[0] == 0
     assert run_cli(capsys, "train", cfg)[0] == 0
-    code, err = run_cli(capsys, "train", cfg, "--set", "train.lr=5e-4", "--set", "selection.tau=0.1")
+    code, err = run_cli(capsys, "train", cfg, "--set", "train.lr=5e-4", "--set", "train.weight_decay=0.1")
     line = one_error_line(err)
-    assert code == 2 and "train.lr (0.0001 -> 0.0005)" in line and "selection.tau (0.0 -> 0.1)" in line
+    assert code == 2 and "train.lr (0.0001 -> 0.0005)" in line and "train.weight_decay (0.0 -> 0.1)" in line
     assert "already at step" not in err
+    # SFT selects nothing: another tau is the same training, returned as it is.
+    code, err = run_cli(capsys, "train", cfg, "--set", "selection.tau=0.1")
+    assert code == 0 and "already at step" in err
     assert run_cli(capsys, "train", cfg, "--set", "train.keep_last=3")[0] == 0  # operational: same model
     # Traces redone under the same settings but different (a shard lost and regenerated): refused.
     assert run_cli(capsys, "traces", cfg, "--restart", "traces", "--set", "data.builtin_size=9")[0] == 0

@@ -105,3 +105,27 @@ def test_the_layout_keeps_the_places_of_folders_written_before(tmp_path):
     (run.methods / "sft").mkdir()
     (run.methods / "sft" / "train").symlink_to(run.probe.path, target_is_directory=True)  # dangling: no probe yet
     assert list(run.method_trainings()) == ["t3s"]
+
+
+def test_an_sft_training_does_not_depend_on_the_selection_or_the_probe(tmp_path):
+    """Changing tau (or the probe's knobs) and rerunning must not refuse the finished SFT method (it
+    selects nothing and reads no probe); a selecting protocol's training still depends on them."""
+    from t3s_ray.runfolder import claim
+
+    def settings(protocol, **selection):
+        cfg = config.from_dict(tiny_run_data(tmp_path, "sel", selection={"protocol": protocol, **selection},
+                                             probe={"steps": 7 if selection else 4}))
+        write_traces(cfg.run_dir)
+        return stage_settings("train", cfg)
+
+    assert settings("sft") == settings("sft", tau=2.0)
+    assert not any(k.startswith("probe.") for k in settings("sft"))
+    assert changed_keys(settings("t3s_static"), settings("t3s_static", tau=2.0)) == ["probe.steps", "selection.tau"]
+    # A folder claimed when SFT still recorded the selection and the probe resumes; a changed value does not.
+    folder = tmp_path / "sft-train"
+    older = {**settings("sft"), "selection.tau": 0.0, "probe.steps": 40}
+    claim(folder, "train", older)
+    TrainFolder(folder).model.mkdir(parents=True)  # the stage has output
+    claim(folder, "train", settings("sft"))
+    with pytest.raises(config.ConfigError, match=r"train\.lr"):
+        claim(folder, "train", {**settings("sft"), "train.lr": 1.0})
