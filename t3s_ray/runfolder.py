@@ -289,8 +289,11 @@ def run_settings(cfg: RunConfig) -> dict[str, Any]:
     if cfg.train.schedule != "cosine":
         train.pop("max_steps")  # a constant schedule may be extended
     out: dict[str, Any] = {}
-    sections = [("student", d["student"]), ("train", train), ("selection", d["selection"]),
-                ("probe", flat_section("probe", d["probe"]))]
+    # The probe's engine is operational as every engine is (actors, batch sizes, backend options);
+    # whether its samples are seeded is not, and probe_settings records it on its own.
+    probe = flat_section("probe", {**{k: v for k, v in d["probe"].items() if k != "engine"},
+                                   "engine": {"seed_requests": d["probe"]["engine"]["seed_requests"]}})
+    sections = [("student", d["student"]), ("train", train), ("selection", d["selection"]), ("probe", probe)]
     if not PROTOCOLS[cfg.selection.protocol].selects:  # plain SFT reads neither tau & co. nor the probe's knobs
         sections = sections[:2] + [("selection", {"protocol": cfg.selection.protocol})]
     for section, values in sections:

@@ -129,3 +129,15 @@ def test_an_sft_training_does_not_depend_on_the_selection_or_the_probe(tmp_path)
     claim(folder, "train", settings("sft"))
     with pytest.raises(config.ConfigError, match=r"train\.lr"):
         claim(folder, "train", {**settings("sft"), "train.lr": 1.0})
+
+
+def test_the_probe_engine_is_operational(tmp_path):
+    """Actors, batch sizes and backend options of the probe's engine change no stage's settings (as
+    every engine's); whether its samples are seeded does."""
+    def settings(**engine):
+        cfg = config.from_dict(tiny_run_data(tmp_path, "eng", probe={"engine": engine}))
+        write_traces(cfg.run_dir)
+        return {stage: stage_settings(stage, cfg) for stage in ("probe", "train")}
+
+    assert settings() == settings(concurrency=3, batch_size=7, engine_kwargs={"enforce_eager": True})
+    assert settings(backend="vllm")["probe"] != settings(backend="vllm", seed_requests=False)["probe"]
