@@ -100,7 +100,7 @@ class OnlineSwitch:
     Attributes:
         generation: How a rank samples its own replica (the probe's sampling and length budget, the
             data's system prompt, the model being trained), on the hf backend in its own process.
-        verifier: ``traces.verifier``'s name (``verify.VERIFIERS``), checked on the driver.
+        verifier: ``traces.verifier``'s name (``verify.VERIFIERS``; the config's validation checked it).
         prompts: The train prompts measured (``probe.max_prompts`` applied); rank r takes every
             ``world``-th from r.
         patience: Evaluations of rising accuracy after the minimum before masking is switched on.
@@ -213,10 +213,8 @@ def online_switch(cfg: RunConfig, model_ref: str, prompts: list[dict[str, Any]])
     """The bottleneck switch of ``cfg``'s online protocol: a rank samples the model in training (``model_ref``)
     on the hf backend in its own process, so only the probe's length budget is taken from its engine."""
     from ..generate import GenerationSpec
-    from ..verify import get_verifier
 
     p = cfg.probe
-    get_verifier(cfg.traces.verifier)  # an unknown name fails here, not on every rank
     generation = GenerationSpec(ModelConfig(ref=model_ref), EngineConfig(max_model_len=cfg.engine("probe").max_model_len),
                                 cfg.sampling("probe"), system_prompt=cfg.data.system_prompt)
     return OnlineSwitch(generation, cfg.traces.verifier, tuple(prompts[: p.max_prompts] if p.max_prompts else prompts),
