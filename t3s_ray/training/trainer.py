@@ -114,7 +114,7 @@ class StudentTrainer:
             raise ValueError(f"{self.cfg.model_ref} is a masked LM (a diffusion denoiser): set student.kind: dllm")
         if self.is_dllm:
             self.mask_id = mask_token_id(self.tokenizer, st.mask_token, self.cfg.model_ref)
-        self.state = TrainerState(masking_on=self.plan.masking_from_start(), settings=self.cfg.settings)
+        self.state = TrainerState(masking_on=self.plan.masking_from_start(), settings=dict(self.cfg.settings))
         self._build_optimizer()
         with self.session.latest_checkpoint() as checkpoint:
             if checkpoint is None:
