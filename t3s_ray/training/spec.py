@@ -58,7 +58,7 @@ class SelectionPlan:
 
     @property
     def needs_probe(self) -> bool:
-        """The static protocols' anchors come from a probe's θb (``t3s_static``, ``inverse``, ``random``)."""
+        """Whether the anchors come from a probe's θb (the protocol's row: selecting and not online)."""
         return self.protocol.needs_probe
 
     def masking_from_start(self) -> bool:
