@@ -275,14 +275,15 @@ class LLaDA2MoeSparseMoeBlock(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         chosen, weights = self.gate(flat)
-        # Tokens sorted by expert: each expert runs once on its own tokens. One host sync for the counts.
-        order = chosen.flatten().argsort(stable=True)
-        counts = torch.bincount(chosen.flatten(), minlength=self.num_experts).tolist()
-        token_of = order // chosen.shape[1]
-        weight_of = weights.flatten()[order]
-        out = torch.zeros(flat.shape, dtype=torch.float32, device=flat.device)
-        unused = None
-        start = 0
+        # The (token, slot) pairs sorted by expert: each expert runs once on its own tokens (one host
+        # sync for the counts), then the outputs go back to their slots. Gathers rather than
+        # index_add_, which is slow on a CPU under load.
+        slots = chosen.flatten()
+        order = slots.argsort(stable=True)
+        counts = torch.bincount(slots, minlength=self.num_experts).tolist()
+        tokens_in_order = flat[order // chosen.shape[1]]
+        weights_in_order = weights.flatten()[order, None]
+        outputs, unused, start = [], None, 0
         for e, n in enumerate(counts):
             if n == 0:
                 # An expert no token chose still gets a (zero) gradient: FSDP2 reduce-scatters every
@@ -292,10 +293,13 @@ class LLaDA2MoeSparseMoeBlock(nn.Module):
                     zero = sum(p.sum() for p in self.experts[e].parameters()) * 0.0
                     unused = zero if unused is None else unused + zero
                 continue
-            tokens = token_of[start:start + n]
-            y = self.experts[e](flat[tokens]).float() * weight_of[start:start + n, None]
-            out.index_add_(0, tokens, y)
+            part = slice(start, start + n)
+            outputs.append(self.experts[e](tokens_in_order[part]).float() * weights_in_order[part])
             start += n
+        if not outputs:  # no token at all
+            outputs.append(flat.new_zeros((0, flat.shape[-1]), dtype=torch.float32))
+        per_slot = torch.cat(outputs)[order.argsort()]  # back to (token, slot) order
+        out = per_slot.view(*chosen.shape, -1).sum(1)
         if unused is not None:
             out = out + unused.float()
         out = out.to(x.dtype).view(shape)
