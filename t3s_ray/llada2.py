@@ -65,7 +65,8 @@ BAILING_V2_ARCHITECTURE = "BailingMoeV2ForCausalLM"
 
 @strict
 class LLaDA2MoeConfig(PreTrainedConfig):
-    """The Hub's ``configuration_llada2_moe.LLaDA2MoeConfig`` keys; defaults are LLaDA2.0-mini's.
+    """The Hub's ``configuration_llada2_moe.LLaDA2MoeConfig`` keys; defaults are LLaDA2.0-mini's (but
+    for the token ids, which a real config always names).
 
     Keys of the Hub config that the network does not read (``rotary_dim``, ``norm_softmax``,
     ``use_rmsnorm``, ``router_dtype``, ...) are kept as attributes and written back on save.
@@ -81,7 +82,7 @@ class LLaDA2MoeConfig(PreTrainedConfig):
     num_hidden_layers: int = 20
     num_attention_heads: int = 16
     num_key_value_heads: int = 4
-    head_dim: int | None = 128
+    head_dim: int | None = None  # empty: hidden_size / num_attention_heads (LLaDA2.0-mini: 128)
     hidden_act: str = "silu"
     use_qkv_bias: bool = False
     use_bias: bool = False
@@ -106,14 +107,19 @@ class LLaDA2MoeConfig(PreTrainedConfig):
     output_router_logits: bool = False
     use_cache: bool = False
     tie_word_embeddings: bool = False
-    pad_token_id: int | None = 156892
-    eos_token_id: int | list[int] | None = 156892
+    pad_token_id: int | None = None  # LLaDA2.0-mini: 156892 (<|endoftext|>), the EOS fill token
+    eos_token_id: int | list[int] | None = None
     bos_token_id: int | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        rope_parameters = getattr(self, "rope_parameters", None)  # transformers-5-style configs (newer Ling)
+        if isinstance(rope_parameters, dict):
+            self.rope_theta = rope_parameters.get("rope_theta", self.rope_theta)
+            if rope_parameters.get("rope_type", "default") != "default" and self.rope_scaling is None:
+                self.rope_scaling = dict(rope_parameters)
         problems = []
         if self.score_function != "sigmoid":
             problems.append(f"score_function {self.score_function!r} (only 'sigmoid' is implemented)")
@@ -268,8 +274,10 @@ class LLaDA2MoeSparseMoeBlock(nn.Module):
         self.gate = LLaDA2MoeGate(config)
         self.experts = nn.ModuleList(LLaDA2MoeMLP(config, config.moe_intermediate_size)
                                      for _ in range(config.num_experts))
-        self.shared_experts = (LLaDA2MoeMLP(config, config.moe_intermediate_size * config.num_shared_experts)
-                               if config.num_shared_experts else None)
+        # Ling 2.0 configs may name the shared expert's width; LLaDA2's is experts' width x their number.
+        shared = getattr(config, "moe_shared_expert_intermediate_size", None) or \
+            (config.moe_intermediate_size * (config.num_shared_experts or 0))
+        self.shared_experts = LLaDA2MoeMLP(config, shared) if config.num_shared_experts else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

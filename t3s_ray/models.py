@@ -463,6 +463,15 @@ def load_model(ref: str, *, dtype: str = "auto", revision: str | None = None, tr
             config = config_class.from_pretrained(path, **kw)
             model, info = model_class.from_pretrained(path, config=config, dtype=_torch_dtype(dtype),
                                                       output_loading_info=True, **kw)
+            if getattr(model, "generation_config", None) is None:
+                # transformers loads it for models that generate autoregressively only; the diffusion
+                # sampler reads its EOS ids (LLaDA2: <|endoftext|>) from it too.
+                from transformers import GenerationConfig
+
+                try:
+                    model.generation_config = GenerationConfig.from_pretrained(path, **kw)
+                except OSError:
+                    pass
         else:
             from transformers import AutoConfig
 
@@ -621,33 +630,39 @@ def fill_token_id(model_or_config, tokenizer) -> int:
     return int(pad) if pad is not None else int(tokenizer.eos_token_id)
 
 
-def copy_remote_code(source_ref: str, folder: str | Path, *, revision: str | None = None) -> list[str]:
+def complete_export(source_ref: str, folder: str | Path, *, revision: str | None = None) -> list[str]:
     """Make an exported model folder loadable by the source model's own code as well as by this
     project: the source config's ``auto_map`` is put back into ``folder/config.json`` if the export
     lost it, and the Python files it names are copied from the source's folder (a hub id's snapshot,
-    which ``local_folder`` downloads with its ``*.py``) when they are there. Returns the files copied.
+    which ``local_folder`` downloads with its ``*.py``) when they are there; the source's
+    ``generation_config.json`` too when the export wrote none (transformers writes it only for models
+    that generate autoregressively, and the diffusion sampler reads its EOS ids). Returns the files
+    copied.
 
     So an exported LLaDA2 keeps ``configuration_llada2_moe.py`` / ``modeling_llada2_moe.py`` for
     dInfer, SGLang and the official code, while none of that code is ever committed here or run."""
     import json
 
-    source = Path(local_folder(source_ref, revision=revision))
+    source, folder = Path(local_folder(source_ref, revision=revision)), Path(folder)
+    copied = []
+    if (source / "generation_config.json").is_file() and not (folder / "generation_config.json").exists():
+        shutil.copyfile(source / "generation_config.json", folder / "generation_config.json")
+        copied.append("generation_config.json")
     auto_map = _config_dict(str(source)).get("auto_map") or {}
     if not auto_map:
-        return []
-    config_file = Path(folder) / "config.json"
+        return copied
+    config_file = folder / "config.json"
     exported = json.loads(config_file.read_text())
     if exported.get("auto_map") != auto_map:
         config_file.write_text(json.dumps({**exported, "auto_map": auto_map}, indent=2) + "\n")
-    copied = []
     for target in auto_map.values():
         for ref in target if isinstance(target, list) else [target]:
             if not ref:
                 continue
             module = ref.split("--")[-1].rsplit(".", 1)[0]  # "repo--module.Class" or "module.Class"
             src = source / f"{module}.py"
-            if src.is_file() and f"{module}.py" not in copied:
-                shutil.copyfile(src, Path(folder) / src.name)
+            if src.is_file() and src.name not in copied:
+                shutil.copyfile(src, folder / src.name)
                 copied.append(src.name)
     return copied
 

@@ -280,6 +280,8 @@ def test_the_hf_engine_samples_llada2_with_the_block_sampler():
             {"id": "b", "prompt_text": "what is 3 times 4 ?", "max_tokens": 5, "seed": 0}]
     outs = gen.generate_rows(rows)
     tok = gen.tokenizer
+    # the answer ends at the chat turn's end or at the fill token (the builtin's generation config)
+    assert gen.eos_ids == {tok.eos_token_id, tok.convert_tokens_to_ids("<|endoftext|>")}
     for row, out in zip(rows, outs):
         assert out["error"] is None and 1 <= len(out["token_ids"]) <= 5
         prompt = tok(row["prompt_text"], add_special_tokens=False)["input_ids"]

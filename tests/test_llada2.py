@@ -224,11 +224,13 @@ def test_a_hub_llada2_folder_loads_natively_even_with_trust_remote_code(tmp_path
     json_out = json.loads((out / "config.json").read_text())
     json_out.pop("auto_map")  # as if the export had lost it
     (out / "config.json").write_text(json.dumps(json_out))
-    copied = models.copy_remote_code(source, out)
-    assert sorted(copied) == ["configuration_llada2_moe.py", "modeling_llada2_moe.py"]
+    copied = models.complete_export(source, out)
+    assert sorted(copied) == ["configuration_llada2_moe.py", "modeling_llada2_moe.py"]  # no generation config there
     assert json.loads((out / "config.json").read_text())["auto_map"]["AutoConfig"].startswith("configuration_llada2")
     assert type(models.load_model(str(out), trust_remote_code=True)) is LLaDA2MoeModelLM  # still never runs it
-    assert models.copy_remote_code("builtin:tiny-llada2", out) == []  # no auto_map: nothing to carry
+    # no auto_map: no code to carry; the builtin's generation config (its EOS ids) when the export has none
+    assert models.complete_export("builtin:tiny-llada2", out) == ["generation_config.json"]
+    assert models.complete_export("builtin:tiny-llada2", out) == []
 
 
 def causal_twin(model: LLaDA2MoeModelLM) -> BailingMoeV2ForCausalLM:
