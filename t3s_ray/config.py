@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import importlib.util
 import json
 import math
 import re
@@ -1023,6 +1024,80 @@ class SweepConfig:
         return errs
 
 
+# What each ``report_to`` entry imports, and the package extra that installs it.
+TRACKER_MODULES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb", "trackio": "trackio"}
+
+
+@dataclass
+class MlflowConfig:
+    """MLflow (``report_to: [mlflow]``): each tracked run is a run of the experiment ``tracking.project``.
+
+    Attributes:
+        tracking_uri: Where the runs go: ``sqlite:///mlflow.db`` (a local database file),
+            ``http://host:5000`` (a tracking server), ``databricks``. Empty: the ``MLFLOW_TRACKING_URI``
+            environment variable, else MLflow's own default (``mlflow.db`` in the current folder),
+            made absolute on the driver so that every Ray worker writes to the same store.
+    """
+
+    tracking_uri: Optional[str] = None
+
+    def check(self) -> list[tuple[str, str]]:
+        return []
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases (``report_to: [wandb]``): each tracked run is a run of the project ``tracking.project``.
+
+    Attributes:
+        entity: The W&B team or user the project belongs to (empty: ``WANDB_ENTITY``, else your default).
+        mode: ``online``, ``offline`` (only local files, under the tracked folder's ``wandb/``; ``wandb
+            sync`` uploads them later) or ``disabled``. Empty: ``WANDB_MODE``, else online (which needs
+            ``wandb login`` or ``WANDB_API_KEY`` where the run is tracked: the driver and the Ray worker of
+            rank 0).
+    """
+
+    entity: Optional[str] = None
+    mode: Optional[Literal["online", "offline", "disabled"]] = None
+
+    def check(self) -> list[tuple[str, str]]:
+        return []
+
+
+@dataclass
+class TrackingConfig:
+    """How ``report_to``'s trackers file the runs. Operational: no stage's output depends on it, so
+    changing it never refuses a resume.
+
+    A ``t3s run`` is several tracked runs: one per training (``NAME/sft``, ``NAME/t3s``, ...: every
+    step's loss, kept and anchor fractions, mask version, tokens/s, lr), the static probe's
+    (``NAME/probe``: its steps, then its train accuracy per saved model and θb), and ``NAME`` itself (the
+    score table with CIs, the paired differences, the accuracy trajectories). ``t3s train`` tracks
+    ``NAME/train``, ``t3s eval`` ``NAME/eval/LABEL``, ``t3s run --seeds`` adds ``NAME-seeds`` (the summary over
+    seeds), ``t3s sweep`` one run per trial (``NAME/trial-…``). Each carries the resolved config as its
+    parameters and the tags ``name``, ``seed``, ``protocol`` (and ``method`` under ``t3s run``).
+
+    Attributes:
+        project: The project the runs are filed under: the MLflow experiment, the W&B and trackio project.
+        run_name: The runs' name (empty: ``name``); the parts above are appended to it.
+        group: The group of related runs (W&B's and trackio's ``group``, an MLflow tag); empty: the run
+            name (``t3s run --seeds`` keeps every seed's runs in the group of the run's name).
+        tags: Extra tags on every run, beside the ones t3s sets (``{team: nlp}``).
+        mlflow: MLflow's settings.
+        wandb: Weights & Biases' settings.
+    """
+
+    project: str = "t3s_ray"
+    run_name: Optional[str] = None
+    group: Optional[str] = None
+    tags: dict[str, str] = field(default_factory=dict)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def check(self) -> list[tuple[str, str]]:
+        return [("project", "must not be empty")] if not self.project.strip() else []
+
+
 @dataclass
 class RunConfig:
     """A whole run: every stage's section.
@@ -1045,6 +1120,12 @@ class RunConfig:
             teacher model itself, as the paper lists R1's score), ``sft``, ``t3s``, ``inverse``,
             ``random``, ``rrt``, ``t3s_online`` (the online protocol with the ``selection`` keys,
             next to a static ``t3s``)).
+        report_to: The experiment trackers every stage reports to: ``tensorboard`` (event files in each
+            training's ``tensorboard/`` folder and beside ``results.json``), ``mlflow``, ``wandb``,
+            ``trackio`` (the last three need the ``trackers`` extra: ``pip install 't3s_ray[trackers]'``);
+            ``[]``: none (``metrics.jsonl`` and the results files are written whatever this says).
+        tracking: How the trackers name and file the runs (project, run name, group, tags, each
+            tracker's own settings).
     """
 
     name: str = "t3s-run"
@@ -1062,9 +1143,17 @@ class RunConfig:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     compare: list[Literal["base", "teacher", "sft", "t3s", "inverse", "random", "rrt", "t3s_online"]] = field(
         default_factory=lambda: ["base", "sft", "t3s"])
+    report_to: list[Literal["tensorboard", "mlflow", "wandb", "trackio"]] = field(
+        default_factory=lambda: ["tensorboard"])
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def check(self) -> list[tuple[str, str]]:
         errs = []
+        if len(set(self.report_to)) != len(self.report_to):
+            errs.append(("report_to", f"lists a tracker twice: {self.report_to}"))
+        missing = [t for t in self.report_to if importlib.util.find_spec(TRACKER_MODULES[t]) is None]
+        if missing:  # here, on the driver, before any worker would fail to import it
+            errs.append(("report_to", f"names {missing[0]}, which is not installed: pip install 't3s_ray[trackers]'"))
         if not self.name.strip() or not re.fullmatch(r"[A-Za-z0-9._-]+", self.name):
             errs.append(("name", "must be non-empty and use only letters, digits, '.', '_' or '-'"))
         if self.student.kind == "dllm" and not PROTOCOLS[self.selection.protocol].dllm:

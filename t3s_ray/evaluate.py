@@ -296,11 +296,50 @@ def format_paired(paired: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def score_rows(scores_by_label: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The scores as table rows for a tracker: one per model and benchmark (avg@k, its standard error
+    and 95 % CI over problems, pass@k, problems, samples, errors)."""
+    rows = []
+    for label, scores in scores_by_label.items():
+        for bench, b in scores["benchmarks"].items():
+            ci = b.get("avg@k_ci95") or [None, None]
+            rows.append({"model": label, "benchmark": bench, "avg@k": b["avg@k"], "stderr": b.get("avg@k_stderr"),
+                         "ci95_low": ci[0], "ci95_high": ci[1],
+                         **{m: v for m, v in b.items() if m.startswith("pass@")},
+                         "n": b.get("n"), "samples": b.get("samples"), "errors": b.get("errors")})
+    return rows
+
+
+def paired_rows(paired: dict[str, Any]) -> list[dict[str, Any]]:
+    """``paired_table``'s numbers as table rows: model, reference, benchmark, difference, CI, p."""
+    return [{"model": label, "reference": ref[3:], "benchmark": bench, "diff": d["diff"], "ci95_low": d["ci95"][0],
+             "ci95_high": d["ci95"][1], "p": d["p"], "n": d["n"], "wins": d["wins"], "losses": d["losses"]}
+            for label, refs in paired.items() for ref, benches in refs.items() for bench, d in benches.items()]
+
+
+def score_summary(scores_by_label: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """The scores as final values: ``MODEL/BENCH/avg@k`` (and pass@k), ``MODEL/mean/avg@k``."""
+    out = {}
+    for label, scores in scores_by_label.items():
+        for bench, b in scores["benchmarks"].items():
+            out.update({f"{label}/{bench}/{m}": v for m, v in b.items() if m == "avg@k" or m.startswith("pass@")})
+        out.update({f"{label}/mean/{m}": v for m, v in scores.get("mean", {}).items()})
+    return out
+
+
 def run_eval(cfg: RunConfig, model_ref: str | None = None, label: str | None = None) -> dict[str, Any]:
     """The ``t3s eval`` stage: evaluate ``model_ref`` (default: the run's trained student, else
-    ``student.ref``) on every configured benchmark inside a Ray session."""
+    ``student.ref``) on every configured benchmark inside a Ray session; the scores go to the trackers
+    as the run ``NAME/eval/LABEL``."""
     from .cluster import ray_session
+    from .tracking import open_run, tracking_spec
 
     resolve_benchmarks(cfg.eval)  # config problems first, before Ray starts
     with ray_session(cfg.ray):
-        return evaluate(cfg, model_ref, label)
+        scores = evaluate(cfg, model_ref, label)
+    label = scores["label"]
+    with open_run(tracking_spec(cfg, f"eval/{label}", RunLayout(cfg.run_dir).eval(label).path,
+                                tags={"model": scores["model"]})) as run:
+        run.log_table("scores", score_rows({label: scores}))
+        run.log_summary(score_summary({label: scores}))
+    return scores

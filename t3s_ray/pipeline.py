@@ -25,6 +25,7 @@ where it stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -35,6 +36,7 @@ from typing import Any
 from .config import ConfigError, RunConfig, from_dict
 from .protocols import METHODS, compare_problems, protocol_for, runs_static_probe
 from .runfolder import RunLayout, TrainFolder
+from .tracking import base_name, open_run, tracking_spec
 
 
 def method_config(cfg: RunConfig, method: str) -> RunConfig:
@@ -42,6 +44,10 @@ def method_config(cfg: RunConfig, method: str) -> RunConfig:
     data = cfg.to_dict()
     data["selection"]["protocol"] = protocol_for(method, cfg.selection.protocol)
     data.update({"name": method, "output_dir": str(RunLayout(cfg.run_dir.resolve()).methods), "sweep": {}})
+    # Tracked as NAME/METHOD in the run's group (tracking.training_part), not as a run called METHOD.
+    tracking = data["tracking"]
+    tracking.update({"run_name": base_name(cfg), "group": cfg.tracking.group or base_name(cfg),
+                     "tags": {**tracking["tags"], "method": method}})
     return from_dict(data, f"{cfg.name}: method {method}")
 
 
@@ -158,6 +164,7 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
         {"models": models, "scores": _without_per_problem(scores), "paired": paired, "trajectories": trajectories,
          "seconds": seconds}, indent=2) + "\n")
     layout.results_md.write_text(f"# {cfg.name}\n\n```\n{table}\n\n{paired_text}\n```\n")
+    track_results(cfg, scores, paired, trajectories)
     page = write_report(run_dir)
     print(table)
     print(paired_text)
@@ -165,6 +172,19 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
     print(f"[run] done in {seconds:.0f}s\n[run] report: {page}\n" + "\n".join(f"[run] plot: {p}" for p in figures),
           flush=True)
     return scores
+
+
+def track_results(cfg: RunConfig, scores: dict[str, Any], paired: dict[str, Any],
+                  trajectories: dict[str, list[dict[str, Any]]]) -> None:
+    """``results.json`` to the trackers, as the run ``NAME``: the score table with its CIs, the paired
+    differences, the accuracy trajectories, and each method's scores as final values."""
+    from .evaluate import paired_rows, score_rows, score_summary
+
+    with open_run(tracking_spec(cfg, None, cfg.run_dir)) as run:
+        run.log_table("scores", score_rows(scores))
+        run.log_table("paired", paired_rows(paired))
+        run.log_table("trajectories", [{"method": m, **p} for m, points in trajectories.items() for p in points])
+        run.log_summary(score_summary(scores))
 
 
 def _without_per_problem(scores: dict[str, Any]) -> dict[str, Any]:
@@ -218,6 +238,9 @@ def seed_config(cfg: RunConfig, seed: int) -> RunConfig:
     prompts and benchmarks stay the same, so seeds differ in training order, masks and sampling)."""
     data = cfg.to_dict()
     data.update({"name": f"{cfg.name}-seed{seed}", "seed": seed})
+    # Every seed's runs are tracked in the group of the run's name.
+    data["tracking"].update({"run_name": f"{cfg.tracking.run_name}-seed{seed}" if cfg.tracking.run_name else None,
+                             "group": cfg.tracking.group or base_name(cfg)})
     data["train"]["seed"] = seed
     data["traces"]["sampling"]["seed"] = seed
     return from_dict(data, f"{cfg.name}: seed {seed}")
@@ -269,5 +292,28 @@ def run_seeds(cfg: RunConfig, seeds: list[int]) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
+    track_seeds(cfg, summary, out)
     print("\n".join(lines))
     return summary
+
+
+def track_seeds(cfg: RunConfig, summary: dict[str, Any], folder: Path) -> None:
+    """``summary.json`` to the trackers, as the run ``NAME-seeds``: per method and benchmark the mean and
+    sd over seeds and each seed's avg@k, each seed's paired differences, the means as final values."""
+    rows, paired, values = [], [], {}
+    for method, m in summary["methods"].items():
+        for bench, b in m["benchmarks"].items():
+            rows.append({"method": method, "benchmark": bench, "mean": b["mean"], "sd": b["sd"],
+                         **{f"seed {s}": v for s, v in zip(summary["seeds"], b["per_seed"])}})
+            values[f"{method}/{bench}/avg@k_mean"] = b["mean"]
+            values[f"{method}/{bench}/avg@k_sd"] = b["sd"]
+        for seed, refs in m["paired"].items():
+            for ref, benches in refs.items():
+                paired += [{"method": method, "seed": seed, "reference": ref[3:], "benchmark": bench, "diff": d["diff"],
+                            "ci95_low": d["ci95"][0], "ci95_high": d["ci95"][1], "p": d["p"]}
+                           for bench, d in benches.items()]
+    spec = tracking_spec(cfg, None, folder, tags={"seeds": ",".join(map(str, summary["seeds"]))})
+    with open_run(dataclasses.replace(spec, name=f"{base_name(cfg)}-seeds")) as run:
+        run.log_table("seed_summary", rows)
+        run.log_table("seed_paired", paired)
+        run.log_summary(values)

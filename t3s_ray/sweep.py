@@ -19,6 +19,7 @@ the sweep: finished trials are not run again.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import sys
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, RunConfig, SweepConfig, apply_overrides, from_dict
-from .runfolder import RunLayout
+from .runfolder import RunLayout, flatten
 
 # --------------------------------------------------------------------------------------------
 # Trials: parameters -> a run config
@@ -141,7 +142,10 @@ def run_sweep(cfg: RunConfig) -> list[dict[str, Any]]:
     with ray_session(cfg.ray):
         if cfg.traces.source == "generate" or not run.traces.manifest.exists():
             run_traces(cfg)  # resumable: a finished trace run is only read back
-        trainable = tune.with_parameters(_trial, base=base, sweep_dir=str(sweep_dir),
+        # A trial is tracked by the sweep's callback (``tracker_callback``); its training and evaluation
+        # open no runs of their own (TensorBoard's files stay in the trial's folder).
+        trial_base = {**base, "report_to": [t for t in cfg.report_to if t == "tensorboard"]}
+        trainable = tune.with_parameters(_trial, base=trial_base, sweep_dir=str(sweep_dir),
                                          traces_dir=str(run.traces.path.resolve()))
         trainable = tune.with_resources(trainable, {"CPU": sw.cpus_per_trial, "GPU": sw.gpus_per_trial})
         experiment = str(sweep_dir / "tune")
@@ -150,12 +154,61 @@ def run_sweep(cfg: RunConfig) -> list[dict[str, Any]]:
             tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=False,
                                        restart_errored=False)
         else:
+            callbacks = [tracker_callback(cfg, sweep_dir)] if set(cfg.report_to) - {"tensorboard"} else None
             tuner = tune.Tuner(trainable, param_space=search_space(sw), tune_config=_tune_config(sw, cfg.seed),
-                               run_config=TuneRunConfig(name="tune", storage_path=str(sweep_dir), verbose=1))
+                               run_config=TuneRunConfig(name="tune", storage_path=str(sweep_dir), verbose=1,
+                                                        callbacks=callbacks))
         grid = tuner.fit()
     rows = results_table(grid, sw, sweep_dir)
     _write_outputs(rows, cfg, sweep_dir)
     return rows
+
+
+def reported(result: dict[str, Any]) -> dict[str, Any]:
+    """What a trial reported (``reported_metrics``, ``wall_s``) out of a Tune result, which adds its own keys."""
+    return {k: v for k, v in result.items() if k in ("score", "wall_s") or k.startswith("pass@") or "avg@k" in k}
+
+
+def tracker_callback(cfg: RunConfig, sweep_dir: Path):
+    """A Tune logger callback that tracks each trial as the run ``NAME/trial-…`` in ``report_to``'s trackers
+    (TensorBoard excepted: Tune writes its own event files): the trial's parameters with the sweep's
+    config, each report at its training step, the last one as final values. It runs on the driver."""
+    from ray.tune.logger import LoggerCallback
+
+    from .tracking import open_run, tracking_spec
+
+    base = cfg.to_dict()
+
+    class TrackerCallback(LoggerCallback):
+        def __init__(self):
+            self.runs: dict[str, Any] = {}
+            self.last: dict[str, dict[str, Any]] = {}
+
+        def __getstate__(self):  # Tune pickles its run config: the open runs stay in this process
+            return {"runs": {}, "last": {}}
+
+        def log_trial_start(self, trial) -> None:
+            params = {k: trial.config[k] for k in cfg.sweep.space if k in trial.config}
+            name = trial_name(params)
+            spec = tracking_spec(cfg, name, sweep_dir / "trials" / name,
+                                 tags={"trial": name, **{k: str(v) for k, v in params.items()}},
+                                 params={**flatten("", base), **params})
+            trackers = tuple(t for t in spec.report_to if t != "tensorboard")
+            self.runs[trial.trial_id] = open_run(dataclasses.replace(spec, report_to=trackers))
+
+        def log_trial_result(self, iteration: int, trial, result: dict[str, Any]) -> None:
+            run = self.runs.get(trial.trial_id)
+            if run is not None:
+                self.last[trial.trial_id] = reported(result)
+                run.log_metrics(self.last[trial.trial_id], result.get("step", iteration))
+
+        def log_trial_end(self, trial, failed: bool = False) -> None:
+            run = self.runs.pop(trial.trial_id, None)
+            if run is not None:
+                run.log_summary(self.last.pop(trial.trial_id, {}))
+                run.finish(failed)
+
+    return TrackerCallback()
 
 
 def _tune_config(sw: SweepConfig, seed: int):

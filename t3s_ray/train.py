@@ -29,6 +29,7 @@ from .data import DataError, tokenize_traces  # tokenize_traces lives in data.py
 from .data import trace_prompt as _trace_prompt
 from .protocols import PROTOCOLS
 from .runfolder import RunLayout, TrainFolder, claim, load_traces, stage_settings
+from .tracking import TrackingSpec, open_run, tracking_spec
 from .training.sessions import RaySession  # its home is training/sessions.py; importable from here as before
 from .training.spec import SelectionPlan, WorkerSpec, worker_spec
 
@@ -164,9 +165,11 @@ def run_probe(cfg: RunConfig, examples, prompts, scoring_ref: str, tokenizer_ref
                 diagnostics_path(probe_dir, cfg).write_text(json.dumps(record, indent=2) + "\n")
         return result
     p = cfg.probe
+    # The probe's training and its train accuracies (below, on the driver) are one tracked run.
+    tracked = tracking_spec(cfg, "probe", probe_dir, tags={"method": "probe", "protocol": "sft"})
     spec = worker_spec(cfg, SelectionPlan.for_protocol(cfg, "sft"), out_dir=str(probe_dir), model_ref=scoring_ref,
                        model_kind="ar", scoring_ref=scoring_ref, anchor_model=None, max_steps=p.steps,
-                       store_name=f"t3s-store-{cfg.name}-probe", model_every=p.eval_every)
+                       store_name=f"t3s-store-{cfg.name}-probe", model_every=p.eval_every, tracking=tracked)
     print(f"[probe] SFT from θ0 for {p.steps} steps, a model every {p.eval_every}", file=sys.stderr, flush=True)
     with ray_session(cfg.ray):
         fit(cfg, spec, examples)
@@ -194,7 +197,22 @@ def run_probe(cfg: RunConfig, examples, prompts, scoring_ref: str, tokenizer_ref
 
         result["diagnostics"] = probe_diagnostics(cfg, examples, result, scoring_ref)
     result_path.write_text(json.dumps(result, indent=2) + "\n")
+    track_probe(tracked, result)
     return result
+
+
+def track_probe(tracked: TrackingSpec, result: dict[str, Any]) -> None:
+    """The probe's train accuracy at each saved model (``probe/train_accuracy`` at its step) and θb,
+    added to the tracked run of the probe's training."""
+    with open_run(tracked) as run:
+        for a in result["accuracies"]:
+            run.log_metrics({"probe/train_accuracy": a["accuracy"]}, a["step"])
+        best = next(a for a in result["accuracies"] if a["step"] == result["bottleneck_step"])
+        run.log_table("probe_accuracies", [{"step": a["step"], "train_accuracy": a["accuracy"],
+                                            "bottleneck": a["step"] == result["bottleneck_step"]}
+                                           for a in result["accuracies"]])
+        run.log_summary({"probe/bottleneck_step": result["bottleneck_step"],
+                         "probe/bottleneck_accuracy": best["accuracy"], "probe/bottleneck_model": best["model"]})
 
 
 def read_probe_result(probe_dir: Path) -> dict[str, Any]:

@@ -16,7 +16,7 @@ LAYERS = [
     {"errors", "lab", "stats", "verify", "batching", "distributed", "t3s", "t3s.confidence", "t3s.diagnostics",
      "t3s.diffusion", "t3s.losses", "t3s.selection", "", "protocols"},
     {"config"},
-    {"models", "llada2", "data", "runfolder", "store"},
+    {"models", "llada2", "data", "runfolder", "store", "tracking"},
     {"generate", "engines", "engines.hf", "engines.vllm", "engines.openai", "engines.rows", "cluster"},
     {"worker", "probe_diagnostics", "training", "training.spec", "training.trainer", "training.module",
      "training.steps", "training.online", "training.metrics", "training.sessions"},

@@ -1,6 +1,6 @@
 """What a step reports: its metrics from the totals summed over ranks (``step_metrics``), this process's
-memory peaks, and rank 0's record of the run (``MetricsLog``: ``metrics.jsonl``, TensorBoard, a
-progress line)."""
+memory peaks, and rank 0's record of the run (``MetricsLog``: ``metrics.jsonl``, the trackers of
+``report_to``, a progress line)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ..runfolder import TrainFolder
+from ..tracking import TrackingSpec, open_run
 
 
 def step_metrics(totals: dict[str, float]) -> dict[str, Any]:
@@ -38,27 +39,25 @@ def peak_memory_gb(device: torch.device) -> dict[str, float]:
 
 
 class MetricsLog:
-    """Rank 0's record of the run: ``metrics.jsonl``, TensorBoard, a progress line every 5 steps."""
+    """Rank 0's record of the run: ``metrics.jsonl`` (what the report reads), every numeric metric of a
+    step to the trackers of ``tracking`` (TensorBoard's events in ``out_dir/tensorboard`` without one), a
+    progress line every 5 steps."""
 
-    def __init__(self, out_dir: Path, max_steps: int, resumed_step: int):
-        from torch.utils.tensorboard import SummaryWriter
-
+    def __init__(self, out_dir: Path, max_steps: int, resumed_step: int, tracking: TrackingSpec | None = None):
         self.path, self.max_steps = TrainFolder(out_dir).metrics, max_steps
         if self.path.exists():  # after a resume, drop the lines of steps that are about to be redone
             keep = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resumed_step]
             self.path.write_text("".join(ln + "\n" for ln in keep))
-        self.tb = SummaryWriter(str(TrainFolder(out_dir).tensorboard))
+        self.tracked = open_run(tracking or TrackingSpec.tensorboard_only(out_dir))
 
     def write(self, metrics: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
-        for key, value in metrics.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
-                self.tb.add_scalar(key, value, metrics["step"])
+        self.tracked.log_metrics(metrics, metrics["step"])
         if metrics["step"] == 1 or metrics["step"] % 5 == 0 or metrics["step"] == self.max_steps:
             print(f"[train] step {metrics['step']}/{self.max_steps} loss {metrics['loss']:.4f} "
                   f"kept {metrics['kept_frac']:.2f} anchors {metrics['anchor_frac']:.2f} "
                   f"{metrics['tokens_per_s']:.0f} tok/s", file=sys.stderr, flush=True)
 
     def close(self) -> None:
-        self.tb.close()
+        self.tracked.finish()

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from ..config import EngineConfig, ModelConfig, RunConfig, SelectionConfig, StudentConfig, TrainConfig, from_dict
 from ..protocols import PROTOCOLS, Protocol
 from ..runfolder import run_settings
+from ..tracking import TrackingSpec, tracking_spec, training_part
 
 if TYPE_CHECKING:
     from ..generate import GenerationSpec
@@ -182,6 +183,8 @@ class WorkerSpec:
         settings: What the run computes with (``runfolder.run_settings``), recorded in each checkpoint
             and checked on resume.
         online: The bottleneck switch; None unless the protocol is online with ``switch: bottleneck``.
+        tracking: The tracked run rank 0 logs every step to (``report_to``'s trackers); None: TensorBoard
+            only, in ``out_dir/tensorboard``.
     """
 
     student: StudentConfig
@@ -199,6 +202,7 @@ class WorkerSpec:
     model_every: int
     settings: dict[str, Any]
     online: OnlineSwitch | None
+    tracking: TrackingSpec | None = None
 
 
 def selection_rule(selection: SelectionConfig, is_dllm: bool) -> dict[str, Any]:
@@ -224,9 +228,11 @@ def online_switch(cfg: RunConfig, model_ref: str, prompts: list[dict[str, Any]])
 def worker_spec(cfg: RunConfig, plan: SelectionPlan, *, out_dir: str, model_ref: str, model_kind: str,
                 scoring_ref: str, anchor_model: str | None, max_steps: int, store_name: str,
                 stop_at: int | None = None, model_every: int = 0,
-                prompts: list[dict[str, Any]] | tuple[dict[str, Any], ...] = ()) -> WorkerSpec:
+                prompts: list[dict[str, Any]] | tuple[dict[str, Any], ...] = (),
+                tracking: TrackingSpec | None = None) -> WorkerSpec:
     """The one place a ``WorkerSpec`` is made: ``cfg`` and what the driver decided for this training
-    (``plan``: its protocol's phases; the refs, the horizon, the store's name, the train prompts)."""
+    (``plan``: its protocol's phases; the refs, the horizon, the store's name, the train prompts; the
+    tracked run, by default the training's own: ``NAME/METHOD`` kept in ``out_dir``)."""
     s = cfg.selection
     bottleneck = plan.online and plan.switch == "bottleneck"
     return WorkerSpec(
@@ -236,7 +242,8 @@ def worker_spec(cfg: RunConfig, plan: SelectionPlan, *, out_dir: str, model_ref:
         store=StoreSpec(store_name, s.store_shards, cfg.ray.namespace, s.trajectory_len, s.summary, s.ema_alpha),
         out_dir=out_dir, model_ref=model_ref, model_kind=model_kind, scoring_ref=scoring_ref,
         anchor_model=anchor_model, max_steps=max_steps, stop_at=stop_at, model_every=model_every,
-        settings=run_settings(cfg), online=online_switch(cfg, model_ref, list(prompts)) if bottleneck else None)
+        settings=run_settings(cfg), online=online_switch(cfg, model_ref, list(prompts)) if bottleneck else None,
+        tracking=tracking or tracking_spec(cfg, training_part(cfg), out_dir))
 
 
 @dataclass

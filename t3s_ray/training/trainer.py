@@ -125,7 +125,8 @@ class StudentTrainer:
         if self.world > 1 and not self.sharded:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.forward = torch.nn.parallel.DistributedDataParallel(self.module, device_ids=ids)
-        self.log = MetricsLog(self.out_dir, self.cfg.max_steps, self.state.step) if self.ranks.is_main else None
+        self.log = (MetricsLog(self.out_dir, self.cfg.max_steps, self.state.step, self.cfg.tracking)
+                    if self.ranks.is_main else None)
 
     def _build_module(self, ref: str) -> LogprobModule:
         """``ref``'s architecture, sharded (FSDP) and allocated on this rank's device, weights not yet
