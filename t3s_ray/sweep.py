@@ -172,7 +172,7 @@ def reported(result: dict[str, Any]) -> dict[str, Any]:
 def tracker_callback(cfg: RunConfig, sweep_dir: Path):
     """A Tune logger callback that tracks each trial as the run ``NAME/trial-…`` in ``report_to``'s trackers
     (TensorBoard excepted: Tune writes its own event files): the trial's parameters with the sweep's
-    config, each report at its training step, the last one as final values. It runs on the driver."""
+    config, each report at its training step. It runs on the driver."""
     from ray.tune.logger import LoggerCallback
 
     from .tracking import open_run, tracking_spec
@@ -182,10 +182,9 @@ def tracker_callback(cfg: RunConfig, sweep_dir: Path):
     class TrackerCallback(LoggerCallback):
         def __init__(self):
             self.runs: dict[str, Any] = {}
-            self.last: dict[str, dict[str, Any]] = {}
 
         def __getstate__(self):  # Tune pickles its run config: the open runs stay in this process
-            return {"runs": {}, "last": {}}
+            return {"runs": {}}
 
         def log_trial_start(self, trial) -> None:
             params = {k: trial.config[k] for k in cfg.sweep.space if k in trial.config}
@@ -199,13 +198,11 @@ def tracker_callback(cfg: RunConfig, sweep_dir: Path):
         def log_trial_result(self, iteration: int, trial, result: dict[str, Any]) -> None:
             run = self.runs.get(trial.trial_id)
             if run is not None:
-                self.last[trial.trial_id] = reported(result)
-                run.log_metrics(self.last[trial.trial_id], result.get("step", iteration))
+                run.log_metrics(reported(result), result.get("step", iteration))
 
         def log_trial_end(self, trial, failed: bool = False) -> None:
             run = self.runs.pop(trial.trial_id, None)
-            if run is not None:
-                run.log_summary(self.last.pop(trial.trial_id, {}))
+            if run is not None:  # (each tracker shows a metric's last value as the run's)
                 run.finish(failed)
 
     return TrackerCallback()
