@@ -344,6 +344,27 @@ def test_t3s_run_logs_its_score_table_with_cis_and_the_paired_differences(tmp_pa
     assert wandb_summary(spec)["sft/mean/avg@k"] == pytest.approx(0.5)
 
 
+def test_t3s_eval_logs_its_scores_as_the_run_name_eval_label(tmp_path, mlflow_uri, monkeypatch):
+    import contextlib
+
+    import t3s_ray.cluster
+    import t3s_ray.evaluate as evaluate
+
+    cfg = run_config(tmp_path, mlflow_uri, report_to=("mlflow", "wandb"))
+    scores = scores_of("ckpt", {"a": 1.0, "b": 0.5})
+    monkeypatch.setattr(t3s_ray.cluster, "ray_session", lambda ray: contextlib.nullcontext())
+    monkeypatch.setattr(evaluate, "evaluate", lambda cfg, model_ref, label: scores)
+    assert evaluate.run_eval(cfg, "/m/ckpt", "ckpt") is scores
+    spec = tracking_spec(cfg, "eval/ckpt", cfg.run_dir / "eval" / "ckpt")
+    assert spec.name == "demo/eval/ckpt"
+    for tracker in ("mlflow", "wandb"):
+        (row,) = table(spec, tracker, "scores")
+        assert row["model"] == "ckpt"
+        assert (row["avg@k"], row["ci95_high"]) == pytest.approx((0.75, scores["benchmarks"]["arith"]["avg@k_ci95"][1]))
+    _, run = mlflow_run(spec)
+    assert run.data.metrics["ckpt/mean/avg_at_k"] == 0.75 and run.data.tags["model"] == "/m/ckpt"
+
+
 def test_the_probe_logs_its_train_accuracy_per_checkpoint_and_theta_b(tmp_path, mlflow_uri):
     from t3s_ray.train import track_probe
 
