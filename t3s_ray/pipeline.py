@@ -310,7 +310,7 @@ def track_seeds(cfg: RunConfig, summary: dict[str, Any], folder: Path) -> None:
         for seed, refs in m["paired"].items():
             for ref, benches in refs.items():
                 paired += [{"method": method, "seed": seed, "reference": ref[3:], "benchmark": bench, "diff": d["diff"],
-                            "ci95_low": d["ci95"][0], "ci95_high": d["ci95"][1], "p": d["p"]}
+                            "ci95_low": d["ci95"][0], "ci95_high": d["ci95"][1], "p": d.get("p")}
                            for bench, d in benches.items()]
     spec = tracking_spec(cfg, None, folder, tags={"seeds": ",".join(map(str, summary["seeds"]))})
     with open_run(dataclasses.replace(spec, name=f"{base_name(cfg)}-seeds")) as run:
