@@ -82,13 +82,20 @@ def mlflow_table(spec: TrackingSpec, name: str) -> list[dict]:
     return [dict(zip(table["columns"], row)) for row in table["data"]]
 
 
+def wandb_folders(spec: TrackingSpec) -> list[str]:
+    """The offline run's folders, one per start or resume: named by the second it started in, with "-1",
+    "-2" added when a resume starts in the same second."""
+    folders = glob.glob(f"{spec.wandb_dir}/wandb/offline-run-*-{spec.run_id}")
+    return sorted(folders + glob.glob(f"{spec.wandb_dir}/wandb/offline-run-*-{spec.run_id}-*"))
+
+
 def wandb_records(spec: TrackingSpec) -> list:
     """Every record of the offline run's ``.wandb`` files (W&B's LevelDB-style log: 32 KiB blocks of
     chunks with a 7-byte header, records as ``wandb_internal_pb2.Record``), all of its resumes."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     out = []
-    for path in sorted(glob.glob(f"{spec.wandb_dir}/wandb/offline-run-*-{spec.run_id}/run-{spec.run_id}.wandb")):
+    for path in sorted(p for folder in wandb_folders(spec) for p in glob.glob(f"{folder}/*.wandb")):
         data = Path(path).read_bytes()
         assert struct.unpack("<4sHB", data[:7])[:2] == (b":W&B", 0xBEE1)
         pos, chunk = 7, b""
@@ -128,7 +135,7 @@ def wandb_run_record(spec: TrackingSpec):
 
 
 def wandb_table(spec: TrackingSpec, name: str) -> list[dict]:
-    files = glob.glob(f"{spec.wandb_dir}/wandb/offline-run-*-{spec.run_id}/files/media/table/{name}_*.table.json")
+    files = [f for folder in wandb_folders(spec) for f in glob.glob(f"{folder}/files/media/table/{name}_*.table.json")]
     assert len(files) == 1, files
     table = json.loads(Path(files[0]).read_text())
     return [dict(zip(table["columns"], row)) for row in table["data"]]
