@@ -279,12 +279,18 @@ class TrackioRun:
 
     def __init__(self, spec: TrackingSpec):
         import trackio
+        from trackio import context_vars
 
         self.trackio = trackio
         config = {**spec.params, **{f"tags.{k}": v for k, v in spec.tags.items()}}
+        # trackio.init finishes the process's current run, and an exit hook finishes it again: the
+        # driver holds several runs at once (a sweep's trials), each logged and finished through its
+        # own object, so none is left as the current one.
+        context_vars.current_run.set(None)
         with _quiet():
             self.run = trackio.init(project=spec.project, name=spec.name, group=spec.group, config=config,
                                     resume="allow", embed=False)
+        context_vars.current_run.set(None)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self.run.log(metrics, step=step)

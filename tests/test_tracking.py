@@ -241,6 +241,24 @@ def test_a_folder_reopened_continues_its_run_and_a_new_folder_starts_one(tmp_pat
     assert tracking_spec(cfg, "train", tmp_path / "train").run_id != spec.run_id
 
 
+def test_runs_open_at_once_keep_their_own_records_and_stdout_stays_clean(tmp_path, mlflow_uri, capfd):
+    """A sweep's driver holds a run per running trial; trackio's init would finish the one before."""
+    cfg = run_config(tmp_path, mlflow_uri, report_to=("trackio", "wandb"))
+    a, b = (tracking_spec(cfg, name, tmp_path / name) for name in ("a", "b"))
+    run_a, run_b = open_run(a), open_run(b)
+    trackio_a = next(r.run for r in run_a.runs if hasattr(r, "trackio"))
+    assert not trackio_a._stop_flag.is_set()  # opening b did not finish a (trackio's private flag)
+    for step in (1, 2):
+        run_a.log_metrics({"score": 0.1 * step}, step)
+        run_b.log_metrics({"score": 0.2 * step}, step)
+    run_a.finish()
+    run_b.finish()
+    for tracker in ("trackio", "wandb"):
+        assert history(a, tracker, "score") == pytest.approx({1: 0.1, 2: 0.2}), tracker
+        assert history(b, tracker, "score") == pytest.approx({1: 0.2, 2: 0.4}), tracker
+    assert capfd.readouterr().out == ""  # `t3s run` prints its tables there
+
+
 def test_a_failure_marks_the_run_failed(tmp_path, mlflow_uri):
     spec = tracking_spec(run_config(tmp_path, mlflow_uri, report_to=("mlflow",)), None, tmp_path)
     with pytest.raises(RuntimeError), open_run(spec) as run:
