@@ -192,6 +192,15 @@ def mlflow_key(key: str) -> str:
     return re.sub(r"[^\w\-./ :]", "_", key.replace("@", "_at_"))
 
 
+def mlflow_artifact_location(tracking_uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts (the tables): beside a local sqlite store, in its
+    ``mlruns/``. MLflow's default is ``mlruns/`` in the current folder of whichever process creates the
+    experiment, which may be a Ray worker's temporary one. None: the store's own default (a server's)."""
+    if tracking_uri.startswith("sqlite:///"):
+        return (Path(tracking_uri[len("sqlite:///"):]).parent / "mlruns").as_uri()
+    return None
+
+
 class MlflowRun:
     """A run of the experiment ``project`` through ``MlflowClient`` (no global active run, so the driver
     may hold several); found again by its tag ``t3s.run_id``."""
@@ -202,7 +211,8 @@ class MlflowRun:
 
         self.client = client = MlflowClient(tracking_uri=spec.mlflow_tracking_uri)
         experiment = client.get_experiment_by_name(spec.project)
-        experiment_id = experiment.experiment_id if experiment else client.create_experiment(spec.project)
+        experiment_id = experiment.experiment_id if experiment else client.create_experiment(
+            spec.project, artifact_location=mlflow_artifact_location(spec.mlflow_tracking_uri))
         found = client.search_runs([experiment_id], filter_string=f"tags.`t3s.run_id` = '{spec.run_id}'",
                                    max_results=1)
         if found:

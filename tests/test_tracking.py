@@ -36,8 +36,10 @@ def mlflow_uri(tmp_path_factory) -> str:
 
 
 @pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    """Nothing leaves the machine: W&B offline, MLflow's usage telemetry off."""
+def offline(monkeypatch, tmp_path):
+    """Nothing leaves the machine: W&B offline, MLflow's usage telemetry off; nothing is written to the
+    current folder (it is the test's own)."""
+    monkeypatch.chdir(tmp_path)
     for key in [k for k in os.environ if k.startswith(("WANDB_", "MLFLOW_"))]:
         monkeypatch.delenv(key)
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -206,6 +208,10 @@ def test_every_tracker_holds_the_metrics_params_tables_and_summary(tmp_path, mlf
         "name": "demo", "seed": "3", "method": "sft", "team": "nlp", "group": "demo"}
     assert run.data.metrics["sft/mean/avg_at_k"] == 0.5 and run.data.tags["note"] == "text"
     assert run.info.status == "FINISHED"
+    # The tables are kept beside the sqlite store, not in the folder of the process that made the experiment.
+    store = Path(mlflow_uri[len("sqlite:///"):]).parent
+    assert run.info.artifact_uri.startswith((store / "mlruns").as_uri())
+    assert list((store / "mlruns").rglob("artifacts/scores.json")) and not (tmp_path / "mlruns").exists()
 
     record = wandb_run_record(spec)
     assert (record.run_id, record.display_name, record.run_group, record.project) == (
