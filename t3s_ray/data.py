@@ -329,3 +329,27 @@ def tokenize_traces(traces: list[dict[str, Any]], tokenizer, *, system_prompt: s
         print(f"[train] skipped {len(too_long)} traces longer than data.max_seq_len={max_seq_len}: "
               f"{', '.join(too_long[:5])}{' ...' if len(too_long) > 5 else ''}", file=sys.stderr, flush=True)
     return examples, skipped
+
+
+def token_classes(tokens: list[str], source: str, phrases=None) -> list[str]:
+    """A class per response token (the tokenizer's token strings) of a trace of ``source``'s data: the
+    lab's own classes (``lab.token_classes``: style, wrapper, operand, result, borrow-fix, ...;
+    ``phrases``: the inserted ones, default the lab's) for its problems, else digit / punctuation /
+    word / special. The report's and the probe diagnostics' anchor statistics are per class."""
+    if source == LAB_SOURCE:
+        from .lab import PHRASES
+        from .lab import token_classes as lab_classes
+
+        return lab_classes(tokens, phrases or PHRASES)
+    out = []
+    for t in tokens:
+        text = t.lstrip("Ġ▁#").strip()
+        if t.startswith(("<", "[")) and t.endswith((">", "]")):
+            out.append("special")
+        elif text.isdigit():
+            out.append("digit")
+        elif not text or not any(ch.isalnum() for ch in text):
+            out.append("punctuation/space")
+        else:
+            out.append("word")
+    return out

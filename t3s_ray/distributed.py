@@ -40,6 +40,7 @@ __all__ = [
     "broadcast_object",
     "collective_device",
     "gather_full_state",
+    "gather_objects",
     "hybrid_mesh",
     "init_process_group",
     "initialized",
@@ -117,6 +118,15 @@ def broadcast_object(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0, device=collective_device())
     return box[0]
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank (small picklable values: a sample's scores)."""
+    if not initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def init_process_group(device: torch.device, timeout_s: float = 1800) -> Ranks:

@@ -35,7 +35,7 @@ from typing import Any
 from .config import BenchmarkConfig, ConfigError, EvalConfig, RunConfig, load_benchmark
 from .data import ARITH_SOURCE, LAB_SOURCE, DataError, arith_rows, normalize_rows, read_records
 from .runfolder import EvalFolder, RunLayout, changed_keys, claim, flatten, stage_settings
-from .stats import mean_ci, paired_difference
+from .stats import format_paired, format_table, mean_ci, paired_difference  # the tables: importable from here
 from .verify import score_counts
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -246,26 +246,6 @@ def _write_scores(path: Path, model_ref: str, label: str, results: dict[str, Any
     return scores
 
 
-def format_table(scores_by_label: dict[str, dict[str, Any]], bench_names: list[str], metric: str = "avg@k") -> str:
-    """A method x benchmark table of one metric (percent, ± the 95 % CI half-width for avg@k), with the
-    mean column, as in the paper."""
-    width = max([16] + [len(n) for n in bench_names])
-    head = f"{'model':<12}" + "".join(f"{n:>{width + 2}}" for n in bench_names) + f"{'mean':>8}"
-    lines = [f"{metric} (%)" + (", ± 95% CI over problems" if metric == "avg@k" else ""), head, "-" * len(head)]
-    for label, scores in scores_by_label.items():
-        cells = []
-        for n in bench_names:
-            b = scores["benchmarks"].get(n)
-            if b and metric == "avg@k" and "avg@k_ci95" in b:
-                half = 100 * (b["avg@k_ci95"][1] - b["avg@k_ci95"][0]) / 2
-                cells.append(f"{f'{100 * b[metric]:.1f} ± {half:.1f}':>{width + 2}}")
-            else:
-                cells.append(f"{100 * b[metric]:>{width + 2}.1f}" if b else f"{'-':>{width + 2}}")
-        mean = scores.get("mean", {}).get(metric)
-        lines.append(f"{label:<12}" + "".join(cells) + (f"{100 * mean:>8.1f}" if mean is not None else f"{'-':>8}"))
-    return "\n".join(lines)
-
-
 def paired_table(scores_by_label: dict[str, dict[str, Any]], bench_names: list[str],
                  against: tuple[str, ...] = ("sft", "base"), seed: int = 0) -> tuple[dict[str, Any], str]:
     """Each model against ``against`` on the same problems: the avg@k difference, its paired-bootstrap
@@ -282,18 +262,6 @@ def paired_table(scores_by_label: dict[str, dict[str, Any]], bench_names: list[s
                     d = paired_difference(a["per_problem"], b["per_problem"], seed=seed)
                     out.setdefault(label, {}).setdefault(f"vs_{ref}", {})[n] = d
     return out, format_paired(out)
-
-
-def format_paired(paired: dict[str, Any]) -> str:
-    """The paired differences of ``paired_table`` as lines: model - reference, benchmark, points, CI, p."""
-    lines = ["paired difference in avg@k (points) [95% CI], p: each model minus the reference, same problems"]
-    for label, refs in paired.items():
-        for ref, benches in refs.items():
-            for n, d in benches.items():
-                lines.append(f"  {label:<10} - {ref[3:]:<6} {n:<16} {100 * d['diff']:+6.1f} "
-                             f"[{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}]  p={d['p']:.3g}  "
-                             f"(n={d['n']}, {d['wins']} better, {d['losses']} worse)")
-    return "\n".join(lines)
 
 
 def run_eval(cfg: RunConfig, model_ref: str | None = None, label: str | None = None) -> dict[str, Any]:

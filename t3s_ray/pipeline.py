@@ -34,7 +34,7 @@ from typing import Any
 
 from .config import ConfigError, RunConfig, from_dict
 from .protocols import METHODS, compare_problems, protocol_for, runs_static_probe
-from .runfolder import RunLayout, TrainFolder
+from .runfolder import RunLayout, TrainFolder, read_probe_result
 
 
 def method_config(cfg: RunConfig, method: str) -> RunConfig:
@@ -108,7 +108,6 @@ def train_method(cfg: RunConfig, method: str) -> str:
 def rrt_model(cfg: RunConfig, sft_model: str) -> str:
     from .models import local_folder
     from .t3s import rrt_merge
-    from .train import read_probe_result
 
     probe = read_probe_result(RunLayout(cfg.run_dir).probe.path)
     out = RunLayout(cfg.run_dir.resolve()).method("rrt").merged_model

@@ -5,7 +5,8 @@ A run folder (``output_dir/name``)::
 
     config.yaml              the run's config (``t3s run``)
     traces/                  traces/ and samples/ shard pairs, errors.jsonl, manifest.json (TracesFolder)
-    probe/                   the static probe: a training (TrainFolder) plus result.json (θb)
+    probe/                   the static probe: a training (TrainFolder) plus result.json (θb) and
+                             confidences/ (a sample's token confidences at each saved model)
     train/                   the training (model/, models/step-N/, metrics.jsonl, summary.json, ...)
     methods/METHOD/          each method of ``t3s run``: a run folder of its own (traces/, probe/ link back)
     eval/LABEL/              an evaluation: scores.json, samples.jsonl
@@ -148,6 +149,16 @@ class TrainFolder:
         """The probe's: the train accuracy of each saved model and θb."""
         return self.path / "result.json"
 
+    @property
+    def confidences(self) -> Path:
+        """The probe's: the per-token confidences of a bounded sample of its examples at θ0 and at each
+        saved model, one ``confidence_record`` per step, written by rank 0 of the training (the
+        report's bifurcation figure reads them instead of loading the models again)."""
+        return self.path / "confidences"
+
+    def confidence_record(self, step: int) -> Path:
+        return self.confidences / f"step-{step:06d}.npz"
+
 
 @dataclass(frozen=True)
 class EvalFolder:
@@ -231,6 +242,43 @@ class RunLayout:
     @property
     def sweep(self) -> Path:
         return self.root / "sweep"
+
+
+def read_probe_result(probe_dir: Path) -> dict[str, Any]:
+    """A finished probe's ``result.json``, its model paths under ``probe_dir`` as it is now: the run
+    folder may have been moved or copied since it was written (step 0 is θ0, the student's own ref)."""
+    probe = TrainFolder(Path(probe_dir).resolve())
+    result = json.loads(probe.result.read_text())
+
+    def here(a: dict[str, Any]) -> dict[str, Any]:
+        return {**a, "model": str(probe.saved_model(a["step"]))} if a["step"] > 0 else a
+
+    accuracies = [here(a) for a in result["accuracies"]]
+    best = next(a for a in accuracies if a["step"] == result["bottleneck_step"])
+    return {**result, "accuracies": accuracies, "bottleneck_model": best["model"]}
+
+
+def write_confidences(path: Path, example_ids: list[int], tokens: list, confidences: list) -> None:
+    """A ``TrainFolder.confidence_record``: per example its id, and over its target tokens their ids and
+    confidences ``log p(y_t | y_<t, x)``, flat (``lengths`` cuts them). Written whole or not at all."""
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, ids=np.asarray(example_ids, dtype=np.int64),
+                 lengths=np.asarray([len(t) for t in tokens], dtype=np.int64),
+                 tokens=np.concatenate([np.asarray(t, dtype=np.int64) for t in tokens]),
+                 confidences=np.concatenate([np.asarray(c, dtype=np.float32) for c in confidences]))
+    tmp.replace(path)
+
+
+def read_confidences(path: Path) -> dict[str, Any]:
+    """A record of :func:`write_confidences`: ``ids``, ``lengths``, ``tokens``, ``confidences`` (numpy)."""
+    import numpy as np
+
+    with np.load(path, allow_pickle=False) as record:
+        return {k: record[k] for k in ("ids", "lengths", "tokens", "confidences")}
 
 
 def flatten(prefix: str, value: Any) -> dict[str, Any]:

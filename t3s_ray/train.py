@@ -28,9 +28,14 @@ from .config import ConfigError, RunConfig
 from .data import DataError, tokenize_traces  # tokenize_traces lives in data.py (no pyarrow); re-exported
 from .data import trace_prompt as _trace_prompt
 from .protocols import PROTOCOLS
-from .runfolder import RunLayout, TrainFolder, claim, load_traces, stage_settings
+from .runfolder import RunLayout, TrainFolder, claim, load_traces, read_probe_result, stage_settings
 from .training.sessions import RaySession  # its home is training/sessions.py; importable from here as before
 from .training.spec import SelectionPlan, WorkerSpec, worker_spec
+
+# The probe records the token confidences of this many examples (the first) at θ0 and at each saved
+# model, on its ranks: the report's bifurcation figure draws them (a few MB per saved model at 8k tokens
+# a trace) instead of reloading every probe model on the driver.
+PROBE_CONFIDENCE_SAMPLE = 48
 
 # --------------------------------------------------------------------------------------------
 # The Ray side of one rank
@@ -144,6 +149,18 @@ def train_prompts(traces: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def probe_spec(cfg: RunConfig, scoring_ref: str) -> WorkerSpec:
+    """The probe's training: SFT from θ0 (``scoring_ref``) for ``probe.steps``, a model every
+    ``probe.eval_every`` steps, and the confidences of ``PROBE_CONFIDENCE_SAMPLE`` examples recorded at
+    θ0 and at each of them (the report's figure)."""
+    p = cfg.probe
+    return worker_spec(cfg, SelectionPlan.for_protocol(cfg, "sft"),
+                       out_dir=str(RunLayout(cfg.run_dir).probe.path.resolve()), model_ref=scoring_ref,
+                       model_kind="ar", scoring_ref=scoring_ref, anchor_model=None, max_steps=p.steps,
+                       store_name=f"t3s-store-{cfg.name}-probe", model_every=p.eval_every,
+                       confidence_sample=PROBE_CONFIDENCE_SAMPLE)
+
+
 def run_probe(cfg: RunConfig, examples, prompts, scoring_ref: str, tokenizer_ref: str) -> dict[str, Any]:
     """The static protocol's probe: SFT from θ0, saving a model every ``probe.eval_every`` steps,
     train accuracy of each, θb = argmin (earliest on ties). Resumable; returns the probe result."""
@@ -164,9 +181,7 @@ def run_probe(cfg: RunConfig, examples, prompts, scoring_ref: str, tokenizer_ref
                 diagnostics_path(probe_dir, cfg).write_text(json.dumps(record, indent=2) + "\n")
         return result
     p = cfg.probe
-    spec = worker_spec(cfg, SelectionPlan.for_protocol(cfg, "sft"), out_dir=str(probe_dir), model_ref=scoring_ref,
-                       model_kind="ar", scoring_ref=scoring_ref, anchor_model=None, max_steps=p.steps,
-                       store_name=f"t3s-store-{cfg.name}-probe", model_every=p.eval_every)
+    spec = probe_spec(cfg, scoring_ref)
     print(f"[probe] SFT from θ0 for {p.steps} steps, a model every {p.eval_every}", file=sys.stderr, flush=True)
     with ray_session(cfg.ray):
         fit(cfg, spec, examples)
@@ -195,20 +210,6 @@ def run_probe(cfg: RunConfig, examples, prompts, scoring_ref: str, tokenizer_ref
         result["diagnostics"] = probe_diagnostics(cfg, examples, result, scoring_ref)
     result_path.write_text(json.dumps(result, indent=2) + "\n")
     return result
-
-
-def read_probe_result(probe_dir: Path) -> dict[str, Any]:
-    """A finished probe's ``result.json``, its model paths under ``probe_dir`` as it is now: the run
-    folder may have been moved or copied since it was written (step 0 is θ0, the student's own ref)."""
-    probe = TrainFolder(Path(probe_dir).resolve())
-    result = json.loads(probe.result.read_text())
-
-    def here(a: dict[str, Any]) -> dict[str, Any]:
-        return {**a, "model": str(probe.saved_model(a["step"]))} if a["step"] > 0 else a
-
-    accuracies = [here(a) for a in result["accuracies"]]
-    best = next(a for a in accuracies if a["step"] == result["bottleneck_step"])
-    return {**result, "accuracies": accuracies, "bottleneck_model": best["model"]}
 
 
 def choose_bottleneck(accuracies: list[dict[str, Any]]) -> dict[str, Any]:

@@ -182,6 +182,9 @@ class WorkerSpec:
         settings: What the run computes with (``runfolder.run_settings``), recorded in each checkpoint
             and checked on resume.
         online: The bottleneck switch; None unless the protocol is online with ``switch: bottleneck``.
+        confidence_sample: Record the token confidences of the first this many examples at θ0 and at
+            each saved model (``model_every``) into ``TrainFolder.confidence_record`` (the probe's, for
+            the report's bifurcation figure; 0: none).
     """
 
     student: StudentConfig
@@ -199,6 +202,7 @@ class WorkerSpec:
     model_every: int
     settings: dict[str, Any]
     online: OnlineSwitch | None
+    confidence_sample: int = 0
 
 
 def selection_rule(selection: SelectionConfig, is_dllm: bool) -> dict[str, Any]:
@@ -224,9 +228,11 @@ def online_switch(cfg: RunConfig, model_ref: str, prompts: list[dict[str, Any]])
 def worker_spec(cfg: RunConfig, plan: SelectionPlan, *, out_dir: str, model_ref: str, model_kind: str,
                 scoring_ref: str, anchor_model: str | None, max_steps: int, store_name: str,
                 stop_at: int | None = None, model_every: int = 0,
-                prompts: list[dict[str, Any]] | tuple[dict[str, Any], ...] = ()) -> WorkerSpec:
+                prompts: list[dict[str, Any]] | tuple[dict[str, Any], ...] = (),
+                confidence_sample: int = 0) -> WorkerSpec:
     """The one place a ``WorkerSpec`` is made: ``cfg`` and what the driver decided for this training
-    (``plan``: its protocol's phases; the refs, the horizon, the store's name, the train prompts)."""
+    (``plan``: its protocol's phases; the refs, the horizon, the store's name, the train prompts, the
+    sample whose confidences are recorded)."""
     s = cfg.selection
     bottleneck = plan.online and plan.switch == "bottleneck"
     return WorkerSpec(
@@ -236,7 +242,8 @@ def worker_spec(cfg: RunConfig, plan: SelectionPlan, *, out_dir: str, model_ref:
         store=StoreSpec(store_name, s.store_shards, cfg.ray.namespace, s.trajectory_len, s.summary, s.ema_alpha),
         out_dir=out_dir, model_ref=model_ref, model_kind=model_kind, scoring_ref=scoring_ref,
         anchor_model=anchor_model, max_steps=max_steps, stop_at=stop_at, model_every=model_every,
-        settings=run_settings(cfg), online=online_switch(cfg, model_ref, list(prompts)) if bottleneck else None)
+        settings=run_settings(cfg), online=online_switch(cfg, model_ref, list(prompts)) if bottleneck else None,
+        confidence_sample=confidence_sample)
 
 
 @dataclass
