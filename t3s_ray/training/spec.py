@@ -182,9 +182,9 @@ class WorkerSpec:
         settings: What the run computes with (``runfolder.run_settings``), recorded in each checkpoint
             and checked on resume.
         online: The bottleneck switch; None unless the protocol is online with ``switch: bottleneck``.
-        confidence_sample: Record the token confidences of the first this many examples at θ0 and at
-            each saved model (``model_every``) into ``TrainFolder.confidence_record`` (the probe's, for
-            the report's bifurcation figure; 0: none).
+        confidence_sample: Record the token confidences of the first this many examples (at least one
+            per rank) at θ0 and at each saved model (``model_every``) into
+            ``TrainFolder.confidence_record`` (the probe's, for the report's bifurcation figure; 0: none).
     """
 
     student: StudentConfig

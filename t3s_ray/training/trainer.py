@@ -222,9 +222,10 @@ class StudentTrainer:
         FSDP every forward is one); a resumed run rewrites what it replays."""
         from ..runfolder import write_confidences
 
-        n = min(self.cfg.confidence_sample, self.n_examples)
-        if not n or self.is_dllm:  # a denoiser's forward gives no causal confidences
+        if not self.cfg.confidence_sample or self.is_dllm:  # a denoiser's forward gives no causal confidences
             return
+        # At least one example per rank: a rank without any would have no batch to repeat.
+        n = min(max(self.cfg.confidence_sample, self.world), self.n_examples)
         mine = score_examples(self.module, self._collate, n, self.ranks, self.cfg.train.micro_batch_size,
                               self._autocast)
         scores = {i: c for part in dist_utils.gather_objects(mine) for i, c in part.items()}
