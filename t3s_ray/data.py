@@ -186,6 +186,20 @@ def _bad_json_row(files: list[Path]) -> str | None:
     return None
 
 
+def _json_rows(files: list[Path], limit: int | None) -> list[dict[str, Any]]:
+    """The rows of JSON files (checked by ``_bad_json_row``) as ``json`` reads them, the first ``limit``."""
+    rows: list[dict[str, Any]] = []
+    for path in files:
+        text = path.read_text()
+        if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+            rows += json.loads(text)
+        else:
+            rows += [json.loads(line) for line in text.splitlines() if line.strip()]
+        if limit is not None and len(rows) >= limit:
+            break
+    return rows[:limit] if limit is not None else rows
+
+
 @contextlib.contextmanager
 def _quiet_datasets():
     """``datasets`` logs a failed file read as an error before raising it: the raised error becomes
@@ -239,6 +253,10 @@ def read_records(source: str, split: str = "train", subset: str | None = None, *
                 return _take(ds, limit)
         except Exception as e:  # pyarrow, pandas and datasets raise many types; name the file either way
             where = _bad_json_row(files) if builder == "json" else None
+            if builder == "json" and where is None and all(p.suffix.lower() in (".json", ".jsonl") for p in files):
+                # Rows json.loads reads that datasets does not (a blank line in a file whose column
+                # changes type: its mixed-type path parses each line, blank ones too).
+                return _json_rows(files, limit)
             named = files[0] if len(files) == 1 else f"{files[0]} (one of {len(files)} files)"
             raise DataError(where or f"{named}: not readable as {builder} ({type(e).__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
@@ -311,9 +329,11 @@ class Conversation:
             role_key = self.role_key or ("role" if "role" in present else "from")
             content_key = self.content_key or ("content" if "content" in present else "value")
             if role_key not in present or content_key not in m:
-                raise DataError(f"{where}: a message of column '{self.field}' has no '{role_key}' or "
-                                f"'{content_key}' key (it has: {', '.join(sorted(present))}); set "
-                                "traces.message_role_key / traces.message_content_key")
+                roles_in = f"'{self.role_key}'" if self.role_key else "'role' or 'from'"
+                texts_in = f"'{self.content_key}'" if self.content_key else "'content' or 'value'"
+                raise DataError(f"{where}: a message of column '{self.field}' lacks its role ({roles_in}) or its "
+                                f"text ({texts_in}); it has: {', '.join(sorted(present))} (set "
+                                "traces.message_role_key / traces.message_content_key)")
             role = roles.get(str(m[role_key]))
             if role is None:
                 raise DataError(f"{where}: role {m[role_key]!r} in column '{self.field}' is none of "
