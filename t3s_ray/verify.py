@@ -36,7 +36,7 @@ LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 class Verdict:
     correct: bool
     extracted: str | None
-    timed_out: bool = False  # the answer ran past its deadline (math): scored wrong, and counted
+    timed_out: bool = False  # the answer ran past its deadline, or crashed the verifier twice (math): wrong, counted
 
 
 _BOXED = "\\boxed"
@@ -174,8 +174,11 @@ class MathProcess:
         root = str(Path(__file__).resolve().parents[1])  # the child imports this package from where we did
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         self.buffer = b""
-        self.proc = subprocess.Popen([sys.executable, "-c", "from t3s_ray.verify import serve; serve()"],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        command = [sys.executable, "-c", "from t3s_ray.verify import serve; serve()"]
+        # Started from a thread that lives as long as this process: the child's PR_SET_PDEATHSIG fires
+        # when the thread that forked it ends, and a caller's thread (a Tune trial's) may end first.
+        self.proc = _spawner().submit(subprocess.Popen, command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      env=env).result()
         if self._line(START_TIMEOUT_S) != "ready":
             self._kill()
             raise RuntimeError(f"the math verifier's process did not start within {START_TIMEOUT_S:.0f} s")
@@ -207,6 +210,7 @@ class MathProcess:
         timeout_s = MATH_TIMEOUT_S if self.timeout_s is None else self.timeout_s
         grace_s = KILL_GRACE_S if self.grace_s is None else self.grace_s
         out: list[Verdict] = []
+        crashed = False  # the child died (not stuck) on the answer out[len(out)]
         with self.lock:
             while len(out) < len(pairs):
                 if self.unavailable:
@@ -230,19 +234,48 @@ class MathProcess:
                 wait_s = (timeout_s + grace_s) if timeout_s > 0 else grace_s
                 for response, _ in rest:
                     line = self._line(wait_s)
-                    if line is None:  # stuck (or dead): this answer is wrong, the rest go to a new child
+                    if line is None:
+                        died = self.proc.poll() is not None or self._exited(1.0)
                         self._kill()
+                        if died and not crashed:  # killed from outside, or this answer crashed it: once more
+                            crashed = True
+                            break
+                        # Stuck, or crashed it twice: this answer is wrong, the rest go to a new child.
                         out.append(Verdict(False, final_answer_text(response), timed_out=True))
                         self.timeouts += 1
+                        crashed = False
                         break
                     _, correct, extracted, timed_out = json.loads(line)
                     self.timeouts += bool(timed_out)
                     out.append(Verdict(bool(correct), extracted, bool(timed_out)))
+                    crashed = False
         return out
+
+    def _exited(self, wait_s: float) -> bool:
+        try:
+            self.proc.wait(wait_s)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
 
     def close(self) -> None:
         with self.lock:
             self._kill()
+
+
+_SPAWNER = None
+_SPAWNER_LOCK = threading.Lock()
+
+
+def _spawner():
+    """One thread for the life of this process that starts the verifier children (``_start``)."""
+    global _SPAWNER
+    with _SPAWNER_LOCK:
+        if _SPAWNER is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _SPAWNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="t3s-verify-spawner")
+        return _SPAWNER
 
 
 def _main_thread() -> bool:
