@@ -125,6 +125,9 @@ def _expand(patterns: list[str], key: str) -> list[Path]:
             files += found
         else:
             path = Path(pattern).expanduser()
+            if path.is_dir():
+                raise DataError(f"{key}: {pattern} is a folder: name its files, or a glob of them "
+                                f"({Path(pattern) / '*.parquet'})")
             if not path.is_file():
                 raise DataError(f"dataset file not found: {pattern}" + (f" ({key})" if key != "data.source" else ""))
             files.append(path)

@@ -34,7 +34,7 @@ from typing import Any
 
 from .config import BenchmarkConfig, ConfigError, EvalConfig, RunConfig, load_benchmark
 from .data import ARITH_SOURCE, LAB_SOURCE, DataError, arith_rows, normalize_rows, read_records
-from .runfolder import EvalFolder, RunLayout, changed_keys, claim, flatten, read_json, stage_settings
+from .runfolder import EvalFolder, RunLayout, changed_keys, claim, flatten, read_json, read_jsonl, stage_settings
 from .stats import mean_ci, paired_difference
 from .verify import LETTERS, get_verifier, score_counts
 
@@ -245,7 +245,7 @@ def evaluate(cfg: RunConfig, model_ref: str | None = None, label: str | None = N
 def _drop_samples(path: Path, bench_name: str) -> None:
     if not path.exists():
         return
-    kept = [ln for ln in path.read_text().splitlines(keepends=True) if json.loads(ln)["benchmark"] != bench_name]
+    kept = [line for line, record in read_jsonl(path) if record["benchmark"] != bench_name]
     path.write_text("".join(kept))
 
 

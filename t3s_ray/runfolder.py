@@ -433,6 +433,35 @@ def read_json(path: Path, what: str) -> Any:
                         "with --restart") from None
 
 
+def read_jsonl(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """``(line, record)`` of each line of a JSON-lines file the run folder appends to (``errors.jsonl``,
+    ``samples.jsonl``). A last line cut short by a crash mid-write is dropped (what it held is redone);
+    a bad line anywhere else is a ``DataError`` naming it."""
+    lines = path.read_text().splitlines(keepends=True)
+    out = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            out.append((line, json.loads(line)))
+        except json.JSONDecodeError as e:
+            if lineno == len(lines) and not line.endswith("\n"):
+                break
+            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); restore the file, or redo the stage "
+                            "with --restart") from None
+    return out
+
+
+def drop_torn_tail(path: Path) -> None:
+    """Cut a JSON-lines file back to its last whole line before appending to it again: a line a crash
+    cut short would otherwise run into the next one written."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        path.write_bytes(data[: data.rfind(b"\n") + 1])
+
+
 def check_output_dir(cfg: RunConfig) -> None:
     """``output_dir`` (and the run folder in it) must be, or be creatable as, a writable folder: checked
     by the ``t3s`` command before a stage starts, instead of an ``OSError`` from its first ``mkdir``."""

@@ -37,7 +37,9 @@ from .runfolder import (  # noqa: F401  (the trace readers' old home)
     TracesFolder,
     checked_manifest,
     claim,
+    drop_torn_tail,
     load_traces,
+    read_jsonl,
     read_shard,
     read_shards,
     shard_counts,
@@ -170,6 +172,7 @@ def _finished_state(out: Path) -> tuple[set[str], set[str], int]:
             stale.unlink()
     for tmp in out.glob("*/.part-*.tmp"):
         tmp.unlink()
+    drop_torn_tail(folder.errors)  # the rerun appends to it
     done: set[str] = set()
     for p in sample_parts:
         done.update(read_shard(p, columns=["id"]).column("id").to_pylist())
@@ -182,7 +185,7 @@ def _read_errors(out: Path) -> list[dict[str, Any]]:
     path = TracesFolder(out).errors
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [record for _, record in read_jsonl(path)]
 
 
 def _sample_record(sample: dict[str, Any], row: dict[str, Any], teacher: str, verified: bool) -> dict[str, Any]:

@@ -92,6 +92,8 @@ def test_bad_json_line_names_file_and_line(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(DataError, match="dataset file not found"):
         data.load_prompts(DataConfig(source=str(tmp_path / "none.jsonl")))
+    with pytest.raises(DataError, match=r"data.source: .* is a folder: name its files, or a glob of them"):
+        data.load_prompts(DataConfig(source=str(tmp_path)))
 
 
 def response_text(tok, pair):

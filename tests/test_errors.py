@@ -391,3 +391,20 @@ def test_a_model_folder_without_weights_is_one_line_before_any_engine_starts(tmp
     assert code == 2 and f"model folder {folder} holds no weights" in one_error_line(err)
     code, err = run_cli(capsys, "eval", write_config(tmp_path), "--model", folder)
     assert code == 2 and f"model folder {folder} holds no weights" in one_error_line(err)
+
+
+def test_a_torn_last_line_of_errors_jsonl_is_redone_and_a_bad_one_elsewhere_named(tmp_path, capsys):
+    rows = [{"id": "a", "prompt": "1+1?", "answer": "2", "trace": "The answer is 2."},
+            {"id": "b", "prompt": "2+2?", "answer": "4", "trace": ""}]
+    src = tmp_path / "t.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = write_config(tmp_path, data={"source": str(src)}, traces={"response_field": "trace"})
+    assert run_cli(capsys, "traces", cfg)[0] == 0
+    errors = tmp_path / "runs" / "bad" / "traces" / "errors.jsonl"
+    line = errors.read_text()
+    errors.write_text(line[: len(line) // 2])  # killed mid-write: prompt b's final error is lost, so b is redone
+    code, err = run_cli(capsys, "traces", cfg)
+    assert code == 0 and "1 to import" in err, err
+    errors.write_text("{oops\n" + errors.read_text())
+    code, err = run_cli(capsys, "traces", cfg)
+    assert code == 2 and f"{errors}:1: not valid JSON" in one_error_line(err)
