@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Union
 
-from .config import DataConfig, is_template_text
+from .config import DataConfig, TracesConfig, is_template_text
 from .errors import DataError
 
 ARITH_SOURCE = "builtin:arith"
@@ -491,6 +491,18 @@ def _apply_template(tokenizer, messages: list[dict[str, str]], chat_template: Ch
 def uses_template(tokenizer, chat_template: ChatTemplate) -> bool:
     """Whether prompts are rendered with a chat template: one given, or the model's own when it has one."""
     return isinstance(chat_template, str) or bool(chat_template and tokenizer.chat_template)
+
+
+def chat_options(traces: TracesConfig, evaluation: bool = False) -> dict[str, Any]:
+    """``chat_template`` / ``chat_template_kwargs`` for ``render_prompt``, ``tokenize_pair``,
+    ``tokenize_traces`` and ``GenerationSpec``, from ``traces.*``: as set for the teacher's traces, the
+    student's training pairs and the probe's sampling of train prompts; for an evaluation (of any model)
+    each model's own template unless ``traces.chat_template`` names one (``false`` stays a training
+    choice), with the same variables."""
+    template = traces.chat_template
+    if evaluation and not isinstance(template, str):
+        template = True
+    return {"chat_template": template, "chat_template_kwargs": traces.chat_template_kwargs}
 
 
 def render_prompt(tokenizer, prompt: str | list[dict[str, str]], *, system_prompt: str | None = None,

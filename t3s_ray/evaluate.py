@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import BenchmarkConfig, ConfigError, EvalConfig, RunConfig, load_benchmark
-from .data import ARITH_SOURCE, LAB_SOURCE, DataError, arith_rows, normalize_rows, read_records
+from .data import ARITH_SOURCE, LAB_SOURCE, DataError, arith_rows, chat_options, normalize_rows, read_records
 from .runfolder import EvalFolder, RunLayout, changed_keys, claim, flatten, read_json, read_jsonl, stage_settings
 from .stats import mean_ci, paired_difference
 from .verify import LETTERS, get_verifier, score_counts
@@ -70,15 +70,6 @@ def bench_verifier(bench: BenchmarkConfig):
     """The benchmark's verifier; a ``choice`` benchmark's reads exactly its declared options (the
     ``choice_fields``, or ``num_choices`` letters; A-D when it declares neither)."""
     return get_verifier(bench.verifier, choices=len(bench.choice_fields) or bench.num_choices)
-
-
-def eval_chat(cfg: RunConfig) -> dict[str, Any]:
-    """How the evaluation renders prompts: each model's own chat template, or the one
-    ``traces.chat_template`` names (the template the student was trained with), with
-    ``traces.chat_template_kwargs``. ``chat_template: false`` leaves the evaluation on the models' own."""
-    t = cfg.traces
-    return {"chat_template": t.chat_template if isinstance(t.chat_template, str) else True,
-            "chat_template_kwargs": t.chat_template_kwargs}
 
 
 def benchmark_rows(bench: BenchmarkConfig, limit: int | None = None) -> list[dict[str, Any]]:
@@ -203,7 +194,7 @@ def evaluate(cfg: RunConfig, model_ref: str | None = None, label: str | None = N
         spec = GenerationSpec(who.with_weights(model_ref), engine_here, sampling, system_prompt=bench.system_prompt,
                               sampler="diffusion" if diffusion else "ar", diffusion_steps=ev.diffusion_steps,
                               diffusion_block_length=ev.diffusion_block_length, mask_token=cfg.student.mask_token,
-                              **eval_chat(cfg))
+                              **chat_options(cfg.traces, evaluation=True))
         start = time.time()
         counts, errors, tokens, per_problem, timeouts = [], [], 0, {}, 0
         answers = {r["id"]: r["answer"] for r in rows}

@@ -297,7 +297,7 @@ def eval_settings(cfg: RunConfig, model_ref: str, model_dtype: str) -> dict[str,
     # hub id is its name.
     weights = weights_fingerprint(model_ref)
     model = {"model": model_ref} if weights == model_ref else {"model.weights": weights}
-    # The prompts as rendered (evaluate.eval_chat): the template and variables traces.* names, if any.
+    # The prompts as rendered (data.chat_options): the template and variables traces.* names, if any.
     chat = chat_settings({k: cfg.to_dict()["traces"][k] for k in ("chat_template", "chat_template_kwargs")})
     chat["chat_template"] = chat["chat_template"] if isinstance(chat["chat_template"], str) else None
     return {**flatten("eval", ev), **seeding("eval", cfg.engine("eval")), **model, "model.dtype": model_dtype,

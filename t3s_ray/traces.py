@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from .cluster import ray_session
 from .config import ConfigError, RunConfig
-from .data import Conversation, DataError, load_prompts
+from .data import Conversation, DataError, chat_options, load_prompts
 from .generate import GenerationSpec, generate_and_verify
 from .runfolder import (  # noqa: F401  (the trace readers' old home)
     RunLayout,
@@ -80,8 +80,7 @@ def generation_spec(cfg: RunConfig) -> GenerationSpec:
     if t.engine.backend == "openai":
         endpoint, api_key = dataclasses.asdict(t.endpoint), endpoint_key(cfg)
     return GenerationSpec(cfg.teacher, cfg.engine("traces"), cfg.sampling("traces"), topk_logprobs=t.topk_logprobs,
-                          chat_template=t.chat_template, chat_template_kwargs=t.chat_template_kwargs,
-                          system_prompt=cfg.data.system_prompt, endpoint=endpoint, api_key=api_key)
+                          system_prompt=cfg.data.system_prompt, endpoint=endpoint, api_key=api_key, **chat_options(t))
 
 
 def endpoint_key(cfg: RunConfig):
