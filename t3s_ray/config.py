@@ -1200,10 +1200,22 @@ class RunConfig:
         """Stable short hash of the given sections (all when none), to tell runs apart. The stage
         sections count under their flat keys (``flat_section``): the same settings, the same hash as
         before they had engine and sampling sections."""
-        d = {s: flat_section(s, v) if s in FLAT_KEYS else v for s, v in self.to_dict().items()}
+        values, defaults = self.to_dict(), RunConfig().to_dict()
+        for section, keys in HASH_OMITS_AT_DEFAULT.items():
+            values[section] = {k: v for k, v in values[section].items()
+                               if not (k in keys and v == defaults[section][k])}
+        d = {s: flat_section(s, v) if s in FLAT_KEYS else v for s, v in values.items()}
         if sections:
             d = {s: d[s] for s in sections}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# Keys added since manifests began to record ``RunConfig.hash``: left out of it while at their
+# defaults, so that a config that does not use them hashes as it did before they existed.
+HASH_OMITS_AT_DEFAULT = {
+    "data": ("data_files", "revision", "streaming"),
+    "traces": ("messages_field", "message_role_key", "message_content_key", "message_roles", "chat_template_kwargs"),
+}
 
 
 # --------------------------------------------------------------------------------------------

@@ -57,7 +57,9 @@ def test_every_flat_key_has_a_home_and_the_defaults_read_in_the_old_order():
         for old, now in keys.items():
             assert config._key_path_problem(config.RunConfig, [section, *now.split(".")]) in (
                 None, "names a whole section, not a value"), f"{section}.{old}"  # traces.endpoint: a section
-        assert list(config.flat_section(section, defaults[section])) == list(keys)  # nothing added since
+        flat = list(config.flat_section(section, defaults[section]))
+        assert flat[:len(keys)] == list(keys)  # the keys of before first, in their order; keys added since follow
+        assert set(flat[len(keys):]) <= set(config.HASH_OMITS_AT_DEFAULT.get(section, ()))
 
 
 def test_a_key_written_both_ways_is_one_error_line(tmp_path, capsys):
@@ -212,6 +214,9 @@ def test_the_hash_a_manifest_records_is_the_one_of_before():
     cfg = config.from_dict({"traces": {"engine": {"backend": "vllm", "engine_kwargs": {"tensor_parallel_size": 2},
                                                   "num_gpus_per_actor": 2}, "sampling": {"samples": 3}}})
     assert (cfg.hash("teacher", "data", "traces"), cfg.hash()) == ("806eead9f473", "90f2c379b1ca")
+    # A key added since counts once it is set.
+    assert config.from_dict({"data": {"revision": "v2"}}).hash("teacher", "data", "traces") != "09748414c96e"
+    assert config.from_dict({"traces": {"chat_template_kwargs": {"enable_thinking": False}}}).hash() != "8d120090132d"
 
 
 def test_one_rule_for_the_gpus_of_an_engine():
