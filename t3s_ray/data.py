@@ -143,7 +143,7 @@ def local_files(source: str, data_files: str | list[str] | None = None) -> tuple
     if data_files:
         if source not in set(FILE_FORMATS.values()):
             return None  # files inside a hub repository
-        patterns, key = [data_files] if isinstance(data_files, str) else list(data_files), "data.data_files"
+        patterns, key = _as_list(data_files), "data.data_files"
     else:
         path = Path(source).expanduser()
         if not (file_format(source) or _GLOB.search(source) or path.exists()):
@@ -276,6 +276,10 @@ def read_records(source: str, split: str = "train", subset: str | None = None, *
                                                            data_files=data_files)]
     except Exception as e:  # the hub client raises many types; name the dataset either way
         raise DataError(f"could not load {what} (split {split!r}): {type(e).__name__}: {e}") from None
+
+
+def _as_list(value: str | list[str]) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
 
 
 def _listing(items: Iterable[Any], limit: int = 10) -> str:
@@ -427,7 +431,8 @@ def load_prompts(cfg: DataConfig, split: str | None = None, extra_fields: dict[s
     else:
         records = read_records(cfg.source, split, cfg.subset, data_files=cfg.data_files, revision=cfg.revision,
                                limit=cfg.limit, streaming=cfg.streaming)
-        rows = normalize_rows(records, source=cfg.source, id_field=cfg.id_field, prompt_field=cfg.prompt_field,
+        where = cfg.source if not cfg.data_files else f"{cfg.source} ({_listing(_as_list(cfg.data_files), 3)})"
+        rows = normalize_rows(records, source=where, id_field=cfg.id_field, prompt_field=cfg.prompt_field,
                               answer_field=cfg.answer_field, extra_fields=extra_fields, on_empty=on_empty,
                               conversation=conversation)
     if cfg.limit is not None:

@@ -181,7 +181,8 @@ def test_globs_and_lists_of_files_read_as_one_dataset_in_order(tmp_path):
     with pytest.raises(DataError, match=r"data.source is 'csv' but data.data_files are parquet files"):
         data.load_prompts(DataConfig(source="csv", data_files=str(tmp_path / "part-0.parquet")))
     # Two files, one id twice: the duplicate is named across them.
-    with pytest.raises(DataError, match=r"duplicate id\(s\) in column 'id': 'a' at rows \[0, 1\]"):
+    with pytest.raises(DataError, match=r"json \(.*more.jsonl, .*x.jsonl\): duplicate id\(s\) in column 'id': 'a' at "
+                                        r"rows \[0, 1\]"):
         data.load_prompts(DataConfig(source="json", data_files=[str(tmp_path / "more.jsonl"),
                                                                 str(write_shape(tmp_path / "x.jsonl", ROWS))]))
 
