@@ -931,6 +931,7 @@ class BenchmarkConfig:
             file or a glob of them, ``builtin:arith`` or ``builtin:lab``.
         split: Dataset split.
         subset: Hub dataset configuration name (empty: the default).
+        revision: Hub dataset revision (branch, tag or commit; empty: the default branch).
         size: ``builtin:arith`` / ``builtin:lab`` only: how many problems to draw.
         steps: ``builtin:arith`` only: additions/subtractions per problem (as ``data.builtin_steps``).
         id_field: Column with a unique problem id (empty: the row number).
@@ -958,6 +959,7 @@ class BenchmarkConfig:
     source: str = ""
     split: str = "test"
     subset: Optional[str] = None
+    revision: Optional[str] = None
     size: int = 100
     steps: int = 1
     id_field: Optional[str] = "id"

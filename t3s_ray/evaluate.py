@@ -86,7 +86,7 @@ def benchmark_rows(bench: BenchmarkConfig, limit: int | None = None) -> list[dic
             row.pop("solution")
     else:
         where = f"benchmark '{bench.name}' ({bench.source})"
-        records = read_records(bench.source, bench.split, bench.subset, limit=limit)
+        records = read_records(bench.source, bench.split, bench.subset, revision=bench.revision, limit=limit)
         extra = {f"choice_{i}": col for i, col in enumerate(bench.choice_fields)}
         rows = normalize_rows(records, source=where, id_field=bench.id_field, prompt_field=bench.prompt_field,
                               answer_field=None if bench.choice_fields else bench.answer_field, extra_fields=extra)

@@ -373,3 +373,17 @@ def test_an_endpoint_gets_the_template_kwargs_only_when_set():
     assert "chat_template_kwargs" not in OpenAIRequester(**common).body(row)
     body = OpenAIRequester(**common, chat_template_kwargs={"enable_thinking": False}).body(row)
     assert body["chat_template_kwargs"] == {"enable_thinking": False}
+
+
+def test_a_benchmark_reads_its_hub_revision_and_only_the_problems_evaluated(monkeypatch):
+    import datasets
+
+    from t3s_ray.config import BenchmarkConfig
+    from t3s_ray.evaluate import benchmark_rows
+
+    hub = FakeHub([{"id": str(i), "problem": f"q{i}", "answer": str(i)} for i in range(30)])
+    monkeypatch.setattr(datasets, "load_dataset", hub)
+    bench = BenchmarkConfig(name="aime", source="org/aime", split="train", revision="r1")
+    assert [r["id"] for r in benchmark_rows(bench, limit=4)] == ["0", "1", "2", "3"]
+    assert hub.calls == [{"path": "org/aime", "name": None, "split": "train[:4]", "revision": "r1",
+                          "data_files": None}]
