@@ -179,3 +179,16 @@ def test_the_new_data_and_template_keys_enter_the_fingerprints_only_when_set(tmp
     assert ev["traces.chat_template"] is None and ev["traces.chat_template_kwargs"] is None
     assert changed_keys(ev, settings("eval", traces={"chat_template_kwargs": {"enable_thinking": False}})) == \
         ["traces.chat_template_kwargs"]
+
+
+def test_an_unreadable_settings_file_is_named(tmp_path):
+    from t3s_ray.errors import DataError
+    from t3s_ray.runfolder import claim
+
+    folder = tmp_path / "traces"
+    claim(folder, "traces", {"a": 1})
+    (folder / "traces").mkdir()
+    (folder / "traces" / "part-00000.parquet").write_bytes(b"")  # output: the settings are checked
+    (folder / "settings.json").write_text('{"stage": "traces", "settings": {"a": ')
+    with pytest.raises(DataError, match=r"settings.json: the traces stage's settings cannot be read"):
+        claim(folder, "traces", {"a": 1})
