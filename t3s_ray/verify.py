@@ -135,6 +135,9 @@ def serve() -> None:
     import math_verify  # noqa: F401  (loaded before "ready", so that the first answer's deadline is its own)
 
     signal.signal(signal.SIGALRM, _on_alarm)
+    # Ctrl-C reaches the whole process group: the parent answers it (one line, exit 130); this child
+    # ends when its stdin closes or its parent goes, without a KeyboardInterrupt traceback of its own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     out = sys.stdout
     out.write("ready\n")
     out.flush()
