@@ -138,8 +138,8 @@ def label_of(model_ref: str) -> str:
 
 
 def is_diffusion_model(cfg: RunConfig, model_ref: str) -> bool:
-    """A masked-diffusion model: a ``*ForMaskedLM`` architecture, or the ``kind: dllm`` student (its
-    base ref or a checkpoint of this run) whose remote-code architecture may not say so."""
+    """A masked-diffusion model: a diffusion LM's config (``*ForMaskedLM``, LLaDA, LLaDA2), or the
+    ``kind: dllm`` student (its base ref or a checkpoint of this run) whose config may not say so."""
     from .models import declares_masked_lm, resolve
 
     if declares_masked_lm(model_ref):
@@ -193,7 +193,9 @@ def evaluate(cfg: RunConfig, model_ref: str | None = None, label: str | None = N
         engine_here = dataclasses.replace(engine, concurrency=max(1, min(engine.concurrency, len(rows))))
         spec = GenerationSpec(who.with_weights(model_ref), engine_here, sampling, system_prompt=bench.system_prompt,
                               sampler="diffusion" if diffusion else "ar", diffusion_steps=ev.diffusion_steps,
-                              diffusion_block_length=ev.diffusion_block_length, mask_token=cfg.student.mask_token,
+                              diffusion_block_length=ev.diffusion_block_length,
+                              diffusion_threshold=ev.diffusion_threshold,
+                              diffusion_steps_per_block=ev.diffusion_steps_per_block, mask_token=cfg.student.mask_token,
                               **chat_options(cfg.traces, evaluation=True))
         start = time.time()
         counts, errors, tokens, per_problem, timeouts = [], [], 0, {}, 0
