@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, RunConfig
-from .data import DataError, tokenize_traces  # tokenize_traces lives in data.py (no pyarrow); re-exported
+from .data import DataError, chat_options, tokenize_traces  # tokenize_traces lives in data.py (no pyarrow); re-exported
 from .data import trace_prompt as _trace_prompt
 from .protocols import PROTOCOLS
 from .runfolder import RunLayout, TrainFolder, claim, load_traces, read_probe_result, stage_settings
@@ -192,7 +192,7 @@ def run_probe(cfg: RunConfig, examples, prompts, scoring_ref: str, tokenizer_ref
         engine = dataclasses.replace(engine, concurrency=max(1, min(engine.concurrency, len(rows))))
         for step, ref in candidates:
             spec = GenerationSpec(cfg.student.with_weights(ref), engine, cfg.sampling("probe"),
-                                  system_prompt=cfg.data.system_prompt)
+                                  system_prompt=cfg.data.system_prompt, **chat_options(cfg.traces))
             # Train accuracy is avg@k over the train prompts, scored as the evaluation stage scores.
             counts = [(len(samples), sum(s["correct"] for s in samples)) if samples else (p.sampling.samples, 0)
                       for _, samples, _err in generate_and_verify(rows, spec, cfg.traces.verifier,
@@ -236,7 +236,7 @@ def training_inputs(cfg: RunConfig) -> tuple[list[dict[str, Any]], dict[str, lis
         fetch_weights(ref, revision=revision)
     tokenizer = load_tokenizer(cfg.student.ref, trust_remote_code=cfg.student.trust_remote_code)
     examples, skipped = tokenize_traces(traces, tokenizer, system_prompt=cfg.data.system_prompt,
-                                        chat_template=cfg.traces.chat_template, max_seq_len=cfg.data.max_seq_len)
+                                        max_seq_len=cfg.data.max_seq_len, **chat_options(cfg.traces))
     if len(examples) < cfg.train.batch_size:
         raise DataError(f"only {len(examples)} usable traces under {RunLayout(cfg.run_dir).traces.path} but "
                         f"train.batch_size is {cfg.train.batch_size}: lower the batch size or generate more traces")

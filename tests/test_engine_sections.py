@@ -215,6 +215,9 @@ def test_the_hash_a_manifest_records_is_the_one_of_before():
     cfg = config.from_dict({"traces": {"engine": {"backend": "vllm", "engine_kwargs": {"tensor_parallel_size": 2},
                                                   "num_gpus_per_actor": 2}, "sampling": {"samples": 3}}})
     assert (cfg.hash("teacher", "data", "traces"), cfg.hash()) == ("806eead9f473", "6834072a50bf")
+    # The data and traces keys of issue 26 (config.HASH_OMITS_AT_DEFAULT) count once set, not before.
+    assert config.from_dict({"data": {"revision": "v2"}}).hash("teacher", "data", "traces") != "09748414c96e"
+    assert config.from_dict({"traces": {"chat_template_kwargs": {"enable_thinking": False}}}).hash() != "be9904a20099"
 
 
 def test_one_rule_for_the_gpus_of_an_engine():

@@ -216,11 +216,12 @@ def selection_rule(selection: SelectionConfig, is_dllm: bool) -> dict[str, Any]:
 def online_switch(cfg: RunConfig, model_ref: str, prompts: list[dict[str, Any]]) -> OnlineSwitch:
     """The bottleneck switch of ``cfg``'s online protocol: a rank samples the model in training (``model_ref``)
     on the hf backend in its own process, so only the probe's length budget is taken from its engine."""
+    from ..data import chat_options
     from ..generate import GenerationSpec
 
     p = cfg.probe
     generation = GenerationSpec(ModelConfig(ref=model_ref), EngineConfig(max_model_len=cfg.engine("probe").max_model_len),
-                                cfg.sampling("probe"), system_prompt=cfg.data.system_prompt)
+                                cfg.sampling("probe"), system_prompt=cfg.data.system_prompt, **chat_options(cfg.traces))
     return OnlineSwitch(generation, cfg.traces.verifier, tuple(prompts[: p.max_prompts] if p.max_prompts else prompts),
                         p.patience, cfg.selection.rewind)
 
