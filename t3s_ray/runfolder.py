@@ -260,7 +260,8 @@ def read_probe_result(probe_dir: Path) -> dict[str, Any]:
 
 def write_confidences(path: Path, example_ids: list[int], tokens: list, confidences: list) -> None:
     """A ``TrainFolder.confidence_record``: per example its id, and over its target tokens their ids and
-    confidences ``log p(y_t | y_<t, x)``, flat (``lengths`` cuts them). Written whole or not at all."""
+    confidences ``log p(y_t | y_<t, x)``, flat (``lengths`` cuts them): 8 bytes a token (int32 ids,
+    float32 confidences), 6 MB for 48 traces of 16k tokens. Written whole or not at all."""
     import numpy as np
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -268,7 +269,7 @@ def write_confidences(path: Path, example_ids: list[int], tokens: list, confiden
     with open(tmp, "wb") as f:
         np.savez(f, ids=np.asarray(example_ids, dtype=np.int64),
                  lengths=np.asarray([len(t) for t in tokens], dtype=np.int64),
-                 tokens=np.concatenate([np.asarray(t, dtype=np.int64) for t in tokens]),
+                 tokens=np.concatenate([np.asarray(t, dtype=np.int32) for t in tokens]),
                  confidences=np.concatenate([np.asarray(c, dtype=np.float32) for c in confidences]))
     tmp.replace(path)
 
