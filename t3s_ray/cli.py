@@ -173,6 +173,9 @@ def _main(args: argparse.Namespace) -> int:
 
 def _restart_and_run(cfg, args: argparse.Namespace) -> None:
     """``--restart`` (the stages it names are removed first), then the stage."""
+    from .runfolder import check_output_dir
+
+    check_output_dir(cfg)
     if getattr(args, "restart", None):
         from .pipeline import seed_config
         from .runfolder import restart

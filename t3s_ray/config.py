@@ -170,15 +170,26 @@ class DataConfig:
     Attributes:
         source: ``builtin:arith`` (offline arithmetic word problems), ``builtin:lab`` (the
             imitation-shock lab's 1-4-step problems, ``t3s_ray/lab.py``), a local ``.jsonl``,
-            ``.json`` or ``.parquet`` file, or a Hugging Face dataset id.
+            ``.json``, ``.parquet``, ``.csv`` or ``.arrow`` file or a glob of them
+            (``data/part-*.parquet``), a format name (``json``, ``parquet``, ``csv``, ``arrow``) with
+            ``data_files``, or a Hugging Face dataset id. Everything but the builtins is read with
+            ``datasets.load_dataset``.
+        data_files: Several local files or globs read as one dataset, in the order listed (a glob's
+            matches sorted by name), with ``source`` naming their format; with a hub id as
+            ``source``: the files of its repository to read (``data/train-0000*.parquet``).
+        revision: Hub dataset revision (branch, tag or commit) to read.
         split: Split to read (hub datasets and the builtins: ``train`` or ``test``).
         subset: Hub dataset configuration name, if it has several.
+        streaming: Stream a hub dataset instead of downloading it into the ``datasets`` cache:
+            with ``limit``, only the files its first rows need are fetched. Local files are always
+            streamed (read in place, no cache copy); the rows are the same either way.
         id_field: Column holding a unique id per prompt (empty: the row number).
         prompt_field: Column holding the prompt: text, or a list of chat messages.
         answer_field: Column holding the gold answer (empty when there is none).
         system_prompt: System message placed before each prompt when a chat template is used.
         prompt_suffix: Text appended to every prompt (for example an answer-format instruction).
-        limit: Read at most this many prompts (empty: all).
+        limit: Read at most this many prompts, the first ones (empty: all); the rows after them are
+            never read into memory (a hub split is sliced, local files stop being read).
         builtin_size: Number of prompts per split of ``builtin:arith`` / ``builtin:lab``.
         builtin_seed: Seed of ``builtin:arith`` / ``builtin:lab``.
         builtin_steps: Additions/subtractions per ``builtin:arith`` problem (1: "Ana has 7 coins.
@@ -197,8 +208,11 @@ class DataConfig:
     """
 
     source: str = "builtin:arith"
+    data_files: Optional[Union[str, list[str]]] = None
+    revision: Optional[str] = None
     split: str = "train"
     subset: Optional[str] = None
+    streaming: bool = False
     id_field: Optional[str] = "id"
     prompt_field: str = "prompt"
     answer_field: Optional[str] = "answer"
@@ -217,6 +231,9 @@ class DataConfig:
         errs = []
         if not self.source.strip():
             errs.append(("source", "must not be empty"))
+        if self.data_files is not None and (not self.data_files or self.source.startswith("builtin:")):
+            errs.append(("data_files", "needs a format name (json, parquet, csv, arrow) or a hub id as data.source"
+                         if self.data_files else "must name at least one file or glob"))
         if self.limit is not None and self.limit < 1:
             errs.append(("limit", "must be >= 1"))
         for name in ("builtin_size", "builtin_steps"):
@@ -533,27 +550,55 @@ class _FlatKeyReads:
         super().__setattr__(name, value)
 
 
+def is_template_text(value: str) -> bool:
+    """Whether ``traces.chat_template``'s string is the Jinja template itself, not a file name."""
+    return "{%" in value or "{{" in value
+
+
 @dataclass
 class TracesConfig(_FlatKeyReads):
     """Stage 1: sampling, verifying and keeping teacher traces.
 
     Attributes:
         source: ``generate`` samples traces from the teacher; ``dataset`` imports traces that the
-            dataset already holds (column ``response_field``).
+            dataset already holds (column ``response_field``, or the conversations of
+            ``messages_field``).
         response_field: For ``source: dataset``: the column holding the trace text.
         reasoning_field: For ``source: dataset``: a column holding the teacher's thinking that goes
             before ``response_field`` (s1K's ``deepseek_thinking_trajectory``); the trace becomes
             ``<think>\n{thinking}\n</think>\n\n{response}``, the layout Qwen3's chat template
-            renders (an OpenAI endpoint's ``reasoning_content`` is joined the same way).
+            renders (an OpenAI endpoint's ``reasoning_content`` is joined the same way). With
+            ``messages_field``: the key of the assistant message that holds its thinking (empty:
+            ``reasoning_content`` or ``reasoning`` where a message has one). A ``<think>`` block
+            inside the text is kept as it is, either way.
+        messages_field: For ``source: dataset``: a column holding each row's conversation, a list of
+            messages (OpenAI ``role`` / ``content``, or ShareGPT ``from`` / ``value`` with ``human``
+            / ``gpt``: OpenThoughts, Bespoke-Stratos, Mixture-of-Thoughts): the last assistant turn
+            is the trace, the turns before it the prompt (``data.prompt_field`` is not read).
+        message_role_key: With ``messages_field``: the key of a message's role (empty: ``role``, else
+            ``from``).
+        message_content_key: With ``messages_field``: the key of a message's text (empty: ``content``,
+            else ``value``).
+        message_roles: With ``messages_field``: the dataset's role names mapped to ``system``,
+            ``user`` and ``assistant`` (empty: ``human`` and ``user`` are the user, ``gpt`` and
+            ``assistant`` the assistant, ``system`` the system).
         endpoint: The server of ``engine.backend: openai``.
         engine: How the teacher is run: backend, actors, GPUs. A traces folder resumes under other
             values (``seed_requests`` aside).
         sampling: How the teacher samples: traces per prompt, temperature, top-p, length, seed.
-        chat_template: Format prompts with the teacher's chat template.
+        chat_template: How prompts are rendered, for the teacher's traces, the student's training
+            pairs and the evaluation: ``true``, each model's own chat template; ``false``, none (the
+            raw prompt text; the evaluation still uses the model's template); or a Jinja chat
+            template used instead of every model's own: a file (``templates/qwen3.jinja``) or the
+            template text itself (a string holding ``{%`` or ``{{``). With ``engine.backend:
+            openai`` the server renders prompts with its own template: only ``true`` applies.
+        chat_template_kwargs: Variables passed to every chat-template rendering (the teacher's, the
+            training pairs', the evaluation's; sent as ``chat_template_kwargs`` to an OpenAI-compatible
+            server, which vLLM and SGLang read), e.g. ``{enable_thinking: false}`` for Qwen3.
         topk_logprobs: Also store the teacher's top-k log-probabilities per generated token
             (0: off), for top-k distillation.
         verifier: How a trace is checked against the gold answer: ``math``, ``exact``,
-            ``choice`` (A-D) or ``none``.
+            ``choice`` (a letter A-D) or ``none``.
         keep: Which verified traces are kept: ``one_correct_random`` (the paper's: one correct
             trace per prompt, chosen with the seed), ``all_correct`` or ``all``.
     """
@@ -563,18 +608,40 @@ class TracesConfig(_FlatKeyReads):
     source: Literal["generate", "dataset"] = "generate"
     response_field: Optional[str] = None
     reasoning_field: Optional[str] = None
+    messages_field: Optional[str] = None
+    message_role_key: Optional[str] = None
+    message_content_key: Optional[str] = None
+    message_roles: Optional[dict[str, str]] = None
     endpoint: EndpointConfig = field(default_factory=EndpointConfig)
     engine: TracesEngineConfig = field(default_factory=TracesEngineConfig)
     sampling: TracesSamplingConfig = field(default_factory=TracesSamplingConfig)
-    chat_template: bool = True
+    chat_template: Union[bool, str] = True
+    chat_template_kwargs: Optional[dict[str, Any]] = None
     topk_logprobs: int = 0
     verifier: Literal["math", "exact", "choice", "none"] = "math"
     keep: Literal["one_correct_random", "all_correct", "all"] = "one_correct_random"
 
     def check(self) -> list[tuple[str, str]]:
         errs = []
-        if self.source == "dataset" and not self.response_field:
-            errs.append(("response_field", "is required when source is 'dataset'"))
+        if self.source == "dataset" and not (self.response_field or self.messages_field):
+            errs.append(("response_field", "is required when source is 'dataset' (or messages_field)"))
+        if self.response_field and self.messages_field:
+            errs.append(("messages_field", "takes the trace from the conversation: leave response_field empty"))
+        if self.messages_field and self.source != "dataset":
+            errs.append(("messages_field", "only applies with source: dataset"))
+        for key in ("message_role_key", "message_content_key", "message_roles"):
+            if getattr(self, key) and not self.messages_field:
+                errs.append((key, "only applies with messages_field"))
+        bad_roles = sorted({r for r in (self.message_roles or {}).values()} - {"system", "user", "assistant"})
+        if bad_roles:
+            errs.append(("message_roles", f"maps to {', '.join(bad_roles)}: each must map to system, user or assistant"))
+        if isinstance(self.chat_template, str):
+            if self.engine.backend == "openai" and self.source == "generate":
+                errs.append(("chat_template", "a template of your own does not reach the server of engine.backend: "
+                             "openai, which renders prompts with its own (use true)"))
+            elif not is_template_text(self.chat_template) and not Path(self.chat_template).expanduser().is_file():
+                errs.append(("chat_template", f"{self.chat_template!r} is neither true/false, a template file that "
+                             "exists, nor template text (with {% or {{)"))
         if self.topk_logprobs < 0:
             errs.append(("topk_logprobs", "must be >= 0"))
         if self.engine.max_model_len <= self.sampling.max_tokens:
@@ -901,10 +968,11 @@ class BenchmarkConfig:
 
     Attributes:
         name: Name in score tables (unique within a run).
-        source: Hub dataset id, a local ``.jsonl`` / ``.json`` / ``.parquet`` file, ``builtin:arith``
-            or ``builtin:lab``.
+        source: Hub dataset id, a local ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` / ``.arrow``
+            file or a glob of them, ``builtin:arith`` or ``builtin:lab``.
         split: Dataset split.
         subset: Hub dataset configuration name (empty: the default).
+        revision: Hub dataset revision (branch, tag or commit; empty: the default branch).
         size: ``builtin:arith`` / ``builtin:lab`` only: how many problems to draw.
         steps: ``builtin:arith`` only: additions/subtractions per problem (as ``data.builtin_steps``).
         id_field: Column with a unique problem id (empty: the row number).
@@ -912,11 +980,16 @@ class BenchmarkConfig:
         answer_field: Column with the gold answer (unused with ``choice_fields``).
         choice_fields: Multiple choice built from option columns, the correct option first: the
             options are shown as A, B, C, ... in an order shuffled per problem (seeded by its id)
-            and the gold answer is the correct option's letter.
+            and the gold answer is the correct option's letter. The ``choice`` verifier reads
+            exactly these letters (2 to 26 options: A-B up to A-Z).
+        num_choices: With ``verifier: choice`` and ``answer_field`` holding the gold letter: how
+            many options each problem offers, A, B, ... (2 to 26; empty: 4, A-D). The verifier reads
+            only those letters: another letter in an answer is no answer.
         system_prompt: System message (empty: none).
         prompt_template: The user turn; ``{prompt}`` is replaced by the problem and ``{choices}``
             by the lettered options.
-        verifier: ``math``, ``exact`` or ``choice``.
+        verifier: ``math``, ``exact`` or ``choice`` (a letter among the declared options:
+            ``choice_fields`` or ``num_choices``).
         samples: This benchmark's k (empty: ``eval.sampling.samples``).
         temperature: This benchmark's sampling temperature (empty: ``eval.sampling.temperature``).
         top_p: This benchmark's nucleus threshold (empty: ``eval.sampling.top_p``).
@@ -927,12 +1000,14 @@ class BenchmarkConfig:
     source: str = ""
     split: str = "test"
     subset: Optional[str] = None
+    revision: Optional[str] = None
     size: int = 100
     steps: int = 1
     id_field: Optional[str] = "id"
     prompt_field: str = "problem"
     answer_field: Optional[str] = "answer"
     choice_fields: list[str] = field(default_factory=list)
+    num_choices: Optional[int] = None
     system_prompt: Optional[str] = None
     prompt_template: str = "{prompt}"
     verifier: Literal["math", "exact", "choice"] = "math"
@@ -960,6 +1035,13 @@ class BenchmarkConfig:
             errs.append(("verifier", "must be 'choice' with choice_fields"))
         if not self.choice_fields and not self.answer_field:
             errs.append(("answer_field", "is required (or choice_fields)"))
+        if self.num_choices is not None:
+            if self.verifier != "choice":
+                errs.append(("num_choices", "only applies with verifier: choice"))
+            elif self.choice_fields:
+                errs.append(("num_choices", f"comes from choice_fields ({len(self.choice_fields)} options): leave it empty"))
+            elif not 2 <= self.num_choices <= 26:
+                errs.append(("num_choices", "must be 2 to 26 (A-B up to A-Z)"))
         for name in ("samples", "max_tokens"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 errs.append((name, "must be >= 1"))
@@ -1161,10 +1243,23 @@ class RunConfig:
         """Stable short hash of the given sections (all when none), to tell runs apart. The stage
         sections count under their flat keys (``flat_section``): the same settings, the same hash as
         before they had engine and sampling sections."""
-        d = {s: flat_section(s, v) if s in FLAT_KEYS else v for s, v in self.to_dict().items()}
+        values, defaults = self.to_dict(), RunConfig().to_dict()
+        for section, keys in HASH_OMITS_AT_DEFAULT.items():
+            values[section] = {k: v for k, v in values[section].items()
+                               if not (k in keys and v == defaults[section][k])}
+        d = {s: flat_section(s, v) if s in FLAT_KEYS else v for s, v in values.items()}
         if sections:
             d = {s: d[s] for s in sections}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# Keys added since manifests began to record ``RunConfig.hash``: left out of it while at their
+# defaults, so that a config that does not use them hashes as it did before they existed.
+HASH_OMITS_AT_DEFAULT = {
+    "data": ("data_files", "revision", "streaming"),
+    "traces": ("messages_field", "message_role_key", "message_content_key", "message_roles", "chat_template_kwargs"),
+    "student": ("dllm_attention", "block_size", "eos_fill"),
+}
 
 
 @dataclass(frozen=True)

@@ -33,13 +33,10 @@ from pathlib import Path
 from typing import Any
 
 from .config import BenchmarkConfig, ConfigError, EvalConfig, RunConfig, load_benchmark
-from .data import ARITH_SOURCE, LAB_SOURCE, DataError, arith_rows, normalize_rows, read_records
-from .runfolder import EvalFolder, RunLayout, changed_keys, claim, flatten, stage_settings
+from .data import ARITH_SOURCE, LAB_SOURCE, DataError, arith_rows, chat_options, normalize_rows, read_records
+from .runfolder import EvalFolder, RunLayout, changed_keys, claim, flatten, read_json, read_jsonl, stage_settings
 from .stats import mean_ci, paired_difference
-from .verify import score_counts
-
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-
+from .verify import LETTERS, get_verifier, score_counts
 
 # --------------------------------------------------------------------------------------------
 # Benchmarks: definitions -> prompt rows with gold answers
@@ -69,6 +66,12 @@ def _shuffled_choices(options: list[str], problem_id: str) -> tuple[list[str], s
     return [options[i] for i in order], LETTERS[order.index(0)]
 
 
+def bench_verifier(bench: BenchmarkConfig):
+    """The benchmark's verifier; a ``choice`` benchmark's reads exactly its declared options (the
+    ``choice_fields``, or ``num_choices`` letters; A-D when it declares neither)."""
+    return get_verifier(bench.verifier, choices=len(bench.choice_fields) or bench.num_choices)
+
+
 def benchmark_rows(bench: BenchmarkConfig, limit: int | None = None) -> list[dict[str, Any]]:
     """The benchmark's problems as prompt rows ``{id, prompt, answer}``, rendered with its template."""
     if bench.source in (ARITH_SOURCE, LAB_SOURCE):
@@ -83,7 +86,7 @@ def benchmark_rows(bench: BenchmarkConfig, limit: int | None = None) -> list[dic
             row.pop("solution")
     else:
         where = f"benchmark '{bench.name}' ({bench.source})"
-        records = read_records(bench.source, bench.split, bench.subset)
+        records = read_records(bench.source, bench.split, bench.subset, revision=bench.revision, limit=limit)
         extra = {f"choice_{i}": col for i, col in enumerate(bench.choice_fields)}
         rows = normalize_rows(records, source=where, id_field=bench.id_field, prompt_field=bench.prompt_field,
                               answer_field=None if bench.choice_fields else bench.answer_field, extra_fields=extra)
@@ -168,7 +171,7 @@ def evaluate(cfg: RunConfig, model_ref: str | None = None, label: str | None = N
     claim(out, "eval", stage_settings("eval", cfg, model_ref, who.dtype),
           new_folder="another --label (or a new `name`)")
     scores_path, samples_path = folder.scores, folder.samples
-    previous = json.loads(scores_path.read_text()) if scores_path.exists() else {}
+    previous = read_json(scores_path, "evaluation's scores") if scores_path.exists() else {}
     done = previous.get("benchmarks", {})
     results: dict[str, Any] = {}
     for bench in benches:
@@ -192,12 +195,13 @@ def evaluate(cfg: RunConfig, model_ref: str | None = None, label: str | None = N
                               sampler="diffusion" if diffusion else "ar", diffusion_steps=ev.diffusion_steps,
                               diffusion_block_length=ev.diffusion_block_length,
                               diffusion_threshold=ev.diffusion_threshold,
-                              diffusion_steps_per_block=ev.diffusion_steps_per_block, mask_token=cfg.student.mask_token)
+                              diffusion_steps_per_block=ev.diffusion_steps_per_block, mask_token=cfg.student.mask_token,
+                              **chat_options(cfg.traces, evaluation=True))
         start = time.time()
-        counts, errors, tokens, per_problem = [], [], 0, {}
+        counts, errors, tokens, per_problem, timeouts = [], [], 0, {}, 0
         answers = {r["id"]: r["answer"] for r in rows}
         lines = []
-        for pid, samples, err in generate_and_verify(rows, spec, bench.verifier, label=f"eval {bench.name}"):
+        for pid, samples, err in generate_and_verify(rows, spec, bench_verifier(bench), label=f"eval {bench.name}"):
             if samples is None:
                 errors.append(err)
                 counts.append((k, 0))  # a problem that could not be answered is scored wrong, and listed
@@ -205,6 +209,7 @@ def evaluate(cfg: RunConfig, model_ref: str | None = None, label: str | None = N
                 continue
             counts.append((len(samples), sum(s["correct"] for s in samples)))
             per_problem[pid] = counts[-1][1] / counts[-1][0]
+            timeouts += sum(s["verify_timed_out"] for s in samples)
             for s in samples:
                 tokens += len(s["token_ids"])
                 lines.append({"benchmark": bench.name, "id": pid, "sample_index": s["sample_index"],
@@ -219,7 +224,8 @@ def evaluate(cfg: RunConfig, model_ref: str | None = None, label: str | None = N
         results[bench.name] = {**score_counts(counts, ev.pass_k), "avg@k_stderr": spread["stderr"],
                                "avg@k_ci95": spread["ci95"], "k": k, "n": len(counts), "samples": len(lines),
                                "errors": len(errors), "error_list": errors[:50], "tokens": tokens,
-                               "seconds": round(seconds, 1), "verifier": bench.verifier, "definition": definition,
+                               "seconds": round(seconds, 1), "verifier": bench.verifier, "verify_timeouts": timeouts,
+                               "definition": definition,
                                "per_problem": dict(sorted(per_problem.items()))}
         _write_scores(scores_path, model_ref, label, results)
     scores = _write_scores(scores_path, model_ref, label, results)
@@ -232,7 +238,7 @@ def evaluate(cfg: RunConfig, model_ref: str | None = None, label: str | None = N
 def _drop_samples(path: Path, bench_name: str) -> None:
     if not path.exists():
         return
-    kept = [ln for ln in path.read_text().splitlines(keepends=True) if json.loads(ln)["benchmark"] != bench_name]
+    kept = [line for line, record in read_jsonl(path) if record["benchmark"] != bench_name]
     path.write_text("".join(kept))
 
 
@@ -300,7 +306,9 @@ def run_eval(cfg: RunConfig, model_ref: str | None = None, label: str | None = N
     """The ``t3s eval`` stage: evaluate ``model_ref`` (default: the run's trained student, else
     ``student.ref``) on every configured benchmark inside a Ray session."""
     from .cluster import ray_session
+    from .models import check_local_weights
 
     resolve_benchmarks(cfg.eval)  # config problems first, before Ray starts
+    check_local_weights(model_and_label(cfg, model_ref, label)[0])
     with ray_session(cfg.ray):
         return evaluate(cfg, model_ref, label)

@@ -587,6 +587,14 @@ def fetch_weights(ref: str, *, revision: str | None = None) -> str:
     return str(folder)
 
 
+def check_local_weights(ref: str) -> None:
+    """A builtin or local model folder must hold weights (``fetch_weights``' check; a hub id is left to
+    the engine that downloads it): the driver checks a teacher or an evaluated model before its
+    engine actors start, where the folder used to fail inside a Ray Data actor."""
+    if Path(resolve(ref)).is_dir():
+        fetch_weights(ref)
+
+
 def mask_token_id(tokenizer, mask_token: str, ref: str) -> int:
     """The id of ``mask_token`` (empty: the tokenizer's own mask token); a ValueError naming the
     model when there is none (an unknown token maps to unk, which would silently train on unk)."""

@@ -274,6 +274,9 @@ def rehearsal_config(cfg: RunConfig, *, backend: str = "auto", out_dir: str = RE
     if not _is_builtin_data(cfg.data.source):
         ed.set("data.source", "builtin:arith")
         ed.set("data.subset", None)
+        for key in ("data_files", "revision"):
+            if getattr(cfg.data, key) is not None:
+                ed.set(f"data.{key}", None)
         notes.append(f"data.source {cfg.data.source}: builtin:arith word problems with gold answers (and worked "
                      "solutions) in its place; the prompts keep data.system_prompt and data.prompt_suffix")
     if ed.get("data.source") in ("builtin:arith", "builtin:lab") and cfg.data.split not in ("train", "test"):
@@ -342,7 +345,12 @@ def rehearsal_config(cfg: RunConfig, *, backend: str = "auto", out_dir: str = RE
             # builtin problems carry one worked solution ("... The answer is N."): the imported trace,
             # joined after itself as the thinking when the config imports a reasoning column too.
             ed.set("traces.response_field", "solution")
-            if tr.reasoning_field:
+            if tr.messages_field:  # its conversations become the problems' solutions (no conversation import)
+                for key in ("messages_field", "message_role_key", "message_content_key", "message_roles",
+                            "reasoning_field"):
+                    if getattr(tr, key) is not None:
+                        ed.set(f"traces.{key}", None)
+            elif tr.reasoning_field:
                 ed.set("traces.reasoning_field", "solution")
     elif tr.engine.backend == "openai":
         ed.set("traces.endpoint.base_url", "http://127.0.0.1:0/v1")  # the stand-in's port, once it listens

@@ -69,7 +69,7 @@ def confidence_trajectories(cfg, run_dir: Path) -> dict[str, Any] | None:
     import torch
 
     from .batching import collate
-    from .data import tokenize_traces
+    from .data import chat_options, tokenize_traces
     from .models import load_model, load_tokenizer
     from .t3s import token_confidence
     from .t3s.selection import select_delta
@@ -83,7 +83,7 @@ def confidence_trajectories(cfg, run_dir: Path) -> dict[str, Any] | None:
     refs = {a["step"]: a["model"] for a in result["accuracies"]}
     tokenizer = load_tokenizer(cfg.student.ref, trust_remote_code=cfg.student.trust_remote_code)
     examples, _ = tokenize_traces(load_traces(run_dir), tokenizer, system_prompt=cfg.data.system_prompt,
-                                  chat_template=cfg.traces.chat_template, max_seq_len=cfg.data.max_seq_len)
+                                  max_seq_len=cfg.data.max_seq_len, **chat_options(cfg.traces))
     examples = examples[:MAX_SCORED_EXAMPLES]
     input_ids, attention, target = collate(examples, list(range(len(examples))), tokenizer.pad_token_id or 0,
                                            torch.device("cpu"))

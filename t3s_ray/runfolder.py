@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, EngineConfig, RunConfig, diffusion_training, flat_section
+from .config import ConfigError, EngineConfig, RunConfig, diffusion_training, flat_section, is_template_text
 from .errors import DataError
 from .protocols import PROTOCOLS
 
@@ -130,7 +130,7 @@ class TrainFolder:
 
     @property
     def checkpoints(self) -> Path:
-        """Checkpoints without Ray (``worker.LocalSession``); Ray Train's go under ``ray_train``."""
+        """Checkpoints without Ray (``training.sessions.LocalSession``); Ray Train's go under ``ray_train``."""
         return self.path / "checkpoints"
 
     @property
@@ -254,12 +254,32 @@ def seeding(stage: str, engine: EngineConfig) -> dict[str, Any]:
     return {} if engine.backend != "vllm" or engine.seed_requests else {f"{stage}.seed_requests": False}
 
 
+def chat_settings(traces: dict[str, Any]) -> dict[str, Any]:
+    """``traces.chat_template`` and the mappings of the traces section as a fingerprint records them:
+    a template file as its path and content hash (an edit in place is another template), a mapping
+    as one JSON value (flattened into keys of its own, one dropped later would read as unchanged:
+    ``changed_keys`` ignores keys only the saved settings have), an empty one as None (as a folder
+    written before the key existed reads)."""
+    out = dict(traces)
+    template = out.get("chat_template")
+    if isinstance(template, str) and not is_template_text(template):
+        path = Path(template).expanduser()
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else "missing"
+        out["chat_template"] = f"{template} (sha256 {digest})"
+    for key in ("chat_template_kwargs", "message_roles"):
+        if key in out:
+            out[key] = json.dumps(out[key], sort_keys=True) if out[key] else None
+    return out
+
+
 def traces_settings(cfg: RunConfig) -> dict[str, Any]:
     """Teacher, prompt data, sampling, verifier and keep policy: what decides which traces are written."""
     d = cfg.to_dict()
     traces = flat_section("traces", {k: v for k, v in d["traces"].items() if k not in _TRACES_OPERATIONAL})
     traces["endpoint"] = {k: v for k, v in traces["endpoint"].items() if k in _ENDPOINT_KEEP}
-    data = {k: v for k, v in d["data"].items() if k != "max_seq_len"}  # a training setting
+    traces = chat_settings(traces)
+    # max_seq_len is a training setting; streaming reads the same rows as a download does.
+    data = {k: v for k, v in d["data"].items() if k not in ("max_seq_len", "streaming")}
     out = {**flatten("data", data), **flatten("traces", traces)}
     if cfg.traces.source == "generate":
         out.update(seeding("traces", cfg.engine("traces")))
@@ -280,7 +300,11 @@ def eval_settings(cfg: RunConfig, model_ref: str, model_dtype: str) -> dict[str,
     # hub id is its name.
     weights = weights_fingerprint(model_ref)
     model = {"model": model_ref} if weights == model_ref else {"model.weights": weights}
-    return {**flatten("eval", ev), **seeding("eval", cfg.engine("eval")), **model, "model.dtype": model_dtype}
+    # The prompts as rendered (data.chat_options): the template and variables traces.* names, if any.
+    chat = chat_settings({k: cfg.to_dict()["traces"][k] for k in ("chat_template", "chat_template_kwargs")})
+    chat["chat_template"] = chat["chat_template"] if isinstance(chat["chat_template"], str) else None
+    return {**flatten("eval", ev), **seeding("eval", cfg.engine("eval")), **model, "model.dtype": model_dtype,
+            **{f"traces.{k}": v for k, v in chat.items()}}
 
 
 def run_settings(cfg: RunConfig) -> dict[str, Any]:
@@ -377,15 +401,34 @@ def traces_folder(run_or_traces_dir: str | Path) -> Path:
     return TracesFolder.of(run_or_traces_dir).path
 
 
+def _shard(path: Path, read):
+    """``read(path)`` of one trace shard; a shard that is no readable parquet file (truncated by a full
+    disk, overwritten, unreadable) is a ``DataError`` naming it and the way out, not pyarrow's traceback."""
+    import pyarrow as pa
+
+    try:
+        return read(path)
+    except (OSError, pa.lib.ArrowException) as e:
+        problem = (str(e).splitlines() or [type(e).__name__])[0]
+        raise DataError(f"{path}: not a readable parquet shard ({problem}); delete it and rerun `t3s traces` with "
+                        "the same config to generate its prompts again (or --restart traces)") from None
+
+
+def read_shard(path: Path, columns: list[str] | None = None):
+    """One trace shard as a pyarrow table (``_shard``'s error when it cannot be read)."""
+    import pyarrow.parquet as pq
+
+    return _shard(path, lambda p: pq.read_table(p, columns=columns))
+
+
 def read_shards(folder: Path, columns: list[str] | None = None):
     """The ``part-*.parquet`` shards of ``folder`` as one pyarrow table, in shard order (None without any)."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     parts = sorted(folder.glob("part-*.parquet"))
     if not parts:
         return None
-    return pa.concat_tables([pq.read_table(p, columns=columns) for p in parts])
+    return pa.concat_tables([read_shard(p, columns) for p in parts])
 
 
 def shard_counts(folder: Path) -> dict[str, dict[str, int]]:
@@ -396,8 +439,68 @@ def shard_counts(folder: Path) -> dict[str, dict[str, int]]:
     out: dict[str, dict[str, int]] = {}
     for kind, shards in (("samples", folder.samples), ("traces", folder.kept)):
         for p in sorted(shards.glob("part-*.parquet")):
-            out.setdefault(p.name, {"samples": -1, "traces": -1})[kind] = pq.ParquetFile(p).metadata.num_rows
+            rows = _shard(p, lambda f: pq.ParquetFile(f).metadata.num_rows)
+            out.setdefault(p.name, {"samples": -1, "traces": -1})[kind] = rows
     return out
+
+
+def read_json(path: Path, what: str) -> Any:
+    """A JSON file the run folder keeps (``what`` it is, for the error): one a crash or an edit left
+    unreadable is a ``DataError`` naming it, not a traceback."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        problem = e.strerror if isinstance(e, OSError) else str(e)
+        raise DataError(f"{path}: the {what} cannot be read ({problem}); restore it, or redo the stage "
+                        "with --restart") from None
+
+
+def read_jsonl(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """``(line, record)`` of each line of a JSON-lines file the run folder appends to (``errors.jsonl``,
+    ``samples.jsonl``). A last line cut short by a crash mid-write is dropped (what it held is redone);
+    a bad line anywhere else is a ``DataError`` naming it."""
+    lines = path.read_text().splitlines(keepends=True)
+    out = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            out.append((line, json.loads(line)))
+        except json.JSONDecodeError as e:
+            if lineno == len(lines) and not line.endswith("\n"):
+                break
+            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); restore the file, or redo the stage "
+                            "with --restart") from None
+    return out
+
+
+def drop_torn_tail(path: Path) -> None:
+    """Cut a JSON-lines file back to its last whole line before appending to it again: a line a crash
+    cut short would otherwise run into the next one written."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        path.write_bytes(data[: data.rfind(b"\n") + 1])
+
+
+def check_output_dir(cfg: RunConfig) -> None:
+    """``output_dir`` (and the run folder in it) must be, or be creatable as, a writable folder: checked
+    by the ``t3s`` command before a stage starts, instead of an ``OSError`` from its first ``mkdir``."""
+    import os
+
+    run_dir = Path(cfg.run_dir).expanduser()
+    for path in (run_dir, *run_dir.parents):
+        if not path.exists():
+            if path.is_symlink():
+                raise ConfigError(f"output_dir {cfg.output_dir}: {path} is a broken link")
+            continue
+        if not path.is_dir():
+            raise ConfigError(f"output_dir {cfg.output_dir}: {path} is a file, not a folder (runs go to "
+                              "output_dir/name): point output_dir at a folder")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ConfigError(f"output_dir {cfg.output_dir}: {path} is not writable by this user")
+        return
 
 
 def checked_manifest(run_or_traces_dir: str | Path) -> dict[str, Any]:
@@ -411,7 +514,7 @@ def checked_manifest(run_or_traces_dir: str | Path) -> dict[str, Any]:
             raise DataError(f"{folder} has trace shards but no manifest.json: the traces stage did not finish; "
                             "rerun `t3s traces` with the same config")
         raise FileNotFoundError(f"no traces under {folder} (run `t3s traces` first)")
-    manifest = json.loads(path.read_text())
+    manifest = read_json(path, "traces manifest")
     listed, present = manifest.get("shards"), shard_counts(folder)
     if listed is None:  # written before shards were recorded
         return manifest
@@ -467,7 +570,7 @@ def claim(folder: Path, stage: str, settings: dict[str, Any], new_folder: str = 
     path = folder / SETTINGS_FILE
     settings = json.loads(json.dumps(settings, default=str))  # as it reads back
     if path.exists() and has_output(folder):
-        saved = json.loads(path.read_text())["settings"]
+        saved = read_json(path, f"{stage} stage's settings")["settings"]
         changed = changed_keys(saved, settings)
         if changed:
             shown = ", ".join(f"{k} ({saved.get(k)!r} -> {settings.get(k)!r})" for k in changed[:6])

@@ -210,12 +210,16 @@ def test_the_hash_a_manifest_records_is_the_one_of_before():
     """``config_hash`` of the defaults and of a vLLM teacher, as the code before the sections computed them."""
     assert config.from_dict({}).hash("teacher", "data", "traces") == "09748414c96e"
     # The whole config's hash (no stage records it) moved when eval gained diffusion_threshold and
-    # diffusion_steps_per_block, and again when student gained dllm_attention, block_size and eos_fill
-    # (issue 24); traces' config_hash above, the one a manifest records, did not.
-    assert config.from_dict({}).hash() == "669c5f412331"
+    # diffusion_steps_per_block (issue 24); traces' config_hash above, the one a manifest records, did not.
+    assert config.from_dict({}).hash() == "be9904a20099"
     cfg = config.from_dict({"traces": {"engine": {"backend": "vllm", "engine_kwargs": {"tensor_parallel_size": 2},
                                                   "num_gpus_per_actor": 2}, "sampling": {"samples": 3}}})
-    assert (cfg.hash("teacher", "data", "traces"), cfg.hash()) == ("806eead9f473", "9fb51fadc8eb")
+    assert (cfg.hash("teacher", "data", "traces"), cfg.hash()) == ("806eead9f473", "6834072a50bf")
+    # The data and traces keys of issue 26 (config.HASH_OMITS_AT_DEFAULT) count once set, not before.
+    assert config.from_dict({"data": {"revision": "v2"}}).hash("teacher", "data", "traces") != "09748414c96e"
+    assert config.from_dict({"traces": {"chat_template_kwargs": {"enable_thinking": False}}}).hash() != "be9904a20099"
+    # The student keys of issue 24 likewise.
+    assert config.from_dict({"student": {"block_size": 16}}).hash() != "be9904a20099"
 
 
 def test_one_rule_for_the_gpus_of_an_engine():

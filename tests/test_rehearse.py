@@ -242,6 +242,19 @@ def test_imported_traces_from_the_hub_become_builtin_worked_solutions():
     assert r.traces.keep == real.traces.keep == "all_correct"
 
 
+def test_imported_conversations_from_hub_files_become_builtin_worked_solutions():
+    import dataclasses
+
+    real = load("qwen3-8b-s1k200.yaml")
+    real.data = dataclasses.replace(real.data, source="open-thoughts/OpenThoughts-114k", revision="main",
+                                    data_files=["data/train-00000-of-00006.parquet"])
+    real.traces = dataclasses.replace(real.traces, response_field=None, reasoning_field=None,
+                                      messages_field="conversations", message_roles={"human": "user", "gpt": "assistant"})
+    r = rehearsal_config(real).config
+    assert (r.data.source, r.data.data_files, r.data.revision) == ("builtin:arith", None, None)
+    assert (r.traces.response_field, r.traces.messages_field, r.traces.message_roles) == ("solution", None, None)
+
+
 def test_benchmarks_from_the_hub_read_builtin_problems_in_their_own_columns(tmp_path):
     from t3s_ray.evaluate import benchmark_rows, resolve_benchmarks
     from t3s_ray.rehearse import write_files

@@ -173,3 +173,54 @@ def test_block_diffusion_keys_are_recorded_resolved_for_a_llada2_student_only(tm
     # driver, when the stage claims its folder (before any worker).
     with pytest.raises(config.ConfigError, match="student.ref builtin:tiny-dllm is not a LLaDA2 model"):
         settings("builtin:tiny-dllm", dllm_attention="block_diffusion")
+
+
+def test_the_new_data_and_template_keys_enter_the_fingerprints_only_when_set(tmp_path):
+    """Keys added since (``data.data_files``, ``data.revision``, ``traces.messages_field``, ...,
+    ``traces.chat_template_kwargs``) read None at their defaults, as a folder written before they
+    existed reads them: such folders resume. Set, they refuse another value, and dropping them again
+    is a change too (a mapping is one value, not keys of its own that ``changed_keys`` would skip)."""
+    template = tmp_path / "t.jinja"
+    template.write_text("{{ messages[0]['content'] }}")
+
+    def settings(stage="traces", **sections):
+        cfg = config.from_dict(tiny_run_data(tmp_path, "keys", **sections))
+        write_traces(cfg.run_dir)
+        model = {"model_ref": "org/model", "model_dtype": "bfloat16"} if stage == "eval" else {}
+        return json.loads(json.dumps(stage_settings(stage, cfg, **model), default=str))
+
+    base = settings()
+    before = {k: v for k, v in base.items() if not k.startswith(("data.data_files", "data.revision", "traces.messag",
+                                                                   "traces.chat_template_kwargs"))}
+    assert changed_keys(before, base) == []  # a folder written without the keys resumes
+    assert "data.streaming" not in base  # the same rows either way
+    assert changed_keys(base, settings(data={"streaming": True})) == []
+    kwargs = settings(traces={"chat_template_kwargs": {"enable_thinking": False}})
+    assert changed_keys(base, kwargs) == ["traces.chat_template_kwargs"]
+    assert changed_keys(kwargs, base) == ["traces.chat_template_kwargs"]  # dropped again: a change too
+    assert changed_keys(base, settings(data={"revision": "v2", "data_files": ["a.parquet"], "source": "parquet"})) \
+        == ["data.data_files", "data.revision", "data.source"]
+    roles = settings(traces={"response_field": None, "messages_field": "c", "message_roles": {"Q": "user"}})
+    assert changed_keys(base, roles) == ["traces.message_roles", "traces.messages_field", "traces.response_field"]
+    own = settings(traces={"chat_template": str(template)})
+    assert own["traces.chat_template"].startswith(f"{template} (sha256 ")
+    template.write_text("{{ messages[-1]['content'] }}")  # edited in place: another template
+    assert changed_keys(own, settings(traces={"chat_template": str(template)})) == ["traces.chat_template"]
+    # The evaluation records what renders its prompts.
+    ev = settings("eval")
+    assert ev["traces.chat_template"] is None and ev["traces.chat_template_kwargs"] is None
+    assert changed_keys(ev, settings("eval", traces={"chat_template_kwargs": {"enable_thinking": False}})) == \
+        ["traces.chat_template_kwargs"]
+
+
+def test_an_unreadable_settings_file_is_named(tmp_path):
+    from t3s_ray.errors import DataError
+    from t3s_ray.runfolder import claim
+
+    folder = tmp_path / "traces"
+    claim(folder, "traces", {"a": 1})
+    (folder / "traces").mkdir()
+    (folder / "traces" / "part-00000.parquet").write_bytes(b"")  # output: the settings are checked
+    (folder / "settings.json").write_text('{"stage": "traces", "settings": {"a": ')
+    with pytest.raises(DataError, match=r"settings.json: the traces stage's settings cannot be read"):
+        claim(folder, "traces", {"a": 1})

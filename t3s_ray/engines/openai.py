@@ -8,8 +8,9 @@ resume) is the engine backends', unchanged.
 
 Per request (one per sample, so each sample has its own seed and a server without ``n`` works):
 ``model``, ``messages`` (the prompt, after ``data.system_prompt``), ``temperature``, ``top_p``,
-``max_tokens``, ``seed`` (``endpoint.send_seed``), and ``logprobs`` / ``top_logprobs``
-(``endpoint.request_logprobs``; DeepSeek's reasoner API refuses them).
+``max_tokens``, ``seed`` (``endpoint.send_seed``), ``logprobs`` / ``top_logprobs``
+(``endpoint.request_logprobs``; DeepSeek's reasoner API refuses them), and ``chat_template_kwargs``
+(``traces.chat_template_kwargs``, only when set: vLLM and SGLang pass them to the template).
 
 The response becomes a sample: ``response`` is the message content, with a DeepSeek-R1-style
 ``reasoning_content`` (or vLLM's ``reasoning``) joined in front as
@@ -81,11 +82,13 @@ class OpenAIRequester:
 
     def __init__(self, *, base_url: str, model: str, api_key: str | None, temperature: float, top_p: float,
                  topk_logprobs: int, threads: int, qps: float, max_retries: int, timeout_s: float,
-                 backoff_s: float, request_logprobs: bool, send_seed: bool):
+                 backoff_s: float, request_logprobs: bool, send_seed: bool,
+                 chat_template_kwargs: dict[str, Any] | None = None):
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.temperature, self.top_p, self.topk = model, temperature, top_p, topk_logprobs
         self.threads, self.max_retries, self.timeout_s, self.backoff_s = threads, max_retries, timeout_s, backoff_s
         self.request_logprobs, self.send_seed = request_logprobs, send_seed
+        self.chat_template_kwargs = chat_template_kwargs
         self.headers = {"Content-Type": "application/json"}
         if api_key:
             self.headers["Authorization"] = f"Bearer {api_key}"
@@ -109,6 +112,8 @@ class OpenAIRequester:
             body["logprobs"] = True
             if self.topk:
                 body["top_logprobs"] = int(self.topk)
+        if self.chat_template_kwargs:  # vLLM's and SGLang's extension; sent only when configured
+            body["chat_template_kwargs"] = self.chat_template_kwargs
         return body
 
     def request(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -182,7 +187,8 @@ def parse_choice(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def openai_generate(ds, *, endpoint: dict[str, Any], api_key: str | None, temperature: float, top_p: float,
-                    topk_logprobs: int, concurrency: int, batch_size: int):
+                    topk_logprobs: int, concurrency: int, batch_size: int,
+                    chat_template_kwargs: dict[str, Any] | None = None):
     """Sample one completion per input row (``messages`` as JSON, ``max_tokens``, ``seed``) from the
     endpoint; lazy, like the engine backends. ``concurrency`` request actors share the endpoint's
     ``max_concurrency`` and ``qps``."""
@@ -198,11 +204,12 @@ def openai_generate(ds, *, endpoint: dict[str, Any], api_key: str | None, temper
             "topk_logprobs": topk_logprobs, "threads": threads, "qps": float(endpoint["qps"]) / concurrency,
             "max_retries": int(endpoint["max_retries"]), "timeout_s": float(endpoint["timeout_s"]),
             "backoff_s": float(endpoint["backoff_s"]), "request_logprobs": bool(endpoint["request_logprobs"]),
-            "send_seed": bool(endpoint["send_seed"])})
+            "send_seed": bool(endpoint["send_seed"]), "chat_template_kwargs": chat_template_kwargs})
 
 
 def generate_dataset(ds, spec, actors: int, placement_groups: list):
     """:func:`openai_generate` on ``spec``'s endpoint and sampling settings, ``actors`` request actors."""
     return openai_generate(ds, endpoint=spec.endpoint or {}, api_key=spec.api_key,
                            temperature=spec.sampling.temperature, top_p=spec.sampling.top_p,
-                           topk_logprobs=spec.topk_logprobs, concurrency=actors, batch_size=spec.engine.batch_size)
+                           topk_logprobs=spec.topk_logprobs, concurrency=actors, batch_size=spec.engine.batch_size,
+                           chat_template_kwargs=spec.chat_template_kwargs)
