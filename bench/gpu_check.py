@@ -728,7 +728,7 @@ def _llada2_train(config, device: torch.device, length: int, prompt: int, chunk:
 
     if not torch.distributed.is_initialized():  # section 4 starts it; this runs on its own too
         distributed.init_process_group(device, timeout_s=300)
-    model = empty_model_from_config(config)
+    model = empty_model_from_config(config, attn_implementation="sdpa")
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     root = _Denoiser(model, chunk)
     distributed.shard_model(root, fsdp_units(model), bf16_compute=True)
@@ -805,7 +805,7 @@ def _llada2_sample(config, device: torch.device, rows: int, prompt: int, answer:
 
     torch.manual_seed(0)
     with device:
-        model = LLaDA2MoeModelLM(config).to(torch.bfloat16).eval()
+        model = LLaDA2MoeModelLM._from_config(config, attn_implementation="sdpa").to(torch.bfloat16).eval()
     generator = torch.Generator().manual_seed(1)
     prompts = [torch.randint(8, config.vocab_size - 8, (prompt + 7 * i,), generator=generator).tolist()
                for i in range(rows)]
