@@ -79,7 +79,7 @@ class ModelConfig:
     Attributes:
         ref: Model reference: a Hugging Face hub id, a local folder (for example a training
             checkpoint's ``model/`` folder), or a builtin (``builtin:smollm2-135m-instruct``,
-            ``builtin:tiny-llama``, ``builtin:tiny-qwen3``, ``builtin:tiny-dllm``).
+            ``builtin:tiny-llama``, ``builtin:tiny-qwen3``, ``builtin:tiny-dllm``, ``builtin:tiny-llada2``).
         revision: Hub revision (branch, tag or commit) for hub ids.
         dtype: Weights dtype when loading: ``auto``, ``float32``, ``bfloat16`` or ``float16``.
         trust_remote_code: Run the model repository's own Python code. Off unless you trust the
@@ -111,7 +111,8 @@ class StudentConfig(ModelConfig):
         dtype: Dtype of the trained models written out (final, probe and stop-point models):
             ``auto`` (the dtype θ0 is stored in), ``float32``, ``bfloat16`` or ``float16``. Training
             itself keeps fp32 master weights whatever this says (``train.dtype`` sets the compute).
-        trust_remote_code: Run the model repository's own Python code (needed by LLaDA).
+        trust_remote_code: Run the model repository's own Python code (needed by LLaDA; LLaDA2 and
+            Ling 2.0 always load with the project's own class, whatever this says).
         kind: ``ar`` for an autoregressive student, ``dllm`` for a masked-diffusion student
             (forced-mask loss).
         selector_ref: For ``kind: dllm``: the autoregressive model that shares the student's
@@ -120,7 +121,22 @@ class StudentConfig(ModelConfig):
         attn_implementation: Attention kernel of the student in training, passed to
             ``from_pretrained``: ``sdpa`` (PyTorch's, everywhere), ``eager``, ``flash_attention_2``
             / ``flash_attention_3`` (the ``flash-attn`` package, GPU; micro-batches are then
-            padding-free: see ``train.padding_free``) or ``flex_attention``.
+            padding-free: see ``train.padding_free``) or ``flex_attention``. A LLaDA2 student takes
+            ``sdpa`` or ``eager``: flash attention cannot take its 4-D masks.
+        dllm_attention: For ``kind: dllm``: how the denoiser sees the row in training.
+            ``block_diffusion`` (LLaDA2's regime, as inclusionAI's dFactory trains it): the row is cut
+            into blocks of ``block_size`` from position 0 and laid out ``[noisy ; clean]`` (twice its
+            length, positions repeated); a noisy block sees itself and the clean blocks before it,
+            which is what the block sampler gives it when decoding. ``full``: the noisy row alone,
+            every token seeing every token (LLaDA's regime). ``auto``: ``block_diffusion`` for a LLaDA2
+            student (``model_type: llada2_moe``, read from its config when training starts), ``full``
+            for any other diffusion LM. ``block_diffusion`` needs a LLaDA2 student.
+        block_size: LLaDA2 students: training blocks of this many tokens, counted from each row's
+            first token (dFactory: 32; decode with the same ``eval.diffusion_block_length``).
+        eos_fill: LLaDA2 students: each row's tail up to the end of its last block is filled with
+            the EOS fill token (the model config's ``pad_token_id``: LLaDA2.0's end-of-text token,
+            156892), maskable and supervised like the answer (dFactory's: the model learns to end an answer inside its
+            block). false: that tail is hidden from every token and never supervised.
     """
 
     ref: str = "builtin:smollm2-135m-instruct"
@@ -128,11 +144,22 @@ class StudentConfig(ModelConfig):
     selector_ref: Optional[str] = None
     mask_token: Optional[str] = None
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"] = "sdpa"
+    dllm_attention: Literal["auto", "block_diffusion", "full"] = "auto"
+    block_size: int = 32
+    eos_fill: bool = True
 
     def check(self) -> list[tuple[str, str]]:
         errs = super().check()
         if self.kind == "dllm" and not self.selector_ref:
             errs.append(("selector_ref", "is required when kind is 'dllm' (an AR model with the same tokenizer)"))
+        if self.block_size < 1:
+            errs.append(("block_size", "must be >= 1"))
+        if self.kind == "ar" and self.dllm_attention != "auto":
+            errs.append(("dllm_attention", f"is {self.dllm_attention!r}, but kind is 'ar': an autoregressive "
+                         "student trains causally (dllm_attention is for kind: dllm)"))
+        if self.dllm_attention == "block_diffusion" and self.attn_implementation.startswith("flash_attention"):
+            errs.append(("attn_implementation", f"{self.attn_implementation} cannot take block diffusion's 4-D "
+                         "boolean mask: use sdpa (PyTorch's memory-efficient kernel takes it)"))
         return errs
 
 
@@ -1231,7 +1258,56 @@ class RunConfig:
 HASH_OMITS_AT_DEFAULT = {
     "data": ("data_files", "revision", "streaming"),
     "traces": ("messages_field", "message_role_key", "message_content_key", "message_roles", "chat_template_kwargs"),
+    "student": ("dllm_attention", "block_size", "eos_fill"),
 }
+
+
+@dataclass(frozen=True)
+class DiffusionTraining:
+    """How a LLaDA2 student's denoiser is trained, resolved from ``student`` and ``selection``
+    (:func:`diffusion_training`). The fields are the keyword arguments of
+    ``t3s.diffusion.diffusion_batch`` of the same names: ``diffusion_batch(..., **asdict(spec))``.
+
+    Attributes:
+        layout: ``block`` (``[noisy ; clean]`` under the block-diffusion mask) or ``full`` (the noisy
+            row alone, bidirectional).
+        block_size: Tokens a block, from each row's first token.
+        fill: Fill each row's last block with the EOS fill token, maskable and supervised.
+        mask_lo: Lower bound of the per-row masking rate σ.
+        mask_hi: Upper bound of the per-row masking rate σ.
+    """
+
+    layout: Literal["block", "full"]
+    block_size: int
+    fill: bool
+    mask_lo: float
+    mask_hi: float
+
+
+def diffusion_training(cfg: RunConfig, *, block_model: bool) -> DiffusionTraining | None:
+    """The student's block-diffusion training settings, with ``student.dllm_attention: auto`` resolved:
+    None for an autoregressive student and for a diffusion LM that is not trained by blocks (LLaDA,
+    BERT-style denoisers: their objective reads none of these keys).
+
+    ``block_model``: whether the student is a block-diffusion LM, read from its config by the caller
+    (``models.declares_block_diffusion``: LLaDA2); this layer reads no model. A ConfigError where the
+    settings cannot apply to that model: ``block_diffusion`` for another diffusion LM, flash attention
+    for a LLaDA2 student (its native class takes 4-D masks, which flash attention cannot)."""
+    s = cfg.student
+    if s.kind != "dllm":
+        return None
+    if not block_model:
+        if s.dllm_attention == "block_diffusion":
+            raise ConfigError(f"student.dllm_attention: block_diffusion is LLaDA2's training regime, but student.ref "
+                              f"{s.ref} is not a LLaDA2 model (model_type llada2_moe): set dllm_attention: full "
+                              "(or auto)")
+        return None
+    if s.attn_implementation.startswith("flash_attention"):
+        raise ConfigError(f"student.attn_implementation {s.attn_implementation}: the LLaDA2 student {s.ref} attends "
+                          "under explicit 4-D masks (block diffusion's, or a row's padding), which flash attention "
+                          "cannot take: use sdpa")
+    return DiffusionTraining(layout="full" if s.dllm_attention == "full" else "block", block_size=s.block_size,
+                             fill=s.eos_fill, mask_lo=cfg.selection.mask_lo, mask_hi=cfg.selection.mask_hi)
 
 
 # --------------------------------------------------------------------------------------------

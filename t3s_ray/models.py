@@ -624,6 +624,19 @@ def declares_masked_lm(ref: str) -> bool:
     return is_diffusion_config(json.loads(config_file.read_text()))
 
 
+def declares_block_diffusion(ref: str, *, revision: str | None = None) -> bool:
+    """Whether a model ref's config is a block-diffusion LM's (LLaDA2: ``BLOCK_DIFFUSION_MODEL_TYPES``):
+    a builtin's or local folder's config.json, a hub id's downloaded alone (a few kB, cached). What
+    resolves ``student.dllm_attention: auto`` (``config.diffusion_training``) on the driver and in the
+    workers alike; a ModelRefError when there is no config to read (offline, a wrong id), rather than
+    a guess that would change the training's settings once the hub answers."""
+    config = _config_dict(resolve(ref), revision)
+    if not config:
+        raise ModelRefError(f"could not read the config of model '{ref}' (its config.json): needed to tell whether "
+                            "it is a LLaDA2 (block-diffusion) student")
+    return config.get("model_type") in BLOCK_DIFFUSION_MODEL_TYPES
+
+
 def uses_block_diffusion(model) -> bool:
     """Whether a loaded model decodes block by block under a block-causal mask (LLaDA2), rather than
     by LLaDA's whole-canvas sampler."""

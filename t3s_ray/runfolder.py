@@ -29,11 +29,11 @@ import hashlib
 import json
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, EngineConfig, RunConfig, flat_section, is_template_text
+from .config import ConfigError, EngineConfig, RunConfig, diffusion_training, flat_section, is_template_text
 from .errors import DataError
 from .protocols import PROTOCOLS
 
@@ -48,6 +48,9 @@ RESTARTABLE = ("traces", "probe", "train", "eval")
 # Train settings that do not change what a run computes: a resumed run may change them.
 _OPERATIONAL_TRAIN_KEYS = ("num_workers", "checkpoint_every", "keep_last", "max_failures", "collective_timeout_s",
                            "diagnostics_every")
+# Student keys that only a block-diffusion (LLaDA2) student's training reads: recorded resolved for such a
+# student (``student_settings``), never for another one, whose folders written before the keys existed resume.
+_DIFFUSION_STUDENT_KEYS = ("dllm_attention", "block_size", "eos_fill")
 
 
 # --------------------------------------------------------------------------------------------
@@ -366,7 +369,7 @@ def run_settings(cfg: RunConfig) -> dict[str, Any]:
     # whether its samples are seeded is not, and probe_settings records it on its own.
     probe = flat_section("probe", {**{k: v for k, v in d["probe"].items() if k != "engine"},
                                    "engine": {"seed_requests": d["probe"]["engine"]["seed_requests"]}})
-    sections = [("student", d["student"]), ("train", train), ("selection", d["selection"]), ("probe", probe)]
+    sections = [("student", student_settings(cfg)), ("train", train), ("selection", d["selection"]), ("probe", probe)]
     if not PROTOCOLS[cfg.selection.protocol].selects:  # plain SFT reads neither tau & co. nor the probe's knobs
         sections = sections[:2] + [("selection", {"protocol": cfg.selection.protocol})]
     for section, values in sections:
@@ -376,6 +379,25 @@ def run_settings(cfg: RunConfig) -> dict[str, Any]:
     # they were in the order Ray Data wrote the shards is refused, not resumed with other examples.
     out["examples.order"] = "trace id, sample index"
     return out
+
+
+def student_settings(cfg: RunConfig) -> dict[str, Any]:
+    """The student section as a training's settings record it: the block-diffusion keys only for a LLaDA2
+    student, and resolved (``dllm_attention: auto`` recorded as what it means for that model), so that
+    writing out the default changes nothing. Resolving reads the student's config
+    (``models.declares_block_diffusion``), on the driver before any worker starts: a setting that cannot
+    apply to the model (``block_diffusion`` for another diffusion LM) is refused there, in one line."""
+    from .models import declares_block_diffusion
+
+    student = {k: v for k, v in asdict(cfg.student).items() if k not in _DIFFUSION_STUDENT_KEYS}
+    if cfg.student.kind != "dllm":
+        return student
+    spec = diffusion_training(cfg, block_model=declares_block_diffusion(cfg.student.ref,
+                                                                         revision=cfg.student.revision))
+    if spec is not None:
+        student.update(dllm_attention="block_diffusion" if spec.layout == "block" else "full",
+                       block_size=spec.block_size, eos_fill=spec.fill)
+    return student
 
 
 def probe_settings(cfg: RunConfig) -> dict[str, Any]:

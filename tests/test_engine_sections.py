@@ -218,6 +218,8 @@ def test_the_hash_a_manifest_records_is_the_one_of_before():
     # The data and traces keys of issue 26 (config.HASH_OMITS_AT_DEFAULT) count once set, not before.
     assert config.from_dict({"data": {"revision": "v2"}}).hash("teacher", "data", "traces") != "09748414c96e"
     assert config.from_dict({"traces": {"chat_template_kwargs": {"enable_thinking": False}}}).hash() != "be9904a20099"
+    # The student keys of issue 24 likewise.
+    assert config.from_dict({"student": {"block_size": 16}}).hash() != "be9904a20099"
 
 
 def test_one_rule_for_the_gpus_of_an_engine():

@@ -331,6 +331,23 @@ def test_a_student_folder_without_weights_is_one_line_before_any_worker_starts(t
     assert code == 2 and f"model folder {folder} holds no weights" in one_error_line(err)
 
 
+def test_block_diffusion_for_a_student_that_is_not_llada2_is_one_line_before_any_worker_starts(tmp_path, capsys,
+                                                                                                monkeypatch):
+    """The model-dependent check of ``student.dllm_attention`` runs where the training claims its folder,
+    on the driver: a LLaDA-style denoiser asked to train by blocks never reaches a Ray worker."""
+    import ray
+
+    cfg = write_config(tmp_path, student={"ref": "builtin:tiny-dllm", "kind": "dllm",
+                                          "selector_ref": "builtin:tiny-llama", "dllm_attention": "block_diffusion"},
+                       selection={"protocol": "sft"})
+    assert run_cli(capsys, "traces", cfg)[0] == 0
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray was started before the student was checked"))
+    code, err = run_cli(capsys, "train", cfg)
+    assert code == 2 and "student.dllm_attention: block_diffusion is LLaDA2's training regime, but student.ref " \
+        "builtin:tiny-dllm is not a LLaDA2 model" in one_error_line(err)
+    assert not (tmp_path / "runs" / "bad" / "train").exists()
+
+
 # ------------------------------------------------------------------ errors that used to surface where no one reads them
 
 
