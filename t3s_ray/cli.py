@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_args(p_stage)
         if name == "eval":
             p_stage.add_argument("--model", help="model ref or checkpoint folder (default: the run's trained "
-                                 "student, else student.ref)")
+                                 "student, else student.ref), or a model behind an OpenAI-compatible server: "
+                                 "openai:NAME (at eval.endpoint) or openai:NAME@BASE_URL")
             p_stage.add_argument("--label", help="name of the results folder run_dir/eval/LABEL")
         if name in ("traces", "train", "eval", "run"):
             p_stage.add_argument("--restart", action="append", default=[], metavar="STAGE",
