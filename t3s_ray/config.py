@@ -45,10 +45,13 @@ class RayConfig:
     """Where the stages run.
 
     Attributes:
-        address: Ray cluster address (``auto``, ``ray://host:10001``, ``host:6379``). Empty: use the
-            ``RAY_ADDRESS`` environment variable, and with neither start an embedded local Ray.
-        num_cpus: CPUs of the embedded local Ray instance (empty: all of this machine's cores).
-        num_gpus: GPUs of the embedded local Ray instance (empty: Ray detects them).
+        address: Ray cluster address (``auto``, ``ray://host:10001``, ``host:6379``), or ``local``: a
+            private local instance, always. Empty: the ``RAY_ADDRESS`` environment variable; with
+            neither, a cluster started with ``ray start`` on this machine is joined (one line says so),
+            else a private local instance starts.
+        num_cpus: CPUs of a private local Ray instance (empty: all of this machine's cores; a
+            cluster that is joined has its own).
+        num_gpus: GPUs of a private local Ray instance (empty: Ray detects them).
         omp_num_threads: OMP/MKL thread count passed to every Ray worker through ``runtime_env``.
         env_vars: Extra environment variables for every Ray worker (``runtime_env.env_vars``).
         namespace: Ray namespace, so named actors of different runs do not collide.
