@@ -18,7 +18,7 @@ LAYERS = [
     {"config"},
     {"models", "data", "runfolder", "store"},
     {"generate", "engines", "engines.hf", "engines.vllm", "engines.openai", "engines.rows", "cluster"},
-    {"worker", "probe_diagnostics"},
+    {"worker", "probe_diagnostics", "export"},
     {"traces", "train", "evaluate", "report"},
     {"sweep", "pipeline", "rehearse"},
     {"cli"},
