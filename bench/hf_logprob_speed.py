@@ -9,11 +9,13 @@ tokens. Both sides run ``HFGenerator._generate`` with the same seed (so the same
 * ``previous`` (``--against previous``): the recorder as it was before, a ``[B, V]`` fp32
   log-softmax kept every step, for comparison.
 
-Sides alternate A B B A ... (``bench/abba.py``) over ``--rounds`` rounds. Printed: each run's
-seconds, the sums, the median of the rounds' own ratios (robust to a machine whose load drifts) and
-last ``ratio = X`` (sum of the logprobs side / sum of plain; target <= 1.1).
+Sides alternate A B B A ... (``bench/abba.py``) over ``--rounds`` rounds. Printed: each run's wall
+and CPU seconds (``time.process_time``: on a loaded machine it counts this process's own work, where
+the wall clock also counts the others'; with ``--threads 1`` no OpenMP thread spins), the sums, the
+median of the rounds' own ratios (robust to a machine whose load drifts) and last
+``ratio = X`` (wall, sum of the logprobs side / sum of plain; target <= 1.1).
 
-    python bench/hf_logprob_speed.py [--rows 4 --tokens 64 --rounds 6 --against logprobs]
+    python bench/hf_logprob_speed.py [--rows 4 --tokens 64 --rounds 6 --threads 2 --against logprobs]
 """
 
 from __future__ import annotations
@@ -48,11 +50,12 @@ class PreviousRecorder:
         return scores
 
 
-def run(gen, side: str, prompts: list[str], tokens: int) -> float:
+def run(gen, side: str, prompts: list[str], tokens: int) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of one generation."""
     import torch
     from transformers import LogitsProcessorList
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     if side == "previous":
         enc = gen.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         torch.manual_seed(0)
@@ -66,7 +69,7 @@ def run(gen, side: str, prompts: list[str], tokens: int) -> float:
         out = gen._generate(prompts, tokens, seed=0)
         assert all(len(o["token_ids"]) == tokens for o in out)
         assert all(len(o["logprobs"]) == (tokens if side == "logprobs" else 0) for o in out)
-    return time.perf_counter() - started
+    return time.perf_counter() - started, time.process_time() - cpu
 
 
 def main() -> None:
@@ -89,15 +92,18 @@ def main() -> None:
     prompts = [f"Write a long story about the number {i}." for i in range(args.rows)]
     run(gen, "plain", prompts, 4)  # warm-up
     times: dict[str, list[float]] = {"plain": [], args.against: []}
+    cpus: dict[str, list[float]] = {"plain": [], args.against: []}
     for side in abba("plain", args.against, args.rounds):
-        seconds = run(gen, side, prompts, args.tokens)
+        seconds, cpu = run(gen, side, prompts, args.tokens)
         times[side].append(seconds)
-        print(f"{side:9s}: {args.rows} x {args.tokens} tokens in {seconds:7.2f} s", flush=True)
-    plain, other = sum(times["plain"]), sum(times[args.against])
-    per_round = [b / a for a, b in zip(times["plain"], times[args.against])]
-    print(f"sum: plain {plain:.1f} s, {args.against} {other:.1f} s; median of the rounds' ratios "
-          f"{statistics.median(per_round):.3f} (min {min(per_round):.3f}, max {max(per_round):.3f})")
-    print(f"ratio = {other / plain:.3f}")
+        cpus[side].append(cpu)
+        print(f"{side:9s}: {args.rows} x {args.tokens} tokens in {seconds:7.2f} s (CPU {cpu:7.2f} s)", flush=True)
+    for name, series in (("CPU", cpus), ("wall", times)):
+        plain, other = sum(series["plain"]), sum(series[args.against])
+        per_round = [b / a for a, b in zip(series["plain"], series[args.against])]
+        print(f"{name}: plain {plain:.1f} s, {args.against} {other:.1f} s, ratio {other / plain:.3f}; median of the "
+              f"rounds' ratios {statistics.median(per_round):.3f} (min {min(per_round):.3f}, max {max(per_round):.3f})")
+    print(f"ratio = {sum(times[args.against]) / sum(times['plain']):.3f}")
 
 
 if __name__ == "__main__":

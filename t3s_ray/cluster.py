@@ -158,12 +158,14 @@ def ray_session(cfg: RayConfig) -> Iterator[dict[str, Any]]:
         kwargs = {"address": "local", "num_cpus": cfg.num_cpus or os.cpu_count(), "num_gpus": cfg.num_gpus,
                   "dashboard_host": "127.0.0.1", "dashboard_port": port}
     env.update({k: v for k, v in own.items() if k not in cfg.env_vars})
-    with _driver_env(own), _without_multiple_instances_warning():
+    with _without_multiple_instances_warning():
         ray.init(namespace=cfg.namespace, runtime_env={"env_vars": env}, log_to_driver=True, **kwargs)
-        try:
+    # (After the init: a RAY_ADDRESS seen by ray.init() would make its join an explicit address.)
+    try:
+        with _driver_env(own):
             yield {"address": address if address != "local" else None, "started": True, "joined": joined}
-        finally:
-            ray.shutdown()
+    finally:
+        ray.shutdown()
 
 
 def _fetch_on_this_node(refs: dict[str, str | None]) -> None:

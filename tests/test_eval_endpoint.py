@@ -246,7 +246,7 @@ def test_a_vllm_serve_model_is_evaluated_through_the_endpoint(ray_local, tmp_pat
     finally:
         stop(server)
     out = config.load(path).run_dir / "eval" / "openai_smollm2"
-    bench = json.loads((out / "scores.json").read_text())["benchmarks"]["arith"]
+    bench = json.loads((out / "scores.json").read_text())["benchmarks"]["builtin:arith"]
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert bench["n"] == 3 and bench["errors"] == 0 and len(samples) == 6
     assert all(s["response"] and 0 < s["tokens"] <= 24 for s in samples)
