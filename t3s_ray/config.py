@@ -830,11 +830,19 @@ class EvalConfig(_FlatKeyReads):
             and evaluate it (and the static probe's models), so the report plots held-out accuracy
             over training (0: only the final models).
         diffusion_steps: For a masked-diffusion model (a ``kind: dllm`` student or its checkpoints,
-            or any ``*ForMaskedLM``): total denoising steps per answer of the LLaDA-style sampler
-            (iterative unmasking, most confident tokens first); 0 = one step per token. Such models
-            are always sampled with the ``hf`` backend.
+            or any ``*ForMaskedLM``) other than LLaDA2: total denoising steps per answer of the
+            LLaDA-style sampler (iterative unmasking, most confident tokens first); 0 = one step per
+            token. Diffusion models are always sampled with the ``hf`` backend.
         diffusion_block_length: For a masked-diffusion model: the answer is unmasked in blocks of
-            this many tokens, left to right (semi-autoregressive; LLaDA uses 32).
+            this many tokens, left to right (semi-autoregressive; LLaDA uses 32). For LLaDA2 the
+            blocks are counted from the prompt's first token (the prompt's last block is decoded
+            first) and decoded under a block-causal mask, as it was trained (32).
+        diffusion_threshold: For LLaDA2 (block-causal decoding): each step commits every masked
+            position of the block whose drawn token's probability exceeds this, or else the most
+            confident one. Empty: 0.95 (LLaDA2's own ``generate`` and SGLang; dInfer uses 0.9).
+        diffusion_steps_per_block: For LLaDA2: at most this many steps per block (a step that passes
+            no position over the threshold commits the block's tokens spread over these steps,
+            most confident first). Empty: the block length (one token per step at least).
     """
 
     _flat_section = "eval"
@@ -849,11 +857,17 @@ class EvalConfig(_FlatKeyReads):
     trajectory_every: int = 0
     diffusion_steps: int = 0
     diffusion_block_length: int = 32
+    diffusion_threshold: Optional[float] = None
+    diffusion_steps_per_block: Optional[int] = None
 
     def check(self) -> list[tuple[str, str]]:
         errs = []
         if self.diffusion_steps < 0:
             errs.append(("diffusion_steps", "must be >= 0 (0: one step per token)"))
+        if self.diffusion_threshold is not None and not 0.0 <= self.diffusion_threshold <= 1.0:
+            errs.append(("diffusion_threshold", "must be in [0, 1] (a probability)"))
+        if self.diffusion_steps_per_block is not None and self.diffusion_steps_per_block < 1:
+            errs.append(("diffusion_steps_per_block", "must be >= 1 (empty: the block length)"))
         if self.trajectory_every < 0:
             errs.append(("trajectory_every", "must be >= 0"))
         if self.diffusion_block_length < 1:

@@ -192,8 +192,8 @@ def check_local_backend(cfg: RunConfig, command: str) -> None:
 
 
 def is_diffusion_model(cfg: RunConfig, model_ref: str) -> bool:
-    """A masked-diffusion model: a ``*ForMaskedLM`` architecture, or the ``kind: dllm`` student (its
-    base ref or a checkpoint of this run) whose remote-code architecture may not say so."""
+    """A masked-diffusion model: a diffusion LM's config (``*ForMaskedLM``, LLaDA, LLaDA2), or the
+    ``kind: dllm`` student (its base ref or a checkpoint of this run) whose config may not say so."""
     from .models import declares_masked_lm, resolve
 
     if declares_masked_lm(model_ref):
@@ -246,7 +246,9 @@ def evaluate(cfg: RunConfig, model_ref: str | None = None, label: str | None = N
         engine_here = dataclasses.replace(engine, concurrency=max(1, min(engine.concurrency, len(rows))))
         spec = GenerationSpec(who.with_weights(model_ref), engine_here, sampling, system_prompt=bench.system_prompt,
                               sampler="diffusion" if diffusion else "ar", diffusion_steps=ev.diffusion_steps,
-                              diffusion_block_length=ev.diffusion_block_length, mask_token=cfg.student.mask_token,
+                              diffusion_block_length=ev.diffusion_block_length,
+                              diffusion_threshold=ev.diffusion_threshold,
+                              diffusion_steps_per_block=ev.diffusion_steps_per_block, mask_token=cfg.student.mask_token,
                               endpoint=dataclasses.asdict(how.endpoint) if how.endpoint else None,
                               api_key=how.api_key)
         start = time.time()

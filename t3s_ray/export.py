@@ -6,8 +6,9 @@ training without Ray) holds each rank's shard of the model and the optimizer (``
 (``trainer_state.json``: ``student.ref``, ``dtype``, ...). The export reads only the model's tensors
 (``distributed.read_sharded_model``, in one process, whatever the world size that wrote them), puts
 them into the student's architecture built empty from its config, and writes the folder the
-training's own exports are (``worker.export_hf_model``): safetensors in the student's dtype, its
-config and tokenizer, loadable by plain ``transformers`` and by vLLM. A dLLM's static probe trains the
+training's own exports are (``training.module.export_hf_model``): safetensors in the student's dtype,
+its config and tokenizer, loadable by plain ``transformers`` and by vLLM; ``models.complete_export``
+adds the student's ``generation_config.json`` and remote-code files where it has them. A dLLM's static probe trains the
 AR selector (``student.selector_ref``): its checkpoints are exported as the selector, which the
 tensors' names tell.
 
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from .errors import DataError
 
-STATE_FILE = "trainer_state.json"  # worker.CHECKPOINT_STATE, read here without importing the worker early
+STATE_FILE = "trainer_state.json"  # the trainer's CHECKPOINT_STATE, read here without importing torch early
 
 
 def is_checkpoint(folder: Path) -> bool:
@@ -73,8 +74,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     import torch
 
     from .distributed import read_sharded_model
-    from .models import empty_model, load_tokenizer, saved_dtype
-    from .worker import export_hf_model
+    from .models import complete_export, empty_model, load_tokenizer, saved_dtype
+    from .training.module import export_hf_model
 
     out = check_out(out)  # before anything is read
     ckpt = find_checkpoint(checkpoint)
@@ -110,6 +111,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
         if out.is_dir():
             out.rmdir()  # empty (checked): export_hf_model moves its finished folder here
         export_hf_model(wrapper, load_tokenizer(ref, revision=revision, trust_remote_code=trust), dtype, out)
+        complete_export(ref, out, revision=revision)
         print(f"[export] {ckpt} (step {_step(ckpt)}, {ref}) -> {out} ({str(dtype).removeprefix('torch.')})",
               file=sys.stderr, flush=True)
         return out

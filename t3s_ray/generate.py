@@ -67,6 +67,8 @@ class GenerationSpec:
     sampler: str = "ar"              # "ar" or "diffusion"
     diffusion_steps: int = 0         # total denoising steps per answer (0: one per token)
     diffusion_block_length: int = 32
+    diffusion_threshold: float | None = None      # LLaDA2's block sampler (None: 0.95)
+    diffusion_steps_per_block: int | None = None  # LLaDA2's block sampler (None: the block length)
     mask_token: str = ""             # empty: the tokenizer's own mask token
     endpoint: dict[str, Any] | None = None   # backend "openai": traces.endpoint as a dict
     api_key: Any = None                      # backend "openai": an engines.openai.Secret

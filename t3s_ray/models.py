@@ -10,7 +10,18 @@ A *model ref* is one of
         (hidden 64, 2 layers, head_dim 64 so vLLM loads them) with an offline byte-level BPE
         tokenizer; tiny-llama has a ChatML template, tiny-qwen3 a Qwen3-style thinking template;
       - ``builtin:tiny-dllm``: a tiny bidirectional masked denoiser (BERT-style) sharing the tiny
-        tokenizer and its ``<|mask|>`` token, for the dLLM mode (its AR selector: tiny-llama).
+        tokenizer and its ``<|mask|>`` token, for the dLLM mode (its AR selector: tiny-llama);
+      - ``builtin:tiny-llada2``: a tiny random LLaDA2 (``llada2_moe``, the native class of
+        ``t3s_ray/llada2.py``, saved under the Hub checkpoint's key names): hidden 64, 2 heads / 1
+        key-value head, partial RoPE, layer 0 dense, layer 1 a mixture of 8 experts (top 2 of the 2
+        best of 4 groups) plus a shared expert; the tiny tokenizer, ``<|mask|>`` its mask token and
+        ``<|endoftext|>`` its EOS fill token (its AR selector: tiny-llama, the same tokenizer).
+
+Loading policy: a config whose ``model_type`` is ``llada2_moe`` always loads with the native class,
+never with the Hub's code (even under ``trust_remote_code``): that code does not run under
+transformers 5. ``BailingMoeV2ForCausalLM`` (Ling 2.0, LLaDA2's AR selectors) loads with the same
+class in causal mode for the same reason. Diffusion LMs are recognised by their config
+(``is_diffusion_config``), not only by a ``*ForMaskedLM`` architecture.
 
 An evaluation also takes an *endpoint ref*, ``openai:NAME`` or ``openai:NAME@BASE_URL``: the model
 NAME of an OpenAI-compatible server (``eval.endpoint``, whose base URL the ``@`` form replaces), which
@@ -150,6 +161,27 @@ def _tiny_denoiser(tokenizer, seed: int):
     return BertForMaskedLM(config)
 
 
+def _tiny_llada2(tokenizer, seed: int):
+    import torch
+
+    from .llada2 import LLaDA2MoeConfig, LLaDA2MoeModelLM
+
+    fill = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    config = LLaDA2MoeConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, partial_rotary_factor=0.5, max_position_embeddings=2048,
+        num_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2, num_shared_experts=1, moe_intermediate_size=32,
+        first_k_dense_replace=1, pad_token_id=fill, eos_token_id=fill, rope_theta=600000.0)
+    torch.manual_seed(seed)
+    model = LLaDA2MoeModelLM(config)
+    # A non-zero expert bias, so that the choice and the weights of the experts differ, as in a trained model.
+    with torch.no_grad():
+        for layer in model.model.layers:
+            if hasattr(layer.mlp, "gate"):
+                layer.mlp.gate.expert_bias.copy_(torch.linspace(-0.05, 0.05, config.num_experts))
+    return model
+
+
 def _save_tiny(out: Path, model, tokenizer) -> None:
     from transformers import GenerationConfig
 
@@ -175,6 +207,19 @@ def _make_tiny_dllm(out: Path) -> None:
     model = _tiny_denoiser(tok, seed=2)
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
+
+
+def _make_tiny_llada2(out: Path) -> None:
+    from transformers import GenerationConfig
+
+    tok = build_tiny_tokenizer()
+    model = _tiny_llada2(tok, seed=3)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    # The answer ends at the chat turn's end or at the fill token, whichever comes first.
+    fill = model.config.pad_token_id
+    GenerationConfig(eos_token_id=[tok.eos_token_id, fill], pad_token_id=fill, mask_token_id=tok.mask_token_id
+                     ).save_pretrained(out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,6 +287,7 @@ BUILTINS: dict[str, Callable[[Path], None]] = {
     "tiny-llama": _make_tiny_llama,
     "tiny-qwen3": _make_tiny_qwen3,
     "tiny-dllm": _make_tiny_dllm,
+    "tiny-llada2": _make_tiny_llada2,
     "lab-student": _make_lab("lab-student"),
     "lab-student-pair": _make_lab("lab-student-pair"),
     "lab-student-uniform": _make_lab("lab-student-uniform"),
@@ -385,22 +431,76 @@ def load_tokenizer(ref: str, *, revision: str | None = None, trust_remote_code: 
     return tok
 
 
+# Model types whose config makes them diffusion LMs whatever their architecture's name (LLaDA's
+# ``LLaDAModelLM``, LLaDA2's ``LLaDA2MoeModelLM`` are not ``*ForMaskedLM``).
+DIFFUSION_MODEL_TYPES = ("llada", "llada2_moe")
+# Diffusion LMs sampled block by block under a block-causal mask (t3s.diffusion.block_diffusion_generate).
+BLOCK_DIFFUSION_MODEL_TYPES = ("llada2_moe",)
+
+
+def _config_dict(path: str, revision: str | None = None) -> dict[str, Any]:
+    """A model's raw config.json (a hub id's is downloaded alone); {} when there is none to read."""
+    from transformers import PreTrainedConfig
+
+    config_file = Path(path) / "config.json"
+    if config_file.is_file():
+        import json
+
+        return json.loads(config_file.read_text())
+    try:
+        return PreTrainedConfig.get_config_dict(path, **({"revision": revision} if revision else {}))[0]
+    except (OSError, ValueError):
+        return {}
+
+
+def _native_classes(config: dict[str, Any] | Any):
+    """(config class, model class) of the networks this project implements itself, or None."""
+    get = config.get if isinstance(config, dict) else (lambda key, default=None: getattr(config, key, default))
+    if get("model_type") == "llada2_moe":
+        from .llada2 import LLaDA2MoeConfig, LLaDA2MoeModelLM
+
+        return LLaDA2MoeConfig, LLaDA2MoeModelLM
+    if (get("architectures") or []) == ["BailingMoeV2ForCausalLM"]:
+        from .llada2 import BailingMoeV2Config, BailingMoeV2ForCausalLM
+
+        return BailingMoeV2Config, BailingMoeV2ForCausalLM
+    return None
+
+
 def load_model(ref: str, *, dtype: str = "auto", revision: str | None = None, trust_remote_code: bool = False,
                device: str | None = None, strict: bool = False):
-    """Load a model ref as a causal LM, or as a masked LM when its architecture is one (dLLM denoisers).
+    """Load a model ref as a causal LM, or as a masked LM when its architecture is one (dLLM denoisers);
+    LLaDA2 and Ling 2.0 with the native class (``t3s_ray/llada2.py``), never their Hub code.
 
     ``strict``: every weight of the architecture must be in the files (``from_pretrained`` would
     otherwise initialise a missing one at random and only warn): a ModelRefError names those missing.
     """
-    from transformers import AutoConfig
-
     _quiet_transformers()
     path = resolve(ref)
-    kw = _hub_kwargs(revision, trust_remote_code)
+    native = _native_classes(_config_dict(path, revision))
     try:
-        config = AutoConfig.from_pretrained(path, **kw)
-        model, info = _model_class(config).from_pretrained(path, dtype=_torch_dtype(dtype), output_loading_info=True,
-                                                           **kw)
+        if native:
+            config_class, model_class = native
+            kw: dict[str, Any] = {"revision": revision} if revision else {}
+            config = config_class.from_pretrained(path, **kw)
+            model, info = model_class.from_pretrained(path, config=config, dtype=_torch_dtype(dtype),
+                                                      output_loading_info=True, **kw)
+            if getattr(model, "generation_config", None) is None:
+                # transformers loads it for models that generate autoregressively only; the diffusion
+                # sampler reads its EOS ids (LLaDA2: <|endoftext|>) from it too.
+                from transformers import GenerationConfig
+
+                try:
+                    model.generation_config = GenerationConfig.from_pretrained(path, **kw)
+                except OSError:
+                    pass
+        else:
+            from transformers import AutoConfig
+
+            kw = _hub_kwargs(revision, trust_remote_code)
+            config = AutoConfig.from_pretrained(path, **kw)
+            model, info = _model_class(config).from_pretrained(path, dtype=_torch_dtype(dtype),
+                                                               output_loading_info=True, **kw)
     except (OSError, ValueError) as e:
         raise ModelRefError(f"could not load model '{ref}': {e}") from None
     missing = sorted(info.get("missing_keys") or [])
@@ -420,10 +520,15 @@ def _model_class(config):
 
 
 def load_config(ref: str, *, revision: str | None = None, trust_remote_code: bool = False):
+    """A model ref's config (the native config class for LLaDA2 and Ling 2.0, whatever ``trust_remote_code``)."""
     from transformers import AutoConfig
 
+    path = resolve(ref)
+    native = _native_classes(_config_dict(path, revision))
     try:
-        return AutoConfig.from_pretrained(resolve(ref), **_hub_kwargs(revision, trust_remote_code))
+        if native:
+            return native[0].from_pretrained(path, **({"revision": revision} if revision else {}))
+        return AutoConfig.from_pretrained(path, **_hub_kwargs(revision, trust_remote_code))
     except (OSError, ValueError) as e:
         raise ModelRefError(f"could not load the config of model '{ref}': {e}") from None
 
@@ -444,11 +549,15 @@ def empty_model_from_config(config, *, trust_remote_code: bool = False, attn_imp
     import torch
     from accelerate import init_empty_weights
 
-    kw: dict[str, Any] = {"trust_remote_code": bool(trust_remote_code), "dtype": torch.float32}
+    kw: dict[str, Any] = {"dtype": torch.float32}
     if attn_implementation:
         kw["attn_implementation"] = attn_implementation
+    native = _native_classes(config)
     with init_empty_weights(include_buffers=False):
-        model = _model_class(config).from_config(config, **kw)
+        if native:
+            model = native[1]._from_config(config, **kw)
+        else:
+            model = _model_class(config).from_config(config, trust_remote_code=bool(trust_remote_code), **kw)
     model.tie_weights()  # init_empty_weights re-registers parameters, which unties them
     return model
 
@@ -509,16 +618,75 @@ def mask_token_id(tokenizer, mask_token: str, ref: str) -> int:
     return token_id
 
 
+def is_diffusion_config(config: dict[str, Any] | Any) -> bool:
+    """Whether a config (an object or config.json's dict) is a diffusion LM's: a ``*ForMaskedLM``
+    architecture or a model type of ``DIFFUSION_MODEL_TYPES``. Such a model is sampled by the
+    diffusion sampler and refused as an autoregressive student or teacher."""
+    get = config.get if isinstance(config, dict) else (lambda key, default=None: getattr(config, key, default))
+    archs = get("architectures") or []
+    return get("model_type") in DIFFUSION_MODEL_TYPES or any(a.endswith("ForMaskedLM") for a in archs)
+
+
 def declares_masked_lm(ref: str) -> bool:
-    """True when a local or builtin model folder declares a ``*ForMaskedLM`` architecture (a hub id
-    is not downloaded for this: False)."""
+    """True when a local or builtin model folder's config is a diffusion LM's (``is_diffusion_config``:
+    a ``*ForMaskedLM`` architecture, LLaDA, LLaDA2); a hub id is not downloaded for this: False."""
     import json
 
     config_file = Path(resolve(ref)) / "config.json"
     if not config_file.is_file():
         return False
-    archs = json.loads(config_file.read_text()).get("architectures") or []
-    return any(a.endswith("ForMaskedLM") for a in archs)
+    return is_diffusion_config(json.loads(config_file.read_text()))
+
+
+def uses_block_diffusion(model) -> bool:
+    """Whether a loaded model decodes block by block under a block-causal mask (LLaDA2), rather than
+    by LLaDA's whole-canvas sampler."""
+    return getattr(getattr(model, "config", None), "model_type", None) in BLOCK_DIFFUSION_MODEL_TYPES
+
+
+def fill_token_id(model_or_config, tokenizer) -> int:
+    """The token that pads a diffusion LM's rows to a whole number of blocks (dFactory's
+    ``<|endoftext|>``, LLaDA2's ``pad_token_id``): the config's pad token, else the tokenizer's EOS."""
+    config = getattr(model_or_config, "config", model_or_config)
+    pad = getattr(config, "pad_token_id", None)
+    return int(pad) if pad is not None else int(tokenizer.eos_token_id)
+
+
+def complete_export(source_ref: str, folder: str | Path, *, revision: str | None = None) -> list[str]:
+    """Make an exported model folder loadable by the source model's own code as well as by this
+    project: the source config's ``auto_map`` is put back into ``folder/config.json`` if the export
+    lost it, and the Python files it names are copied from the source's folder (a hub id's snapshot,
+    which ``local_folder`` downloads with its ``*.py``) when they are there; the source's
+    ``generation_config.json`` too when the export wrote none (transformers writes it only for models
+    that generate autoregressively, and the diffusion sampler reads its EOS ids). Returns the files
+    copied.
+
+    So an exported LLaDA2 keeps ``configuration_llada2_moe.py`` / ``modeling_llada2_moe.py`` for
+    dInfer, SGLang and the official code, while none of that code is ever committed here or run."""
+    import json
+
+    source, folder = Path(local_folder(source_ref, revision=revision)), Path(folder)
+    copied = []
+    if (source / "generation_config.json").is_file() and not (folder / "generation_config.json").exists():
+        shutil.copyfile(source / "generation_config.json", folder / "generation_config.json")
+        copied.append("generation_config.json")
+    auto_map = _config_dict(str(source)).get("auto_map") or {}
+    if not auto_map:
+        return copied
+    config_file = folder / "config.json"
+    exported = json.loads(config_file.read_text())
+    if exported.get("auto_map") != auto_map:
+        config_file.write_text(json.dumps({**exported, "auto_map": auto_map}, indent=2) + "\n")
+    for target in auto_map.values():
+        for ref in target if isinstance(target, list) else [target]:
+            if not ref:
+                continue
+            module = ref.split("--")[-1].rsplit(".", 1)[0]  # "repo--module.Class" or "module.Class"
+            src = source / f"{module}.py"
+            if src.is_file() and src.name not in copied:
+                shutil.copyfile(src, folder / src.name)
+                copied.append(src.name)
+    return copied
 
 
 def context_length(ref: str, *, revision: str | None = None, trust_remote_code: bool = False) -> int | None:
@@ -534,5 +702,6 @@ def context_length(ref: str, *, revision: str | None = None, trust_remote_code: 
 
 
 def is_masked_lm(model) -> bool:
-    """True for bidirectional denoisers (dLLM students) rather than causal LMs."""
-    return type(model).__name__.endswith("ForMaskedLM")
+    """True for diffusion denoisers (dLLM students: ``*ForMaskedLM``, LLaDA, LLaDA2) rather than
+    causal LMs."""
+    return type(model).__name__.endswith("ForMaskedLM") or is_diffusion_config(getattr(model, "config", {}) or {})

@@ -128,7 +128,7 @@ class TrainFolder:
 
     @property
     def checkpoints(self) -> Path:
-        """Checkpoints without Ray (``worker.LocalSession``); Ray Train's go under ``ray_train``."""
+        """Checkpoints without Ray (``training.sessions.LocalSession``); Ray Train's go under ``ray_train``."""
         return self.path / "checkpoints"
 
     @property

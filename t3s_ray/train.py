@@ -5,87 +5,59 @@ Read top to bottom:
 * ``run_train``: tokenises the kept traces with the student's chat template, runs the probe when
   the protocol needs one (``run_probe``: SFT from θ0, train accuracy at each saved model,
   θb = argmin), then one ``fit``.
+* ``worker_spec`` (``training/spec.py``), called once per training: the typed ``WorkerSpec`` that is
+  all a rank reads (no ``RunConfig`` crosses to a rank).
 * ``fit``: creates the ConfidenceStore actors and a ``TorchTrainer`` whose workers run
-  ``train_loop_per_worker``: the Ray side of one rank (its context, store client and session),
-  handed to ``worker.StudentTrainer``, which is what one rank does (``t3s_ray/worker.py``).
+  ``train_loop_per_worker``: the Ray side of one rank (its context, store client and
+  ``training.sessions.RaySession``), handed to ``training.trainer.StudentTrainer``, which is what one
+  rank does.
 * ``distributed.py`` holds the collectives and the sharded model state; ``t3s/`` the maths.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, RunConfig
 from .data import DataError, tokenize_traces  # tokenize_traces lives in data.py (no pyarrow); re-exported
 from .data import trace_prompt as _trace_prompt
+from .protocols import PROTOCOLS
 from .runfolder import RunLayout, TrainFolder, claim, load_traces, stage_settings
-from .worker import SelectionPlan, TrainJob, write_checkpoint_folder
+from .training.sessions import RaySession  # its home is training/sessions.py; importable from here as before
+from .training.spec import SelectionPlan, WorkerSpec, worker_spec
 
 # --------------------------------------------------------------------------------------------
 # The Ray side of one rank
 # --------------------------------------------------------------------------------------------
 
 
-class RaySession:
-    """Ray Train's checkpoints and reports, in the shape ``StudentTrainer`` expects of a session."""
-
-    @contextlib.contextmanager
-    def latest_checkpoint(self) -> Iterator[Path | None]:
-        import ray.train
-
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            yield None
-            return
-        with checkpoint.as_directory() as folder:
-            yield Path(folder)
-
-    def save_checkpoint(self, step: int, metrics: dict[str, Any], write: Callable[[Path], None]) -> None:
-        """Every rank writes its shard straight into the checkpoint's folder in the run's storage, then
-        reports it with ``NO_UPLOAD``: Ray Train registers the folder as it is (its default would
-        have each rank stage its files in local ``/tmp`` and copy them over)."""
-        import ray.train
-        from ray.train import Checkpoint, CheckpointUploadMode
-
-        ctx = ray.train.get_context()
-        name = f"checkpoint_step-{step:06d}"
-        folder = Path(ctx.get_storage().experiment_fs_path) / name
-        write_checkpoint_folder(folder, ctx.get_world_rank() == 0, write)
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(folder)), checkpoint_dir_name=name,
-                         checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
-
-
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker: its rank and device from Ray Train's context, the store's client, Ray
+    Train's session, and the spec and examples the driver handed over (``fit``)."""
     import ray
     import ray.train
     import torch
 
-    from .config import from_dict
     from .distributed import Ranks
-    from .store import connect_store
-    from .worker import StudentTrainer
+    from .training.trainer import StudentTrainer
 
     _quiet_report_log()
-    job: TrainJob = config["job"]
-    cfg = from_dict(job.cfg)
+    spec: WorkerSpec = config["spec"]
     ctx = ray.train.get_context()
     device = torch.device("cpu")
-    if cfg.train.use_gpu:
+    if spec.train.use_gpu:
         import ray.train.torch
 
         device = ray.train.torch.get_device()
         torch.cuda.set_device(device)
     ranks = Ranks(ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank(), device)
-    store = connect_store(job.store_name, cfg.selection.store_shards, namespace=cfg.ray.namespace)
-    trainer = StudentTrainer(job, ray.get(job.examples_ref), ranks, store, RaySession())
+    trainer = StudentTrainer(spec, ray.get(config["examples"]), ranks, spec.store.connect(), RaySession())
     trainer.setup()
     trainer.train()
 
@@ -109,27 +81,24 @@ def _quiet_report_log() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def fit(cfg: RunConfig, job: TrainJob, examples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Run one ``TorchTrainer`` for ``job`` and return a summary; resumes from its own latest checkpoint."""
+def fit(cfg: RunConfig, spec: WorkerSpec, examples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Run one ``TorchTrainer`` whose workers train ``spec`` and return a summary; resumes from its own
+    latest checkpoint."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from .cluster import prefetch_on_other_nodes
-    from .store import connect_store, create_store
 
     prefetch_on_other_nodes(model_refs(cfg))
-    out = Path(job.out_dir)
+    out = Path(spec.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     try:  # a store left by an earlier fit in this Ray session: start clean (a resume restores its snapshot)
-        connect_store(job.store_name, cfg.selection.store_shards, namespace=cfg.ray.namespace).kill()
+        spec.store.connect().kill()
     except ValueError:
         pass
-    store = create_store(job.store_name, cfg.selection.store_shards, namespace=cfg.ray.namespace,
-                         trajectory_len=cfg.selection.trajectory_len, summary=cfg.selection.summary,
-                         ema_alpha=cfg.selection.ema_alpha)
-    job.examples_ref = ray.put(examples)
+    store = spec.store.create()
     t = cfg.train
     # Ray Train's print patch sends each worker print to its logger *and* (Ray having redirected
     # stderr) to stderr, so every progress line reached the console twice. Ray Train hands this
@@ -137,7 +106,7 @@ def fit(cfg: RunConfig, job: TrainJob, examples: list[dict[str, Any]]) -> dict[s
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": job},
+        train_loop_config={"spec": spec, "examples": ray.put(examples)},
         # NCCL on GPUs, gloo on CPUs; the timeout bounds how long a collective waits for a slow rank.
         torch_config=TorchConfig(timeout_s=t.collective_timeout_s),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
@@ -195,12 +164,12 @@ def run_probe(cfg: RunConfig, examples, prompts, scoring_ref: str, tokenizer_ref
                 diagnostics_path(probe_dir, cfg).write_text(json.dumps(record, indent=2) + "\n")
         return result
     p = cfg.probe
-    job = TrainJob(cfg=cfg.to_dict(), out_dir=str(probe_dir), model_ref=scoring_ref, model_kind="ar",
-                   scoring_ref=scoring_ref, plan=SelectionPlan.for_protocol(cfg, "sft"), anchor_model=None,
-                   max_steps=p.steps, store_name=f"t3s-store-{cfg.name}-probe", model_every=p.eval_every)
+    spec = worker_spec(cfg, SelectionPlan.for_protocol(cfg, "sft"), out_dir=str(probe_dir), model_ref=scoring_ref,
+                       model_kind="ar", scoring_ref=scoring_ref, anchor_model=None, max_steps=p.steps,
+                       store_name=f"t3s-store-{cfg.name}-probe", model_every=p.eval_every)
     print(f"[probe] SFT from θ0 for {p.steps} steps, a model every {p.eval_every}", file=sys.stderr, flush=True)
     with ray_session(cfg.ray):
-        fit(cfg, job, examples)
+        fit(cfg, spec, examples)
         rows = prompts[: p.max_prompts] if p.max_prompts else prompts
         candidates = [(0, scoring_ref)] + [(probe.step_of(d), str(d)) for d in probe.saved_models()]
         accuracies = []
@@ -313,14 +282,15 @@ def run_train(cfg: RunConfig, stop_at: int | None = None) -> dict[str, Any]:
             return previous
     kind = cfg.student.kind
     examples, skipped, prompts, scoring_ref = training_inputs(cfg)
-    plan = SelectionPlan.for_protocol(cfg)
-    probe = run_probe(cfg, examples, prompts, scoring_ref, cfg.student.ref) if plan.needs_probe else None
-    job = TrainJob(cfg=cfg.to_dict(), out_dir=str(out.resolve()), model_ref=cfg.student.ref, model_kind=kind,
-                   scoring_ref=scoring_ref, plan=plan, anchor_model=probe["bottleneck_model"] if probe else None,
-                   max_steps=cfg.train.max_steps, store_name=f"t3s-store-{cfg.name}", prompts=prompts,
-                   stop_at=target, model_every=cfg.eval.trajectory_every)
+    needs_probe = PROTOCOLS[s.protocol].needs_probe
+    probe = run_probe(cfg, examples, prompts, scoring_ref, cfg.student.ref) if needs_probe else None
+    spec = worker_spec(cfg, SelectionPlan.for_protocol(cfg), out_dir=str(out.resolve()), model_ref=cfg.student.ref,
+                       model_kind=kind, scoring_ref=scoring_ref,
+                       anchor_model=probe["bottleneck_model"] if probe else None, max_steps=cfg.train.max_steps,
+                       store_name=f"t3s-store-{cfg.name}", prompts=prompts, stop_at=target,
+                       model_every=cfg.eval.trajectory_every)
     with ray_session(cfg.ray):
-        summary = fit(cfg, job, examples)
+        summary = fit(cfg, spec, examples)
     summary.update({"step": target, "protocol": s.protocol, "skipped": {k: len(v) for k, v in skipped.items()},
                     "skipped_ids": skipped, "probe": probe})
     summary_path.write_text(json.dumps(summary, indent=2, default=str) + "\n")

@@ -4,7 +4,9 @@ Each actor loads the model once (:class:`HFGenerator`) and generates a batch of 
 recording each sampled token's log-probability step by step (:class:`SampledLogprobs`) instead of
 every step's logits, and only when the stage uses them (``GenerationSpec.logprobs``: the traces
 keep them; evaluation and the probe only verify answers). Masked-diffusion models (dLLM students)
-are sampled here too, by iterative unmasking (``t3s_ray/t3s/diffusion.py``).
+are sampled here too, by iterative unmasking (``t3s_ray/t3s/diffusion.py``): LLaDA2 block by block
+under a block-causal mask (``block_diffusion_generate``), the others by LLaDA's sampler
+(``diffusion_generate``).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ class HFGenerator:
     def __init__(self, model_ref: str, temperature: float, top_p: float, topk_logprobs: int, dtype: str = "auto",
                  trust_remote_code: bool = False, revision: str | None = None, device: str | None = None,
                  sampler: str = "ar", diffusion_steps: int = 0, diffusion_block_length: int = 32,
-                 mask_token: str = "", logprobs: bool = True):
+                 mask_token: str = "", diffusion_threshold: float | None = None,
+                 diffusion_steps_per_block: int | None = None, logprobs: bool = True):
         import torch
 
         from ..models import load_model, load_tokenizer, mask_token_id
@@ -42,7 +45,8 @@ class HFGenerator:
             if topk_logprobs:
                 raise ValueError("top-k logprobs are not available from the diffusion sampler")
             self.diffusion = {"mask_id": mask_token_id(self.tokenizer, mask_token, model_ref), "steps": diffusion_steps,
-                              "block_length": diffusion_block_length}
+                              "block_length": diffusion_block_length, "threshold": diffusion_threshold,
+                              "steps_per_block": diffusion_steps_per_block}
 
     @classmethod
     def from_model(cls, model, tokenizer, temperature: float, top_p: float, topk_logprobs: int = 0,
@@ -97,9 +101,18 @@ class HFGenerator:
     def _diffuse(self, prompts: list[str], max_tokens: int, seed: int) -> list[dict[str, Any]]:
         import torch
 
-        from ..t3s.diffusion import diffusion_generate
+        from ..models import uses_block_diffusion
+        from ..t3s.diffusion import block_diffusion_generate, diffusion_generate
 
         ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        d = self.diffusion
+        if uses_block_diffusion(self.model):  # LLaDA2: block-causal threshold decoding, prefix cache
+            outs = block_diffusion_generate(
+                self.model, ids, max_tokens, mask_id=d["mask_id"], eos_ids=self.eos_ids, block_length=d["block_length"],
+                steps_per_block=d.get("steps_per_block") or 0,
+                threshold=0.95 if d.get("threshold") is None else d["threshold"], temperature=self.temperature,
+                top_p=self.top_p, generator=torch.Generator().manual_seed(seed))
+            return [self._result(o["token_ids"], o["logprobs"], o["finish_reason"]) for o in outs]
         # A CPU generator whatever the model's device: the sampler draws its uniforms where the
         # generator lives, so a seed gives the same draws on the CPU and on a GPU.
         outs = diffusion_generate(
@@ -214,4 +227,6 @@ def generate_dataset(ds, spec, actors: int, placement_groups: list):
                                "revision": spec.model.revision, "sampler": spec.sampler,
                                "diffusion_steps": spec.diffusion_steps,
                                "diffusion_block_length": spec.diffusion_block_length,
+                               "diffusion_threshold": spec.diffusion_threshold,
+                               "diffusion_steps_per_block": spec.diffusion_steps_per_block,
                                "mask_token": spec.mask_token, "logprobs": spec.logprobs})

@@ -346,6 +346,7 @@ def linear_token_loss(
     loss_weights: torch.Tensor,
     chunk_size: int = 256,
     lm_head_bias: torch.Tensor | None = None,
+    shift: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(loss, logprobs)``: ``loss = Σ_t loss_weights[t] · CE_t`` over the target positions and the
     detached ``[B, T]`` fp32 log-probabilities (the confidences), from last hidden states.
@@ -353,12 +354,14 @@ def linear_token_loss(
     The same values as ``-(loss_weights * token_logprobs_from_hidden(...)).sum()``, but the lm
     head's backward is done chunk by chunk in the forward pass (see ``_LinearTokenLoss``): no
     logits are kept for backward and none are recomputed. Without grad (or with no input that
-    needs one) nothing but the log-probabilities is computed.
+    needs one) nothing but the log-probabilities is computed. ``shift=False`` (a diffusion
+    denoiser): hidden row ``t`` predicts token ``t`` itself, as in :func:`gather_log_softmax`.
     """
     positions = target_mask.bool().clone()
-    positions[:, 0] = False  # nothing predicts the first token
+    if shift:
+        positions[:, 0] = False  # nothing predicts the first token
     batch_index, position_index = positions.nonzero(as_tuple=True)
-    rows = hidden[batch_index, position_index - 1]
+    rows = hidden[batch_index, position_index - 1 if shift else position_index]
     labels = input_ids[batch_index, position_index]
     weights = loss_weights[batch_index, position_index].float()
     dtype = _compute_dtype(hidden.device, lm_head_weight)

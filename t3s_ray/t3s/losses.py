@@ -57,7 +57,7 @@ def token_loss_weights(keep_mask: torch.Tensor, normalization: str, denominator:
     """``[B, T]`` fp32 weights ``w`` with ``Σ w · CE`` = this micro-batch's share of the step's loss.
 
     ``denominator`` is the whole step's normaliser (every micro-batch of every rank, see
-    ``worker.loss_denominator``): kept tokens for ``token_mean``, sequences with a kept token for
+    ``training.steps.loss_denominator``): kept tokens for ``token_mean``, sequences with a kept token for
     ``seq_mean``, 1 for ``sum``. Summed over micro-batches the shares give
     :func:`normalize_token_losses` of the whole batch, however it was split.
     """
