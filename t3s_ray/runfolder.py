@@ -43,7 +43,8 @@ SETTINGS_FILE = "settings.json"
 # benchmarks (each is recorded with its scores) and how often a training saves a model to evaluate.
 _TRACES_OPERATIONAL = ("engine",)
 _ENDPOINT_KEEP = ("model",)  # of traces.endpoint: the rest is how the server is reached
-_EVAL_OPERATIONAL = ("engine", "benchmarks", "sources", "trajectory_every")
+# The endpoint too: how a served model is reached (its name is the evaluated model's ref).
+_EVAL_OPERATIONAL = ("engine", "endpoint", "benchmarks", "sources", "trajectory_every")
 RESTARTABLE = ("traces", "probe", "train", "eval")
 # Train settings that do not change what a run computes: a resumed run may change them.
 _OPERATIONAL_TRAIN_KEYS = ("num_workers", "checkpoint_every", "keep_last", "max_failures", "collective_timeout_s",
@@ -340,14 +341,14 @@ def traces_settings(cfg: RunConfig) -> dict[str, Any]:
 def eval_settings(cfg: RunConfig, model_ref: str, model_dtype: str) -> dict[str, Any]:
     """The sampling settings and the model (its weights, or a hub id, and its dtype): what decides an
     evaluation's samples. Each benchmark's own definition is recorded with its scores."""
-    from .models import weights_fingerprint
+    from .models import endpoint_ref, weights_fingerprint
 
     ev = flat_section("eval", {k: v for k, v in cfg.to_dict()["eval"].items() if k not in _EVAL_OPERATIONAL})
     if ev["seed"] is None:
         ev["seed"] = cfg.seed
     # A local model is its weights, wherever its folder is (a run folder moved keeps its scores); a
-    # hub id is its name.
-    weights = weights_fingerprint(model_ref)
+    # hub id, or a model behind an endpoint (``openai:NAME``), is its name.
+    weights = model_ref if endpoint_ref(model_ref) else weights_fingerprint(model_ref)
     model = {"model": model_ref} if weights == model_ref else {"model.weights": weights}
     # The prompts as rendered (data.chat_options): the template and variables traces.* names, if any.
     chat = chat_settings({k: cfg.to_dict()["traces"][k] for k in ("chat_template", "chat_template_kwargs")})

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
 import sys
 import time
@@ -31,7 +30,7 @@ import pyarrow.parquet as pq
 from .cluster import ray_session
 from .config import ConfigError, RunConfig
 from .data import Conversation, DataError, chat_options, load_prompts
-from .generate import GenerationSpec, generate_and_verify
+from .generate import GenerationSpec, generate_and_verify, generated_tokens
 from .runfolder import (  # noqa: F401  (the trace readers' old home)
     RunLayout,
     TracesFolder,
@@ -80,21 +79,16 @@ def generation_spec(cfg: RunConfig) -> GenerationSpec:
     if t.engine.backend == "openai":
         endpoint, api_key = dataclasses.asdict(t.endpoint), endpoint_key(cfg)
     return GenerationSpec(cfg.teacher, cfg.engine("traces"), cfg.sampling("traces"), topk_logprobs=t.topk_logprobs,
-                          system_prompt=cfg.data.system_prompt, endpoint=endpoint, api_key=api_key, **chat_options(t))
+                          logprobs=True, system_prompt=cfg.data.system_prompt, endpoint=endpoint, api_key=api_key,
+                          **chat_options(t))
 
 
 def endpoint_key(cfg: RunConfig):
-    """The API key of ``traces.endpoint`` from the variable ``api_key_env`` names (None without one),
-    as a Secret: its repr hides it."""
-    from .engines.openai import Secret
+    """The API key of ``traces.endpoint`` (``engines.openai.api_key``): None without one, a Secret
+    whose repr hides it."""
+    from .engines.openai import api_key
 
-    name = cfg.traces.endpoint.api_key_env
-    if not name:
-        return None
-    if not os.environ.get(name):
-        raise ConfigError(f"traces.endpoint.api_key_env names {name}, which is not set in this environment "
-                          f"(export {name}=... before running, or leave api_key_env empty for a server without keys)")
-    return Secret(os.environ[name])
+    return api_key(cfg.traces.endpoint, "traces.endpoint")
 
 
 def teacher_name(cfg: RunConfig) -> str:
@@ -103,11 +97,6 @@ def teacher_name(cfg: RunConfig) -> str:
     if t.source == "dataset":
         return f"dataset:{cfg.data.source}"
     return f"openai:{t.endpoint.model}" if t.engine.backend == "openai" else cfg.teacher.ref
-
-
-def _n_tokens(record: dict[str, Any]) -> int:
-    """Generated tokens of a sample: its token ids, or (an endpoint returns text) its log-probabilities."""
-    return len(record.get("token_ids") or []) or len(record.get("logprobs") or [])
 
 
 def choose_kept(samples: list[dict[str, Any]], policy: str, seed: int, prompt_id: str) -> set[int]:
@@ -288,7 +277,7 @@ def run_traces(cfg: RunConfig, flush_every: int | None = None) -> dict[str, Any]
             writer.add(records)
             run_stats["prompts"] += 1
             run_stats["samples"] += len(records)
-            run_stats["tokens"] += sum(_n_tokens(r) for r in records)
+            run_stats["tokens"] += sum(generated_tokens(r) for r in records)
             run_stats["verify_timeouts"] += sum(bool(s.get("verify_timed_out")) for s in samples)
             in_buffer += 1
             if in_buffer >= flush_every:
@@ -356,7 +345,7 @@ def write_manifest(cfg: RunConfig, out: Path, run_stats: dict[str, Any], elapsed
             n_samples += 1
             n_correct += bool(rec["correct"])
             n_kept += bool(rec["kept"])
-            tokens += _n_tokens(rec)
+            tokens += generated_tokens(rec)
             per_id[rec["id"]] = per_id.get(rec["id"], False) or bool(rec["correct"])
         no_correct = sorted(pid for pid, ok in per_id.items() if not ok)
     errors = _read_errors(out)

@@ -147,7 +147,7 @@ def old_traces_spec(cfg):
                           seed=t.seed, topk_logprobs=t.topk_logprobs, chat_template=t.chat_template,
                           system_prompt=cfg.data.system_prompt, dtype=cfg.teacher.dtype,
                           trust_remote_code=cfg.teacher.trust_remote_code, revision=cfg.teacher.revision,
-                          endpoint=endpoint)
+                          endpoint=endpoint, logprobs=True)  # (issue 26: the traces are the stage that keeps them)
 
 
 def old_probe_spec(cfg, ref, engine):
@@ -220,6 +220,8 @@ def test_the_hash_a_manifest_records_is_the_one_of_before():
     assert config.from_dict({"traces": {"chat_template_kwargs": {"enable_thinking": False}}}).hash() != "be9904a20099"
     # The student keys of issue 24 likewise.
     assert config.from_dict({"student": {"block_size": 16}}).hash() != "be9904a20099"
+    # eval.endpoint (issue 26) likewise.
+    assert config.from_dict({"eval": {"endpoint": {"model": "r1"}}}).hash() != "be9904a20099"
 
 
 def test_one_rule_for_the_gpus_of_an_engine():

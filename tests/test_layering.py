@@ -18,7 +18,7 @@ LAYERS = [
     {"config"},
     {"models", "llada2", "data", "runfolder", "store"},
     {"generate", "engines", "engines.hf", "engines.vllm", "engines.openai", "engines.rows", "cluster"},
-    {"worker", "probe_diagnostics", "training", "training.spec", "training.trainer", "training.module",
+    {"worker", "probe_diagnostics", "export", "training", "training.spec", "training.trainer", "training.module",
      "training.steps", "training.online", "training.metrics", "training.sessions"},
     {"traces", "train", "evaluate", "report"},
     {"sweep", "pipeline", "rehearse"},

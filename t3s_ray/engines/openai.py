@@ -23,7 +23,12 @@ Failures: 429, 5xx, timeouts and broken connections are retried ``endpoint.max_r
 exponential backoff (``Retry-After`` honoured); then the sample fails with a retryable error, so a
 rerun of the stage asks again. Any other 4xx fails the sample at once, not retryable, with the
 server's message (it goes to ``errors.jsonl``). The API key is read on the driver from the variable
-``endpoint.api_key_env`` names and travels to the actors as a :class:`Secret`, whose ``repr`` hides it.
+``endpoint.api_key_env`` names (:func:`api_key`) and travels to the actors as a :class:`Secret`, whose
+``repr`` hides it.
+
+Evaluation uses the same engine (``eval.endpoint``, or ``traces.endpoint`` for ``t3s run``'s API
+teacher): the samples are verified and scored as any engine's; ``token_ids`` stay empty, so generated
+tokens are counted by the returned log-probabilities.
 """
 
 from __future__ import annotations
@@ -48,6 +53,23 @@ class Secret(str):
 
     def __repr__(self) -> str:
         return "'***'"
+
+
+def api_key(endpoint, section: str) -> Secret | None:
+    """The API key of an endpoint section (``section``: ``traces.endpoint``, ``eval.endpoint``) from
+    the variable its ``api_key_env`` names, as a :class:`Secret`; None when it names none. Read on
+    the driver, so that an unset variable is one config error before any request is sent."""
+    import os
+
+    from ..config import ConfigError
+
+    name = endpoint.api_key_env
+    if not name:
+        return None
+    if not os.environ.get(name):
+        raise ConfigError(f"{section}.api_key_env names {name}, which is not set in this environment "
+                          f"(export {name}=... before running, or leave api_key_env empty for a server without keys)")
+    return Secret(os.environ[name])
 
 
 def join_reasoning(reasoning: str | None, content: str | None) -> str:
