@@ -5,8 +5,8 @@ transformers, accelerate, safetensors and tensorboard (and their numpy, pyyaml, 
 huggingface_hub): no Ray, vLLM, pyarrow, datasets or math-verify, no download (builtin tiny models and
 random models built from a config):
 
-    python bench/gpu_check.py                # ~4-6 min on one H100 or H200 (at most 10)
-    python bench/gpu_check.py --device cpu   # a dry run of every check on the CPU, small shapes (~2-4 min)
+    python bench/gpu_check.py                # ~5-7 min on one H100 or H200 (at most 10)
+    python bench/gpu_check.py --device cpu   # a dry run of every check on the CPU, small shapes (~3-5 min)
 
 1. chunked token confidence of a causal LM: CUDA fp32 == CPU fp32 (and CUDA bf16 close), values and
    the gradient of the masked T3S loss; the fused training loss (lm-head gradients formed in the
@@ -40,8 +40,17 @@ random models built from a config):
    151,936, 1 x 16384 tokens, bf16 autocast) at ``chunk_size`` 256, 2048 and 4096: time per call
    (forward + backward) and peak memory; a larger chunk passes when it is not slower than 256 and its
    peak stays under the bound printed with it;
-8. nothing imported Ray, vLLM, pyarrow, datasets, math-verify or matplotlib;
-9. then ``bench/confidence_memory.py`` on CUDA (peak memory from the allocator's own statistics).
+8. LLaDA2 (issue 24): ``builtin:tiny-llada2`` in fp32, the block-diffusion loss and its gradients
+   (``diffusion_batch`` + ``denoiser_loss``: the block layout, without the EOS fill, the full layout) and
+   the block sampler's greedy tokens (with and without the prefix cache) on the device == on the CPU;
+   then LLaDA2.0-mini's width cut to 2 layers (a dense one, a MoE of 256 experts; vocabulary 157,184;
+   1.5B parameters) under FSDP2 world 1, bf16 compute over fp32 masters, per-layer checkpointing: one
+   block-diffusion step at L = 8,192 (2L = 16,384 through the decoder): time, peak memory, and SDPA
+   restricted to the memory-efficient and cuDNN kernels (the math fallback would raise "no available
+   kernel"; which kernels ran is read from the profiler, and what each backend does with the mask alone);
+   the block sampler's tokens/s with and without the prefix cache (8 rows x 128 tokens, bf16);
+9. nothing imported Ray, vLLM, pyarrow, datasets, math-verify or matplotlib;
+10. then ``bench/confidence_memory.py`` on CUDA (peak memory from the allocator's own statistics).
 
 Every check prints one PASS/FAIL line with its number (section.check), and the total at the end;
 exits non-zero if any fails.
@@ -50,7 +59,9 @@ exits non-zero if any fails.
 from __future__ import annotations
 
 import gc
+import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -594,6 +605,273 @@ def check_diffusion(device_under_test: str, dut: str) -> None:
           f"{sum(a['token_ids'] == b['token_ids'] for a, b in zip(first, cpu))}/3 equal sequences")
 
 
+# LLaDA2.0-mini's width (hidden 2048, 16 heads / 4 key-value heads of 128, partial RoPE, 256 experts of
+# 512 in 8 groups, top 8 of the 4 best groups, a shared expert, vocabulary 157,184) cut to 2 layers: the
+# dense first layer and one MoE layer (0.82B of its 1.5B parameters).
+LLADA2_MINI_2L = dict(vocab_size=157184, hidden_size=2048, intermediate_size=5120, num_hidden_layers=2,
+                      num_attention_heads=16, num_key_value_heads=4, head_dim=128, partial_rotary_factor=0.5,
+                      num_experts=256, num_experts_per_tok=8, n_group=8, topk_group=4, num_shared_experts=1,
+                      moe_intermediate_size=512, first_k_dense_replace=1, routed_scaling_factor=2.5,
+                      max_position_embeddings=32768, pad_token_id=156892, eos_token_id=156892)
+LLADA2_SMALL = dict(LLADA2_MINI_2L, vocab_size=2048, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=16, num_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2,
+                    moe_intermediate_size=32, pad_token_id=2047, eos_token_id=2047)
+
+
+class _Denoiser(torch.nn.Module):
+    """The root FSDP module of a block-diffusion step: its forward is the whole loss
+    (``denoiser_loss``), so that the lm head and final norm it holds are gathered for it, as the
+    worker's ``LogprobModule`` does for the AR loss."""
+
+    def __init__(self, model, chunk_size: int):
+        super().__init__()
+        self.model, self.chunk_size = model, chunk_size
+
+    def forward(self, batch):
+        from t3s_ray.t3s.diffusion import denoiser_loss
+
+        return denoiser_loss(self.model, batch, chunk_size=self.chunk_size)[0]
+
+
+def _to(batch, device):
+    import dataclasses
+
+    return dataclasses.replace(batch, **{f.name: getattr(batch, f.name).to(device) for f in dataclasses.fields(batch)})
+
+
+def _llada2_rows(vocab: int, lengths: list[int], prompt: int, generator: torch.Generator):
+    """Right-padded random rows: ids, padding mask, response mask (after ``prompt`` tokens), forced tokens
+    (a fifth of the response, as T3S's yet-to-learn tokens)."""
+    ids = torch.randint(8, vocab - 8, (len(lengths), max(lengths)), generator=generator)
+    cols = torch.arange(max(lengths))[None]
+    attention = (cols < torch.tensor(lengths)[:, None]).long()
+    target = attention.bool() & (cols >= prompt)
+    forced = target & (torch.rand(ids.shape, generator=generator) < 0.2)
+    return ids, attention, target, forced
+
+
+def _sdpa_kernels(run) -> list[str]:
+    """The CUDA kernels of ``run()`` that implement attention, by name (memory-efficient: ``fmha_cutlass*``,
+    cuDNN: ``cudnn*``, flash: ``flash*``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    names = {e.name for e in prof.events() if "cuda" in str(e.device_type).lower()}
+    return sorted(n for n in names if any(k in n.lower() for k in ("fmha", "cutlass", "attention", "cudnn", "flash",
+                                                                 "sdpa")))
+
+
+def _kernel_kind(names: list[str]) -> str:
+    joined = " ".join(names).lower()
+    kinds = [kind for kind, key in (("memory-efficient", "fmha"), ("cuDNN", "cudnn"), ("flash", "flash"))
+             if key in joined]
+    return "+".join(kinds) or "none of memory-efficient/cuDNN/flash (math?)"
+
+
+def check_llada2_tiny(device_under_test: str, dut: str) -> None:
+    """Section 8, checks 1-2: builtin:tiny-llada2 in fp32 on the device against the CPU: the block-diffusion
+    loss and its gradients, and the block sampler's tokens (with and without the prefix cache)."""
+    from t3s_ray.models import fill_token_id
+    from t3s_ray.t3s.diffusion import block_diffusion_generate, denoiser_loss, diffusion_batch
+
+    tok = load_tokenizer("builtin:tiny-llada2")
+    models_by_device = {d: load_model("builtin:tiny-llada2", dtype="float32").to(d) for d in ("cpu", device_under_test)}
+    fill = fill_token_id(models_by_device["cpu"], tok)
+    ids, attention, target, forced = _llada2_rows(len(tok), [40, 33, 21], 8, torch.Generator().manual_seed(0))
+    worst = []
+    for layout, fill_on in (("block", True), ("block", False), ("full", True)):
+        batch = diffusion_batch(ids, attention, target, forced, mask_id=tok.mask_token_id, fill_id=fill, block_size=8,
+                                layout=layout, fill=fill_on, generator=torch.Generator().manual_seed(1))
+        got = {}
+        for device, model in models_by_device.items():
+            model.zero_grad(set_to_none=True)
+            loss, logprobs = denoiser_loss(model, _to(batch, device), chunk_size=16)
+            loss.backward()
+            got[device] = (float(loss.detach()), logprobs.cpu(), {n: p.grad.cpu() for n, p in model.named_parameters()
+                                                         if p.grad is not None})
+        (l_cpu, lp_cpu, g_cpu), (l_dut, lp_dut, g_dut) = got["cpu"], got[device_under_test]
+        gdiff = max((g_cpu[n] - g_dut[n]).abs().max().item() / max(g_cpu[n].abs().max().item(), 1e-12) for n in g_cpu)
+        worst.append((layout, fill_on, abs(l_cpu - l_dut) / abs(l_cpu), (lp_cpu - lp_dut).abs().max().item(), gdiff,
+                      set(g_cpu) == set(g_dut), l_cpu))
+    ok = all(ld < 1e-5 and lpd < 1e-4 and gd < 1e-3 and same for _, _, ld, lpd, gd, same, _ in worst)
+    check(f"tiny-llada2 block-diffusion loss and gradients, {dut} fp32 vs CPU (layouts block, block without fill, "
+          "full)", ok, "; ".join(f"{lay}{'' if f else ' no fill'}: loss {lc:.4f} rel diff {ld:.1e}, logprobs "
+                                 f"{lpd:.1e}, gradients max rel {gd:.1e}" for lay, f, ld, lpd, gd, _, lc in worst))
+    prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    eos = {tok.eos_token_id, fill}
+    out = {}
+    for device, model in models_by_device.items():
+        for cache in (True, False):
+            out[device, cache] = [o["token_ids"] for o in block_diffusion_generate(
+                model.eval(), prompts, 24, mask_id=tok.mask_token_id, eos_ids=eos, block_length=8, threshold=0.95,
+                use_cache=cache)]
+    same = out["cpu", True] == out[device_under_test, True] == out[device_under_test, False] == out["cpu", False]
+    check(f"tiny-llada2 block sampler greedy, {dut} vs CPU, prefix cache vs none", same,
+          f"{sum(len(t) for t in out['cpu', True])} tokens; {dut} cached vs CPU "
+          f"{sum(a == b for a, b in zip(out['cpu', True], out[device_under_test, True]))}/3, {dut} cached vs "
+          f"uncached {sum(a == b for a, b in zip(out[device_under_test, True], out[device_under_test, False]))}/3 "
+          "sequences equal")
+
+
+def _llada2_train(config, device: torch.device, length: int, prompt: int, chunk: int) -> dict:
+    """Build, shard and run 3 block-diffusion steps (1 profiled warm-up + 2 timed) of ``config``; on CUDA
+    with SDPA restricted to the memory-efficient and cuDNN kernels. Returns the times, losses, peak,
+    parameter count, the error that stopped it (None) and what each SDPA backend does with the mask."""
+    import contextlib
+
+    from t3s_ray import distributed
+    from t3s_ray.models import empty_model_from_config
+    from t3s_ray.t3s.diffusion import diffusion_batch
+    from t3s_ray.worker import fsdp_units
+
+    if not torch.distributed.is_initialized():  # section 4 starts it; this runs on its own too
+        distributed.init_process_group(device, timeout_s=300)
+    model = empty_model_from_config(config, attn_implementation="sdpa")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    root = _Denoiser(model, chunk)
+    distributed.shard_model(root, fsdp_units(model), bf16_compute=True)
+    distributed.materialize(root, device)
+    with torch.no_grad():
+        for name, param in root.named_parameters():
+            param.fill_(1.0) if "norm" in name else param.normal_(0.0, 0.02)
+    root.train()
+    optimizer = torch.optim.AdamW(root.parameters(), lr=1e-5, betas=(0.9, 0.95), fused=device.type == "cuda")
+    generator = torch.Generator().manual_seed(0)
+    ids, attention, target, forced = _llada2_rows(config.vocab_size, [length], prompt, generator)
+    batch = _to(diffusion_batch(ids, attention, target, forced, mask_id=config.vocab_size - 2,
+                                fill_id=config.pad_token_id, block_size=32, generator=generator), device)
+    out = {"n_params": sum(p.numel() for p in root.parameters()), "backends": {}, "default": [], "kernels": [],
+           "error": None, "steps": []}
+    allowed = contextlib.nullcontext()
+    if device.type == "cuda":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        # What each allowed backend does with the layout's attention alone (forward and backward), and
+        # what SDPA picks unrestricted.
+        q = torch.randn(1, config.num_attention_heads, 2 * length, config.head_dim, device=device,
+                        dtype=torch.bfloat16, requires_grad=True)
+
+        def attend():
+            torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=batch.attention_mask).sum().backward()
+
+        for name, backend in (("memory-efficient", SDPBackend.EFFICIENT_ATTENTION),
+                              ("cuDNN", SDPBackend.CUDNN_ATTENTION)):
+            try:
+                with sdpa_kernel([backend]):
+                    attend()
+                out["backends"][name] = "runs"
+            except RuntimeError as e:
+                out["backends"][name] = f"refused ({str(e).splitlines()[0][:80]})"
+        out["default"] = _sdpa_kernels(attend)
+        del q
+        allowed = sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION])
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def step() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        loss = root(batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(root.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        out["steps"].append((time.perf_counter() - started, float(loss.detach())))
+
+    try:
+        with allowed:
+            if device.type == "cuda":
+                out["kernels"] = _sdpa_kernels(step)  # the warm-up step, profiled
+            else:
+                step()
+            step()
+            step()
+    except RuntimeError as e:  # "No available kernel": the math fallback was the only one left
+        out["error"] = str(e).splitlines()[0][:200]
+    out["peak"] = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else float("nan")
+    return out
+
+
+def _llada2_sample(config, device: torch.device, rows: int, prompt: int, answer: int) -> dict[bool, tuple]:
+    """The block sampler on an unsharded bf16 model of ``config`` (initialised on the device), greedy at
+    threshold 0.95, with the prefix cache and without (after a warm-up run on CUDA): per mode (seconds,
+    tokens, stats, token ids)."""
+    from t3s_ray.llada2 import LLaDA2MoeModelLM
+    from t3s_ray.t3s.diffusion import block_diffusion_generate
+
+    torch.manual_seed(0)
+    with device:
+        model = LLaDA2MoeModelLM._from_config(config, attn_implementation="sdpa").to(torch.bfloat16).eval()
+    generator = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(8, config.vocab_size - 8, (prompt + 7 * i,), generator=generator).tolist()
+               for i in range(rows)]
+    runs = {}
+    for cache in (True, False, True) if device.type == "cuda" else (True, False):  # the first warms CUDA up
+        stats: dict = {}
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        out = block_diffusion_generate(model, prompts, answer, mask_id=config.vocab_size - 2, eos_ids=set(),
+                                       block_length=32, threshold=0.95, use_cache=cache, stats=stats)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        runs[cache] = (time.perf_counter() - started, sum(len(o["token_ids"]) for o in out), stats,
+                       [o["token_ids"] for o in out])
+    return runs
+
+
+def check_llada2_mini(device_under_test: str, dut: str, small: bool) -> None:
+    """Section 8, checks 3-5: a LLaDA2.0-mini-width model cut to 2 layers (dense + 256-expert MoE) under
+    FSDP2 world 1, bf16 compute over fp32 masters, per-layer activation checkpointing: one block-diffusion
+    step at L = 8,192 (2L = 16,384 through the decoder), its peak memory and time, with SDPA restricted to
+    the memory-efficient and cuDNN kernels (a math fallback would raise) and the kernels that ran named;
+    then the block sampler's tokens/s with and without the prefix cache (bf16, greedy, threshold 0.95: a
+    random model passes none, one token a step, the slowest regime). The dry run: a small width, L = 128."""
+    from t3s_ray.llada2 import LLaDA2MoeConfig
+
+    config = LLaDA2MoeConfig(**(LLADA2_SMALL if small else LLADA2_MINI_2L))
+    length, prompt = (128, 32) if small else (8192, 1024)
+    device = torch.device(device_under_test, torch.cuda.current_device()) if device_under_test == "cuda" \
+        else torch.device("cpu")
+    got = _llada2_train(config, device, length, prompt, chunk=32 if small else 2048)
+    gc.collect()  # FSDP2 modules sit in reference cycles
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    times, losses = [t for t, _ in got["steps"][1:]], [lo for _, lo in got["steps"]]
+    finite = len(losses) == 3 and all(math.isfinite(lo) for lo in losses)
+    detail = got["error"] or (
+        f"step {statistics.median(times):.2f} s ({2 * length / statistics.median(times):,.0f} tokens/s through the "
+        f"decoder), loss {losses[0]:.3f} -> {losses[-1]:.3f}, peak allocated "
+        + (f"{got['peak']:.1f} GB" if device.type == "cuda" else "n/a on the CPU"))
+    cuda = device.type == "cuda"
+    check(f"LLaDA2.0-mini width, 2 layers (dense + {config.num_experts} experts, {got['n_params'] / 1e6:,.1f}M "
+          f"params), block-diffusion step at L = {length} (2L = {2 * length}), FSDP2 world 1, bf16/fp32-master/AC, "
+          f"SDPA {'memory-efficient or cuDNN only' if cuda else 'as the CPU picks'}", got["error"] is None and finite,
+          detail + (f"; attention kernels of the step: {_kernel_kind(got['kernels'])}" if cuda else ""))
+    if cuda:
+        check("SDPA with the block-diffusion mask: no math fallback", got["error"] is None and
+              _kernel_kind(got["kernels"]) != _kernel_kind([]),
+              f"alone: {', '.join(f'{k} {v}' for k, v in got['backends'].items())}; SDPA's own choice: "
+              f"{_kernel_kind(got['default'])} ({', '.join(got['default'])[:200]}); the step's: "
+              f"{', '.join(got['kernels'])[:200]}")
+    rows, prompt, answer = (2, 40, 48) if small else (8, 256, 128)  # prompts spanning blocks, answers several
+    runs = _llada2_sample(config, device, rows, prompt, answer)
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    (t_c, n_c, s_c, tok_c), (t_n, n_n, s_n, tok_n) = runs[True], runs[False]
+    agree = sum(a == b for x, y in zip(tok_c, tok_n) for a, b in zip(x, y)) / max(1, sum(len(x) for x in tok_c))
+    check(f"LLaDA2.0-mini-width block sampler, {rows} rows x {answer} tokens, bf16: tokens/s with and without the "
+          "prefix cache", n_c == n_n == rows * answer, f"cache {n_c / t_c:,.1f} tokens/s ({s_c['tokens_run']:,} tokens "
+          f"run in {s_c['forwards']} forwards), no cache {n_n / t_n:,.1f} tokens/s ({s_n['tokens_run']:,} in "
+          f"{s_n['forwards']}): {t_n / t_c:.2f}x; the same tokens at {agree:.1%} of the positions (bf16 rounds "
+          "the two differently)")
+
+
 def main() -> int:
     # --device cpu runs every comparison CPU against CPU: a dry run of this script without a GPU.
     device_under_test = sys.argv[sys.argv.index("--device") + 1] if "--device" in sys.argv else "cuda"
@@ -658,13 +936,16 @@ def main() -> int:
     check_step_vs_hf(device_under_test, small=small)
     section(7, "the fused loss at Qwen3-8B's lm-head shape: chunk size")
     check_loss_chunks(device_under_test, small=small)
-    section(8, "what this ran without")
+    section(8, "LLaDA2: block-diffusion training and the block sampler")
+    check_llada2_tiny(device_under_test, dut)
+    check_llada2_mini(device_under_test, dut, small=small)
+    section(9, "what this ran without")
     imported = sorted(m for m in ABSENT if m in sys.modules)
     check("nothing imported Ray, vLLM, pyarrow, datasets, math-verify or matplotlib", not imported,
           f"imported: {imported or 'none'}")
 
     if device_under_test == "cuda":
-        section(9, "bench/confidence_memory.py on CUDA")
+        section(10, "bench/confidence_memory.py on CUDA")
         proc = subprocess.run([sys.executable, str(ROOT / "bench" / "confidence_memory.py")], capture_output=True,
                               text=True)
         print(proc.stdout[-3000:], proc.stderr[-2000:], flush=True)

@@ -90,7 +90,7 @@ def main() -> int:
     args = ap.parse_args()
     spec = GenerationSpec(ModelConfig(ref=args.model),
                           EngineConfig(backend=args.backend, batch_size=args.batch_size, max_model_len=1024),
-                          SamplingConfig(samples=args.samples, max_tokens=args.max_tokens))
+                          SamplingConfig(samples=args.samples, max_tokens=args.max_tokens), logprobs=True)
     rows = arith_rows("train", args.prompts)
     requests, errors = prepare_requests(rows, spec, load_tokenizer(args.model))
     assert not errors, errors

@@ -33,6 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     models_sub = p_models.add_subparsers(dest="models_command", required=True)
     p_prepare = models_sub.add_parser("prepare", help="materialise a model ref and print its folder")
     p_prepare.add_argument("ref", help="builtin:NAME, a hub id or a local folder")
+    p_export = models_sub.add_parser(
+        "export", help="write a sharded training checkpoint as a Hugging Face model folder (safetensors in the "
+                       "student's dtype, config, tokenizer) that transformers and vLLM load")
+    p_export.add_argument("checkpoint", help="a checkpoint folder (train/ray_train/checkpoint_step-N), or a "
+                                             "training folder (train/, probe/): its latest checkpoint")
+    p_export.add_argument("out", help="the new model folder (must not exist, or be empty)")
 
     p_report = sub.add_parser("report", help="plots and a summary page of a `t3s run` folder")
     p_report.add_argument("run_dir", help="the run folder (output_dir/name)")
@@ -42,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_args(p_stage)
         if name == "eval":
             p_stage.add_argument("--model", help="model ref or checkpoint folder (default: the run's trained "
-                                 "student, else student.ref)")
+                                 "student, else student.ref), or a model behind an OpenAI-compatible server: "
+                                 "openai:NAME (at eval.endpoint) or openai:NAME@BASE_URL")
             p_stage.add_argument("--label", help="name of the results folder run_dir/eval/LABEL")
         if name in ("traces", "train", "eval", "run"):
             p_stage.add_argument("--restart", action="append", default=[], metavar="STAGE",
@@ -151,6 +158,11 @@ def _main(args: argparse.Namespace) -> int:
         print(_load_config(args).to_yaml(), end="")
         return 0
     if args.command == "models":
+        if args.models_command == "export":
+            from .export import export_checkpoint
+
+            print(export_checkpoint(args.checkpoint, args.out))
+            return 0
         from .models import resolve
 
         print(resolve(args.ref))
@@ -173,6 +185,9 @@ def _main(args: argparse.Namespace) -> int:
 
 def _restart_and_run(cfg, args: argparse.Namespace) -> None:
     """``--restart`` (the stages it names are removed first), then the stage."""
+    from .runfolder import check_output_dir
+
+    check_output_dir(cfg)
     if getattr(args, "restart", None):
         from .pipeline import seed_config
         from .runfolder import restart

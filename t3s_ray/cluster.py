@@ -1,15 +1,35 @@
 """Connecting to a Ray cluster, or starting an embedded local one, with the workers' runtime_env.
 
-Address resolution: ``ray.address`` in the config, else ``RAY_ADDRESS`` (set by ``ray job submit``
-and by ``ray start`` users), else an embedded local Ray sized to this machine. Every worker gets
-the thread counts, the builtin-model cache path and the Hugging Face offline flag of the driver
-through ``runtime_env.env_vars``, so a builtin model materialised by the driver is found by workers.
+Which Ray a command runs on (``ray_session``), in order:
+
+* ``ray.address`` in the config, else ``RAY_ADDRESS`` (set by ``ray job submit`` and by ``ray start``
+  users): that cluster. ``ray.address: local`` always starts a private instance.
+* Without either, a cluster started with ``ray start`` on this machine (Ray records it in
+  ``$RAY_TMPDIR/ray/ray_current_cluster``, default ``/tmp/ray``) whose GCS answers: the command joins
+  it, as a bare ``ray.init()`` would, and says so in one line. Its CPUs and GPUs are that cluster's
+  (``ray.num_cpus`` / ``ray.num_gpus`` size only a private instance: Ray refuses them when joining),
+  and two commands joining it share its resources instead of each counting all the machine's cores.
+* Else a private local instance sized by ``ray.num_cpus`` / ``ray.num_gpus``.
+
+Several Ray instances on one machine (two t3s commands at once, each with its private instance, or
+one beside a ``ray start`` cluster) confuse the code inside Ray that finds "the" local cluster by
+itself: the State API that Ray Train's placement-group cleaner polls for its controller found several
+GCS processes and failed ("Found multiple active Ray instances"), or, with a ``ray start`` cluster up,
+would ask that cluster about the controller of another one, find it missing and remove the live
+training's placement group. So every worker is told its own cluster: ``RAY_ADDRESS`` (the GCS) when
+joining, ``RAY_API_SERVER_ADDRESS`` (its dashboard, on a port chosen here before it starts) for a
+private instance; the driver gets the same for the length of the session.
+
+Every worker also gets the thread counts, the builtin-model cache path and the Hugging Face offline
+flag of the driver through ``runtime_env.env_vars``, so a builtin model materialised by the driver is
+found by workers.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from typing import Any, Iterator
 
 from .config import RayConfig
@@ -35,14 +55,78 @@ def runtime_env(cfg: RayConfig) -> dict[str, Any]:
 
 
 def resolve_address(cfg: RayConfig) -> str | None:
+    """The address the config or ``RAY_ADDRESS`` names (``local``: a private instance), else None."""
     return cfg.address or os.environ.get("RAY_ADDRESS") or None
+
+
+def running_local_cluster() -> str | None:
+    """The GCS address of a cluster started with ``ray start`` on this machine, when its GCS accepts a
+    connection (a record left by a cluster that died without ``ray stop`` does not count): Ray's own
+    record of it, the one a bare ``ray.init()`` joins."""
+    import socket
+
+    from ray._private.services import find_bootstrap_address
+
+    address = find_bootstrap_address(None)
+    if not address:
+        return None
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=2):
+            return address
+    except (OSError, ValueError):
+        return None
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _driver_env(env: dict[str, str]) -> Iterator[None]:
+    """``env`` set in the driver's own environment for the block, the values of before restored after."""
+    before = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def _without_multiple_instances_warning() -> Iterator[None]:
+    """Ray's own join (``ray.init()`` without an address) warns when other instances run beside the
+    ``ray start`` cluster it joins ("Found multiple active Ray instances ... Connecting to latest
+    cluster"): the line of :func:`ray_session` already names the cluster joined."""
+    import logging
+
+    class Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "Found multiple active Ray instances" not in record.getMessage()
+
+    logger, drop = logging.getLogger("ray._private.services"), Drop()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 @contextlib.contextmanager
 def ray_session(cfg: RayConfig) -> Iterator[dict[str, Any]]:
-    """Use the Ray instance already initialised, or connect/start one for the duration of the block.
+    """Use the Ray instance already initialised, or connect to / join / start one (the rule of the
+    module docstring) for the duration of the block.
 
-    Yields a dict with ``address`` (None when embedded) and ``started`` (whether this call started it).
+    Yields a dict with ``address`` (None for a private instance), ``started`` (whether this call
+    connected or started it) and ``joined`` (the ``ray start`` cluster it joined, else None).
     """
     import ray
 
@@ -50,19 +134,36 @@ def ray_session(cfg: RayConfig) -> Iterator[dict[str, Any]]:
 
     quiet_user_error_tracebacks()
     if ray.is_initialized():
-        yield {"address": resolve_address(cfg), "started": False}
+        yield {"address": resolve_address(cfg), "started": False, "joined": None}
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = resolve_address(cfg)
-    kwargs: dict[str, Any] = {"namespace": cfg.namespace, "runtime_env": runtime_env(cfg),
-                              "log_to_driver": True}
-    if address:
-        ray.init(address=address, **kwargs)
+    joined = running_local_cluster() if address is None else None
+    env = worker_env(cfg)
+    own: dict[str, str] = {}  # what tells a worker (and the driver) which cluster is its own
+    if joined:
+        own["RAY_ADDRESS"] = joined
+        sized = [k for k in ("num_cpus", "num_gpus") if getattr(cfg, k) is not None]
+        ignored = f" ({' and '.join('ray.' + k for k in sized)} ignored)" if sized else ""
+        print(f"[ray] joining the Ray cluster started with `ray start` on this machine ({joined}), with its CPUs "
+              f"and GPUs{ignored}; set ray.address: local for a private instance", file=sys.stderr, flush=True)
+        kwargs: dict[str, Any] = {}  # ray.init()'s own join, which also picks up the cluster's auth token
+    elif address and address != "local":
+        kwargs = {"address": address}
     else:
-        # The dashboard serves the State API that Ray Train uses to watch its controller.
-        ray.init(num_cpus=cfg.num_cpus or os.cpu_count(), num_gpus=cfg.num_gpus, **kwargs)
+        # The dashboard serves the State API that Ray Train uses to watch its controller; on a port
+        # known before it starts, so that every worker can be pointed at it.
+        port = _free_port()
+        own["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        kwargs = {"address": "local", "num_cpus": cfg.num_cpus or os.cpu_count(), "num_gpus": cfg.num_gpus,
+                  "dashboard_host": "127.0.0.1", "dashboard_port": port}
+    env.update({k: v for k, v in own.items() if k not in cfg.env_vars})
+    with _without_multiple_instances_warning():
+        ray.init(namespace=cfg.namespace, runtime_env={"env_vars": env}, log_to_driver=True, **kwargs)
+    # (After the init: a RAY_ADDRESS seen by ray.init() would make its join an explicit address.)
     try:
-        yield {"address": address, "started": True}
+        with _driver_env(own):
+            yield {"address": address if address != "local" else None, "started": True, "joined": joined}
     finally:
         ray.shutdown()
 

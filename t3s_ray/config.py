@@ -46,10 +46,13 @@ class RayConfig:
     """Where the stages run.
 
     Attributes:
-        address: Ray cluster address (``auto``, ``ray://host:10001``, ``host:6379``). Empty: use the
-            ``RAY_ADDRESS`` environment variable, and with neither start an embedded local Ray.
-        num_cpus: CPUs of the embedded local Ray instance (empty: all of this machine's cores).
-        num_gpus: GPUs of the embedded local Ray instance (empty: Ray detects them).
+        address: Ray cluster address (``auto``, ``ray://host:10001``, ``host:6379``), or ``local``: a
+            private local instance, always. Empty: the ``RAY_ADDRESS`` environment variable; with
+            neither, a cluster started with ``ray start`` on this machine is joined (one line says so),
+            else a private local instance starts.
+        num_cpus: CPUs of a private local Ray instance (empty: all of this machine's cores; a
+            cluster that is joined has its own).
+        num_gpus: GPUs of a private local Ray instance (empty: Ray detects them).
         omp_num_threads: OMP/MKL thread count passed to every Ray worker through ``runtime_env``.
         env_vars: Extra environment variables for every Ray worker (``runtime_env.env_vars``).
         namespace: Ray namespace, so named actors of different runs do not collide.
@@ -80,7 +83,7 @@ class ModelConfig:
     Attributes:
         ref: Model reference: a Hugging Face hub id, a local folder (for example a training
             checkpoint's ``model/`` folder), or a builtin (``builtin:smollm2-135m-instruct``,
-            ``builtin:tiny-llama``, ``builtin:tiny-qwen3``, ``builtin:tiny-dllm``).
+            ``builtin:tiny-llama``, ``builtin:tiny-qwen3``, ``builtin:tiny-dllm``, ``builtin:tiny-llada2``).
         revision: Hub revision (branch, tag or commit) for hub ids.
         dtype: Weights dtype when loading: ``auto``, ``float32``, ``bfloat16`` or ``float16``.
         trust_remote_code: Run the model repository's own Python code. Off unless you trust the
@@ -112,7 +115,8 @@ class StudentConfig(ModelConfig):
         dtype: Dtype of the trained models written out (final, probe and stop-point models):
             ``auto`` (the dtype θ0 is stored in), ``float32``, ``bfloat16`` or ``float16``. Training
             itself keeps fp32 master weights whatever this says (``train.dtype`` sets the compute).
-        trust_remote_code: Run the model repository's own Python code (needed by LLaDA).
+        trust_remote_code: Run the model repository's own Python code (needed by LLaDA; LLaDA2 and
+            Ling 2.0 always load with the project's own class, whatever this says).
         kind: ``ar`` for an autoregressive student, ``dllm`` for a masked-diffusion student
             (forced-mask loss).
         selector_ref: For ``kind: dllm``: the autoregressive model that shares the student's
@@ -121,7 +125,22 @@ class StudentConfig(ModelConfig):
         attn_implementation: Attention kernel of the student in training, passed to
             ``from_pretrained``: ``sdpa`` (PyTorch's, everywhere), ``eager``, ``flash_attention_2``
             / ``flash_attention_3`` (the ``flash-attn`` package, GPU; micro-batches are then
-            padding-free: see ``train.padding_free``) or ``flex_attention``.
+            padding-free: see ``train.padding_free``) or ``flex_attention``. A LLaDA2 student takes
+            ``sdpa`` or ``eager``: flash attention cannot take its 4-D masks.
+        dllm_attention: For ``kind: dllm``: how the denoiser sees the row in training.
+            ``block_diffusion`` (LLaDA2's regime, as inclusionAI's dFactory trains it): the row is cut
+            into blocks of ``block_size`` from position 0 and laid out ``[noisy ; clean]`` (twice its
+            length, positions repeated); a noisy block sees itself and the clean blocks before it,
+            which is what the block sampler gives it when decoding. ``full``: the noisy row alone,
+            every token seeing every token (LLaDA's regime). ``auto``: ``block_diffusion`` for a LLaDA2
+            student (``model_type: llada2_moe``, read from its config when training starts), ``full``
+            for any other diffusion LM. ``block_diffusion`` needs a LLaDA2 student.
+        block_size: LLaDA2 students: training blocks of this many tokens, counted from each row's
+            first token (dFactory: 32; decode with the same ``eval.diffusion_block_length``).
+        eos_fill: LLaDA2 students: each row's tail up to the end of its last block is filled with
+            the EOS fill token (the model config's ``pad_token_id``: LLaDA2.0's end-of-text token,
+            156892), maskable and supervised like the answer (dFactory's: the model learns to end an answer inside its
+            block). false: that tail is hidden from every token and never supervised.
     """
 
     ref: str = "builtin:smollm2-135m-instruct"
@@ -129,11 +148,22 @@ class StudentConfig(ModelConfig):
     selector_ref: Optional[str] = None
     mask_token: Optional[str] = None
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"] = "sdpa"
+    dllm_attention: Literal["auto", "block_diffusion", "full"] = "auto"
+    block_size: int = 32
+    eos_fill: bool = True
 
     def check(self) -> list[tuple[str, str]]:
         errs = super().check()
         if self.kind == "dllm" and not self.selector_ref:
             errs.append(("selector_ref", "is required when kind is 'dllm' (an AR model with the same tokenizer)"))
+        if self.block_size < 1:
+            errs.append(("block_size", "must be >= 1"))
+        if self.kind == "ar" and self.dllm_attention != "auto":
+            errs.append(("dllm_attention", f"is {self.dllm_attention!r}, but kind is 'ar': an autoregressive "
+                         "student trains causally (dllm_attention is for kind: dllm)"))
+        if self.dllm_attention == "block_diffusion" and self.attn_implementation.startswith("flash_attention"):
+            errs.append(("attn_implementation", f"{self.attn_implementation} cannot take block diffusion's 4-D "
+                         "boolean mask: use sdpa (PyTorch's memory-efficient kernel takes it)"))
         return errs
 
 
@@ -144,15 +174,26 @@ class DataConfig:
     Attributes:
         source: ``builtin:arith`` (offline arithmetic word problems), ``builtin:lab`` (the
             imitation-shock lab's 1-4-step problems, ``t3s_ray/lab.py``), a local ``.jsonl``,
-            ``.json`` or ``.parquet`` file, or a Hugging Face dataset id.
+            ``.json``, ``.parquet``, ``.csv`` or ``.arrow`` file or a glob of them
+            (``data/part-*.parquet``), a format name (``json``, ``parquet``, ``csv``, ``arrow``) with
+            ``data_files``, or a Hugging Face dataset id. Everything but the builtins is read with
+            ``datasets.load_dataset``.
+        data_files: Several local files or globs read as one dataset, in the order listed (a glob's
+            matches sorted by name), with ``source`` naming their format; with a hub id as
+            ``source``: the files of its repository to read (``data/train-0000*.parquet``).
+        revision: Hub dataset revision (branch, tag or commit) to read.
         split: Split to read (hub datasets and the builtins: ``train`` or ``test``).
         subset: Hub dataset configuration name, if it has several.
+        streaming: Stream a hub dataset instead of downloading it into the ``datasets`` cache:
+            with ``limit``, only the files its first rows need are fetched. Local files are always
+            streamed (read in place, no cache copy); the rows are the same either way.
         id_field: Column holding a unique id per prompt (empty: the row number).
         prompt_field: Column holding the prompt: text, or a list of chat messages.
         answer_field: Column holding the gold answer (empty when there is none).
         system_prompt: System message placed before each prompt when a chat template is used.
         prompt_suffix: Text appended to every prompt (for example an answer-format instruction).
-        limit: Read at most this many prompts (empty: all).
+        limit: Read at most this many prompts, the first ones (empty: all); the rows after them are
+            never read into memory (a hub split is sliced, local files stop being read).
         builtin_size: Number of prompts per split of ``builtin:arith`` / ``builtin:lab``.
         builtin_seed: Seed of ``builtin:arith`` / ``builtin:lab``.
         builtin_steps: Additions/subtractions per ``builtin:arith`` problem (1: "Ana has 7 coins.
@@ -171,8 +212,11 @@ class DataConfig:
     """
 
     source: str = "builtin:arith"
+    data_files: Optional[Union[str, list[str]]] = None
+    revision: Optional[str] = None
     split: str = "train"
     subset: Optional[str] = None
+    streaming: bool = False
     id_field: Optional[str] = "id"
     prompt_field: str = "prompt"
     answer_field: Optional[str] = "answer"
@@ -191,6 +235,9 @@ class DataConfig:
         errs = []
         if not self.source.strip():
             errs.append(("source", "must not be empty"))
+        if self.data_files is not None and (not self.data_files or self.source.startswith("builtin:")):
+            errs.append(("data_files", "needs a format name (json, parquet, csv, arrow) or a hub id as data.source"
+                         if self.data_files else "must name at least one file or glob"))
         if self.limit is not None and self.limit < 1:
             errs.append(("limit", "must be >= 1"))
         for name in ("builtin_size", "builtin_steps"):
@@ -208,8 +255,9 @@ class DataConfig:
 
 @dataclass
 class EndpointConfig:
-    """An OpenAI-compatible server that samples the teacher's traces (``traces.engine.backend: openai``):
-    ``vllm serve``, SGLang, DeepSeek's API, ...
+    """An OpenAI-compatible server (``vllm serve``, SGLang, DeepSeek's API, ...): ``traces.endpoint``
+    samples the teacher's traces (``traces.engine.backend: openai``); ``eval.endpoint`` serves a model
+    that is evaluated (``eval.engine.backend: openai``, or ``t3s eval --model openai:NAME``).
 
     Attributes:
         base_url: The API root, up to and including ``/v1`` (``http://127.0.0.1:8000/v1``,
@@ -225,7 +273,8 @@ class EndpointConfig:
         timeout_s: Seconds one request may take before it counts as failed (and is retried).
         backoff_s: First retry delay; each further retry doubles it (with jitter), up to 60 s.
         request_logprobs: Ask for the sampled tokens' log-probabilities (and ``traces.topk_logprobs``
-            alternatives). DeepSeek's reasoner API refuses the parameter: set false there.
+            alternatives; an evaluation counts generated tokens by them). DeepSeek's reasoner API
+            refuses the parameter: set false there.
         send_seed: Send each sample's seed (servers that ignore it sample as they like).
     """
 
@@ -277,7 +326,7 @@ class EngineConfig:
     Attributes:
         backend: ``vllm`` (vLLM engine actors through ``ray.data.llm``), ``hf`` (transformers
             ``generate`` in a Ray Data actor pool; runs anywhere) or ``openai`` (requests to the
-            OpenAI-compatible server of ``traces.endpoint``; traces only).
+            OpenAI-compatible server of the stage's ``endpoint``: traces and evaluation).
         concurrency: Number of engine actors the prompts are sharded over.
         batch_size: Requests per Ray Data batch sent to one engine actor.
         max_model_len: Longest prompt + generation an engine accepts; longer prompts are written to
@@ -352,7 +401,12 @@ class EvalEngineConfig(EngineConfig):
     """The evaluation's engine (and the static probe's, unless ``probe.engine`` overrides a key).
 
     Attributes:
-        backend: ``vllm`` or ``hf`` generation (as in ``traces.engine.backend``).
+        backend: ``vllm`` or ``hf`` generation (as in ``traces.engine.backend``), or ``openai``: the
+            evaluation's model is ``eval.endpoint.model`` on that server (``t3s eval`` without
+            ``--model``); local models need ``hf`` or ``vllm``. Whatever it says, a model named
+            ``openai:NAME`` (``t3s eval --model``) is requested from ``eval.endpoint``.
+        concurrency: Generation actors (``openai``: request actors, which share
+            ``eval.endpoint.max_concurrency``).
         max_model_len: Engine context length; longer prompts are counted as errors (scored wrong).
         num_gpus_per_actor: GPUs per generation actor (0 on CPU machines); TP × PP when that is > 1.
         seed_requests: ``backend: vllm``: send each sample's seed with its request (on by default,
@@ -361,7 +415,7 @@ class EvalEngineConfig(EngineConfig):
             their paired differences carry less sampling noise. ``hf`` always seeds.
     """
 
-    backend: Literal["vllm", "hf"] = "hf"
+    backend: Literal["vllm", "hf", "openai"] = "hf"
 
 
 @dataclass
@@ -373,8 +427,9 @@ class ProbeEngineConfig:
 
     Attributes:
         backend: Generation backend of the static probe's accuracy measurement (``vllm`` or ``hf``);
-            empty: ``eval.engine.backend``. (``switch: bottleneck`` samples inside the training
-            workers, from their own replica, with ``hf``.)
+            empty: ``eval.engine.backend``, or ``hf`` when that is ``openai`` (no endpoint serves the
+            probe's checkpoints). (``switch: bottleneck`` samples inside the training workers, from
+            their own replica, with ``hf``.)
         concurrency: Generation actors of the probe (empty: ``eval.engine.concurrency``).
         batch_size: Requests per engine batch (empty: ``eval.engine.batch_size``).
         engine_kwargs: Engine options (empty: ``eval.engine.engine_kwargs``).
@@ -507,27 +562,55 @@ class _FlatKeyReads:
         super().__setattr__(name, value)
 
 
+def is_template_text(value: str) -> bool:
+    """Whether ``traces.chat_template``'s string is the Jinja template itself, not a file name."""
+    return "{%" in value or "{{" in value
+
+
 @dataclass
 class TracesConfig(_FlatKeyReads):
     """Stage 1: sampling, verifying and keeping teacher traces.
 
     Attributes:
         source: ``generate`` samples traces from the teacher; ``dataset`` imports traces that the
-            dataset already holds (column ``response_field``).
+            dataset already holds (column ``response_field``, or the conversations of
+            ``messages_field``).
         response_field: For ``source: dataset``: the column holding the trace text.
         reasoning_field: For ``source: dataset``: a column holding the teacher's thinking that goes
             before ``response_field`` (s1K's ``deepseek_thinking_trajectory``); the trace becomes
             ``<think>\n{thinking}\n</think>\n\n{response}``, the layout Qwen3's chat template
-            renders (an OpenAI endpoint's ``reasoning_content`` is joined the same way).
+            renders (an OpenAI endpoint's ``reasoning_content`` is joined the same way). With
+            ``messages_field``: the key of the assistant message that holds its thinking (empty:
+            ``reasoning_content`` or ``reasoning`` where a message has one). A ``<think>`` block
+            inside the text is kept as it is, either way.
+        messages_field: For ``source: dataset``: a column holding each row's conversation, a list of
+            messages (OpenAI ``role`` / ``content``, or ShareGPT ``from`` / ``value`` with ``human``
+            / ``gpt``: OpenThoughts, Bespoke-Stratos, Mixture-of-Thoughts): the last assistant turn
+            is the trace, the turns before it the prompt (``data.prompt_field`` is not read).
+        message_role_key: With ``messages_field``: the key of a message's role (empty: ``role``, else
+            ``from``).
+        message_content_key: With ``messages_field``: the key of a message's text (empty: ``content``,
+            else ``value``).
+        message_roles: With ``messages_field``: the dataset's role names mapped to ``system``,
+            ``user`` and ``assistant`` (empty: ``human`` and ``user`` are the user, ``gpt`` and
+            ``assistant`` the assistant, ``system`` the system).
         endpoint: The server of ``engine.backend: openai``.
         engine: How the teacher is run: backend, actors, GPUs. A traces folder resumes under other
             values (``seed_requests`` aside).
         sampling: How the teacher samples: traces per prompt, temperature, top-p, length, seed.
-        chat_template: Format prompts with the teacher's chat template.
+        chat_template: How prompts are rendered, for the teacher's traces, the student's training
+            pairs and the evaluation: ``true``, each model's own chat template; ``false``, none (the
+            raw prompt text; the evaluation still uses the model's template); or a Jinja chat
+            template used instead of every model's own: a file (``templates/qwen3.jinja``) or the
+            template text itself (a string holding ``{%`` or ``{{``). With ``engine.backend:
+            openai`` the server renders prompts with its own template: only ``true`` applies.
+        chat_template_kwargs: Variables passed to every chat-template rendering (the teacher's, the
+            training pairs', the evaluation's; sent as ``chat_template_kwargs`` to an OpenAI-compatible
+            server, which vLLM and SGLang read), e.g. ``{enable_thinking: false}`` for Qwen3.
         topk_logprobs: Also store the teacher's top-k log-probabilities per generated token
             (0: off), for top-k distillation.
         verifier: How a trace is checked against the gold answer: ``math``, ``exact``,
-            ``choice`` (A-D) or ``none``.
+            ``choice`` (a letter A-D) or ``none``.
         keep: Which verified traces are kept: ``one_correct_random`` (the paper's: one correct
             trace per prompt, chosen with the seed), ``all_correct`` or ``all``.
     """
@@ -537,18 +620,40 @@ class TracesConfig(_FlatKeyReads):
     source: Literal["generate", "dataset"] = "generate"
     response_field: Optional[str] = None
     reasoning_field: Optional[str] = None
+    messages_field: Optional[str] = None
+    message_role_key: Optional[str] = None
+    message_content_key: Optional[str] = None
+    message_roles: Optional[dict[str, str]] = None
     endpoint: EndpointConfig = field(default_factory=EndpointConfig)
     engine: TracesEngineConfig = field(default_factory=TracesEngineConfig)
     sampling: TracesSamplingConfig = field(default_factory=TracesSamplingConfig)
-    chat_template: bool = True
+    chat_template: Union[bool, str] = True
+    chat_template_kwargs: Optional[dict[str, Any]] = None
     topk_logprobs: int = 0
     verifier: Literal["math", "exact", "choice", "none"] = "math"
     keep: Literal["one_correct_random", "all_correct", "all"] = "one_correct_random"
 
     def check(self) -> list[tuple[str, str]]:
         errs = []
-        if self.source == "dataset" and not self.response_field:
-            errs.append(("response_field", "is required when source is 'dataset'"))
+        if self.source == "dataset" and not (self.response_field or self.messages_field):
+            errs.append(("response_field", "is required when source is 'dataset' (or messages_field)"))
+        if self.response_field and self.messages_field:
+            errs.append(("messages_field", "takes the trace from the conversation: leave response_field empty"))
+        if self.messages_field and self.source != "dataset":
+            errs.append(("messages_field", "only applies with source: dataset"))
+        for key in ("message_role_key", "message_content_key", "message_roles"):
+            if getattr(self, key) and not self.messages_field:
+                errs.append((key, "only applies with messages_field"))
+        bad_roles = sorted({r for r in (self.message_roles or {}).values()} - {"system", "user", "assistant"})
+        if bad_roles:
+            errs.append(("message_roles", f"maps to {', '.join(bad_roles)}: each must map to system, user or assistant"))
+        if isinstance(self.chat_template, str):
+            if self.engine.backend == "openai" and self.source == "generate":
+                errs.append(("chat_template", "a template of your own does not reach the server of engine.backend: "
+                             "openai, which renders prompts with its own (use true)"))
+            elif not is_template_text(self.chat_template) and not Path(self.chat_template).expanduser().is_file():
+                errs.append(("chat_template", f"{self.chat_template!r} is neither true/false, a template file that "
+                             "exists, nor template text (with {% or {{)"))
         if self.topk_logprobs < 0:
             errs.append(("topk_logprobs", "must be >= 0"))
         if self.engine.max_model_len <= self.sampling.max_tokens:
@@ -809,6 +914,11 @@ class EvalConfig(_FlatKeyReads):
         engine: The generation engine: backend, actors, GPUs (the static probe's too, unless
             ``probe.engine`` overrides a key). An evaluation resumes under other values
             (``seed_requests`` aside).
+        endpoint: The OpenAI-compatible server of a model named ``openai:NAME``
+            (``eval.engine.backend: openai``: ``openai:{endpoint.model}``; ``t3s eval --model
+            openai:NAME[@BASE_URL]``): base URL, key variable, QPS, concurrency, retries, as
+            ``traces.endpoint``. Only the model's name enters the evaluation's settings. (``t3s run``'s
+            ``teacher`` row of an API teacher is requested from ``traces.endpoint``.)
         limit: Evaluate at most this many problems per benchmark (empty: all).
         pass_k: Which pass@k values to report (each <= ``sampling.samples``).
         trajectory_every: ``t3s run``: also save each trained method's model every this many steps
@@ -836,6 +946,7 @@ class EvalConfig(_FlatKeyReads):
     sources: dict[str, str] = field(default_factory=dict)
     sampling: EvalSamplingConfig = field(default_factory=EvalSamplingConfig)
     engine: EvalEngineConfig = field(default_factory=EvalEngineConfig)
+    endpoint: EndpointConfig = field(default_factory=EndpointConfig)
     limit: Optional[int] = None
     pass_k: list[int] = field(default_factory=lambda: [1])
     trajectory_every: int = 0
@@ -866,6 +977,8 @@ class EvalConfig(_FlatKeyReads):
             errs.append(("pass_k", f"every k must be in [1, samples={self.sampling.samples}]"))
         if self.limit is not None and self.limit < 1:
             errs.append(("limit", "must be >= 1"))
+        if self.engine.backend == "openai" and not self.endpoint.model:
+            errs.append(("endpoint.model", "is required with engine.backend: openai (the model name the server knows)"))
         return errs + engine_problems(self.engine, "eval.engine", key_prefix="engine.")
 
 
@@ -875,10 +988,11 @@ class BenchmarkConfig:
 
     Attributes:
         name: Name in score tables (unique within a run).
-        source: Hub dataset id, a local ``.jsonl`` / ``.json`` / ``.parquet`` file, ``builtin:arith``
-            or ``builtin:lab``.
+        source: Hub dataset id, a local ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` / ``.arrow``
+            file or a glob of them, ``builtin:arith`` or ``builtin:lab``.
         split: Dataset split.
         subset: Hub dataset configuration name (empty: the default).
+        revision: Hub dataset revision (branch, tag or commit; empty: the default branch).
         size: ``builtin:arith`` / ``builtin:lab`` only: how many problems to draw.
         steps: ``builtin:arith`` only: additions/subtractions per problem (as ``data.builtin_steps``).
         id_field: Column with a unique problem id (empty: the row number).
@@ -886,11 +1000,16 @@ class BenchmarkConfig:
         answer_field: Column with the gold answer (unused with ``choice_fields``).
         choice_fields: Multiple choice built from option columns, the correct option first: the
             options are shown as A, B, C, ... in an order shuffled per problem (seeded by its id)
-            and the gold answer is the correct option's letter.
+            and the gold answer is the correct option's letter. The ``choice`` verifier reads
+            exactly these letters (2 to 26 options: A-B up to A-Z).
+        num_choices: With ``verifier: choice`` and ``answer_field`` holding the gold letter: how
+            many options each problem offers, A, B, ... (2 to 26; empty: 4, A-D). The verifier reads
+            only those letters: another letter in an answer is no answer.
         system_prompt: System message (empty: none).
         prompt_template: The user turn; ``{prompt}`` is replaced by the problem and ``{choices}``
             by the lettered options.
-        verifier: ``math``, ``exact`` or ``choice``.
+        verifier: ``math``, ``exact`` or ``choice`` (a letter among the declared options:
+            ``choice_fields`` or ``num_choices``).
         samples: This benchmark's k (empty: ``eval.sampling.samples``).
         temperature: This benchmark's sampling temperature (empty: ``eval.sampling.temperature``).
         top_p: This benchmark's nucleus threshold (empty: ``eval.sampling.top_p``).
@@ -901,12 +1020,14 @@ class BenchmarkConfig:
     source: str = ""
     split: str = "test"
     subset: Optional[str] = None
+    revision: Optional[str] = None
     size: int = 100
     steps: int = 1
     id_field: Optional[str] = "id"
     prompt_field: str = "problem"
     answer_field: Optional[str] = "answer"
     choice_fields: list[str] = field(default_factory=list)
+    num_choices: Optional[int] = None
     system_prompt: Optional[str] = None
     prompt_template: str = "{prompt}"
     verifier: Literal["math", "exact", "choice"] = "math"
@@ -934,6 +1055,13 @@ class BenchmarkConfig:
             errs.append(("verifier", "must be 'choice' with choice_fields"))
         if not self.choice_fields and not self.answer_field:
             errs.append(("answer_field", "is required (or choice_fields)"))
+        if self.num_choices is not None:
+            if self.verifier != "choice":
+                errs.append(("num_choices", "only applies with verifier: choice"))
+            elif self.choice_fields:
+                errs.append(("num_choices", f"comes from choice_fields ({len(self.choice_fields)} options): leave it empty"))
+            elif not 2 <= self.num_choices <= 26:
+                errs.append(("num_choices", "must be 2 to 26 (A-B up to A-Z)"))
         for name in ("samples", "max_tokens"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 errs.append((name, "must be >= 1"))
@@ -1191,6 +1319,8 @@ class RunConfig:
             raise ValueError(f"no generation engine for stage {stage!r}")
         engine = dataclasses.asdict(self.eval.engine)
         if stage == "probe":
+            if engine["backend"] == "openai":  # no endpoint serves the probe's checkpoints
+                engine.update(backend="hf", engine_kwargs={})
             engine.update({k: v for k, v in dataclasses.asdict(self.probe.engine).items() if v is not None},
                           max_model_len=self.data.max_seq_len + self.probe.sampling.max_tokens)
         return EngineConfig(**engine)
@@ -1223,10 +1353,76 @@ class RunConfig:
         """Stable short hash of the given sections (all when none), to tell runs apart. The stage
         sections count under their flat keys (``flat_section``): the same settings, the same hash as
         before they had engine and sampling sections."""
-        d = {s: flat_section(s, v) if s in FLAT_KEYS else v for s, v in self.to_dict().items()}
+        values, defaults = self.to_dict(), RunConfig().to_dict()
+        for section, keys in HASH_OMITS_AT_DEFAULT.items():
+            if not section:  # top-level keys
+                values = {k: v for k, v in values.items() if not (k in keys and v == defaults[k])}
+                continue
+            values[section] = {k: v for k, v in values[section].items()
+                               if not (k in keys and v == defaults[section][k])}
+        d = {s: flat_section(s, v) if s in FLAT_KEYS else v for s, v in values.items()}
         if sections:
             d = {s: d[s] for s in sections}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# Keys added since manifests began to record ``RunConfig.hash``: left out of it while at their
+# defaults, so that a config that does not use them hashes as it did before they existed.
+HASH_OMITS_AT_DEFAULT = {
+    "data": ("data_files", "revision", "streaming"),
+    "traces": ("messages_field", "message_role_key", "message_content_key", "message_roles", "chat_template_kwargs"),
+    "student": ("dllm_attention", "block_size", "eos_fill"),
+    "eval": ("endpoint",),
+    "": ("report_to", "tracking"),  # top-level keys
+}
+
+
+@dataclass(frozen=True)
+class DiffusionTraining:
+    """How a LLaDA2 student's denoiser is trained, resolved from ``student`` and ``selection``
+    (:func:`diffusion_training`). The fields are the keyword arguments of
+    ``t3s.diffusion.diffusion_batch`` of the same names: ``diffusion_batch(..., **asdict(spec))``.
+
+    Attributes:
+        layout: ``block`` (``[noisy ; clean]`` under the block-diffusion mask) or ``full`` (the noisy
+            row alone, bidirectional).
+        block_size: Tokens a block, from each row's first token.
+        fill: Fill each row's last block with the EOS fill token, maskable and supervised.
+        mask_lo: Lower bound of the per-row masking rate σ.
+        mask_hi: Upper bound of the per-row masking rate σ.
+    """
+
+    layout: Literal["block", "full"]
+    block_size: int
+    fill: bool
+    mask_lo: float
+    mask_hi: float
+
+
+def diffusion_training(cfg: RunConfig, *, block_model: bool) -> DiffusionTraining | None:
+    """The student's block-diffusion training settings, with ``student.dllm_attention: auto`` resolved:
+    None for an autoregressive student and for a diffusion LM that is not trained by blocks (LLaDA,
+    BERT-style denoisers: their objective reads none of these keys).
+
+    ``block_model``: whether the student is a block-diffusion LM, read from its config by the caller
+    (``models.declares_block_diffusion``: LLaDA2); this layer reads no model. A ConfigError where the
+    settings cannot apply to that model: ``block_diffusion`` for another diffusion LM, flash attention
+    for a LLaDA2 student (its native class takes 4-D masks, which flash attention cannot)."""
+    s = cfg.student
+    if s.kind != "dllm":
+        return None
+    if not block_model:
+        if s.dllm_attention == "block_diffusion":
+            raise ConfigError(f"student.dllm_attention: block_diffusion is LLaDA2's training regime, but student.ref "
+                              f"{s.ref} is not a LLaDA2 model (model_type llada2_moe): set dllm_attention: full "
+                              "(or auto)")
+        return None
+    if s.attn_implementation.startswith("flash_attention"):
+        raise ConfigError(f"student.attn_implementation {s.attn_implementation}: the LLaDA2 student {s.ref} attends "
+                          "under explicit 4-D masks (block diffusion's, or a row's padding), which flash attention "
+                          "cannot take: use sdpa")
+    return DiffusionTraining(layout="full" if s.dllm_attention == "full" else "block", block_size=s.block_size,
+                             fill=s.eos_fill, mask_lo=cfg.selection.mask_lo, mask_hi=cfg.selection.mask_hi)
 
 
 # --------------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ __all__ = [
     "broadcast_object",
     "collective_device",
     "gather_full_state",
+    "gather_objects",
     "hybrid_mesh",
     "init_process_group",
     "initialized",
@@ -47,6 +48,7 @@ __all__ = [
     "load_sharded",
     "materialize",
     "read_sharded_model",
+    "sharded_model_keys",
     "reshard",
     "rng_state",
     "save_sharded",
@@ -117,6 +119,15 @@ def broadcast_object(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0, device=collective_device())
     return box[0]
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank (small picklable values: a sample's scores)."""
+    if not initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def init_process_group(device: torch.device, timeout_s: float = 1800) -> Ranks:
@@ -352,14 +363,27 @@ def load_sharded(folder: Path, module: torch.nn.Module, optimizer: torch.optim.O
     set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
-def read_sharded_model(folder: Path) -> dict[str, torch.Tensor]:
+def sharded_model_keys(folder: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The model's tensors in a :func:`save_sharded` checkpoint, read from its metadata alone: name
+    (as the saved module's ``state_dict`` has it) -> (full shape, saved dtype)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = dcp.FileSystemReader(str(folder)).read_metadata()
+    return {key[len("model."):]: (tuple(meta.size), meta.properties.dtype)
+            for key, meta in metadata.state_dict_metadata.items()
+            if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
+
+
+def read_sharded_model(folder: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The full model state of a :func:`save_sharded` checkpoint, in one process without a group
-    (inspection, tests, conversion to a Hugging Face folder)."""
-    import tempfile
+    (inspection, tests, ``t3s models export``). Only the model's tensors are read, not the optimizer's
+    (AdamW's two moments are twice the model), straight into their full tensors, each floating one in
+    ``dtype`` (default: as saved, the fp32 master weights): host memory is one copy of the model."""
+    import torch.distributed.checkpoint as dcp
 
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    with tempfile.TemporaryDirectory() as tmp:
-        target = Path(tmp) / "state.pt"
-        dcp_to_torch_save(str(folder), str(target))
-        return torch.load(target, map_location="cpu", weights_only=True)["model"]
+    state = {name: torch.empty(shape, dtype=dtype if dtype is not None and saved.is_floating_point else saved)
+             for name, (shape, saved) in sharded_model_keys(folder).items()}
+    with _single_process_quiet():
+        dcp.load({"model": state}, storage_reader=dcp.FileSystemReader(str(folder)), no_dist=True)
+    return state

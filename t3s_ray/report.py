@@ -2,11 +2,12 @@
 
 Figures, under ``RUN_DIR/report/``:
 
-* ``confidence_bifurcation.png``: the paper's figure. The kept traces are scored (token confidence
-  ``c_t = log p(y_t | y_<t, x)``) under θ0 and every probe checkpoint of the static protocol; tokens
-  are split by the T3S rule (Δc = c(θb) − c(θ0) > tau: imitation anchors, else yet-to-learn) and
-  their confidence is drawn over the probe steps: a sample of single-token trajectories and the
-  mean of each group.
+* ``confidence_bifurcation.png``: the paper's figure. The token confidences ``c_t = log p(y_t | y_<t, x)``
+  of the first kept traces (``train.PROBE_CONFIDENCE_SAMPLE``) under θ0 and every saved model of the
+  static probe, as the probe's ranks recorded them (``probe/confidences/``: the report loads no model);
+  tokens are split by the T3S rule (Δc = c(θb) − c(θ0) > tau: imitation anchors, else yet-to-learn)
+  and their confidence is drawn over the probe steps: a sample of single-token trajectories and the
+  mean of each group. A probe trained before the records existed: one line on the page instead.
 * ``train_curves.png``: loss of every trained method over steps, and the probe's train accuracy with
   the bottleneck θb marked.
 * ``anchor_fraction.png``: anchor and kept-token fractions over steps.
@@ -28,9 +29,10 @@ from typing import Any
 
 import numpy as np
 
-from .runfolder import RunLayout, TrainFolder, load_traces
-
-MAX_SCORED_EXAMPLES = 48  # the bifurcation figure scores at most this many traces per checkpoint
+from .data import token_classes
+from .probe_diagnostics import diagnostics_lines, read_diagnostics
+from .runfolder import RunLayout, TrainFolder, read_confidences, read_probe_result
+from .stats import format_paired, format_table
 
 
 def _plt():
@@ -62,80 +64,37 @@ def _method_dirs(run_dir: Path) -> dict[str, TrainFolder]:
 # --------------------------------------------------------------------------------------------
 
 
-def confidence_trajectories(cfg, run_dir: Path) -> dict[str, Any] | None:
-    """Per probe step, the confidences of the sampled traces' target tokens and the anchor split.
-
-    Returns None when the run has no static probe (nothing to draw the trajectories along)."""
-    import torch
-
-    from .batching import collate
-    from .data import tokenize_traces
-    from .models import load_model, load_tokenizer
-    from .t3s import token_confidence
+def confidence_trajectories(cfg, probe: TrainFolder) -> dict[str, Any] | None:
+    """Per probe step, the confidences of the sampled traces' target tokens and the anchor split, read
+    from what the probe's ranks recorded (``TrainFolder.confidence_record``: its first traces at θ0 and
+    at every saved model). No model is loaded. None when a step's record is missing (a probe trained
+    before t3s_ray recorded them)."""
+    from .models import load_tokenizer
     from .t3s.selection import select_delta
-    from .train import read_probe_result
 
-    probe = RunLayout(run_dir).probe
-    if not probe.result.exists():
-        return None
     result = read_probe_result(probe.path)
     steps = [a["step"] for a in result["accuracies"]]
-    refs = {a["step"]: a["model"] for a in result["accuracies"]}
-    tokenizer = load_tokenizer(cfg.student.ref, trust_remote_code=cfg.student.trust_remote_code)
-    examples, _ = tokenize_traces(load_traces(run_dir), tokenizer, system_prompt=cfg.data.system_prompt,
-                                  chat_template=cfg.traces.chat_template, max_seq_len=cfg.data.max_seq_len)
-    examples = examples[:MAX_SCORED_EXAMPLES]
-    input_ids, attention, target = collate(examples, list(range(len(examples))), tokenizer.pad_token_id or 0,
-                                           torch.device("cpu"))
-    conf = {}
-    for step in steps:
-        model = load_model(refs[step], dtype="float32", trust_remote_code=cfg.student.trust_remote_code).eval()
-        parts = []
-        with torch.no_grad():
-            for i in range(0, len(examples), 4):
-                parts.append(token_confidence(model, input_ids[i:i + 4], attention[i:i + 4], target[i:i + 4],
-                                              cfg.train.confidence_chunk))
-        conf[step] = torch.cat(parts)
-        print(f"[report] scored {len(examples)} traces under the probe model of step {step}", file=sys.stderr,
-              flush=True)
+    if not all(probe.confidence_record(s).exists() for s in steps):
+        return None
+    records = {s: read_confidences(probe.confidence_record(s)) for s in steps}
+    first = records[steps[0]]
+    for s, r in records.items():  # one sample, scored at every step
+        if not (np.array_equal(r["ids"], first["ids"]) and np.array_equal(r["tokens"], first["tokens"])):
+            raise ValueError(f"{probe.confidence_record(s)} holds other traces than {probe.confidence_record(steps[0])}")
+    conf = {s: r["confidences"] for s, r in records.items()}
     delta = conf[result["bottleneck_step"]] - conf[steps[0]]
-    anchors = select_delta(delta, target, cfg.selection.tau)
-    tokens, classes, is_anchor, deltas = [], [], [], []
-    for b in range(len(examples)):  # the target tokens of each trace, in order, with their class
-        row = [tokenizer.convert_ids_to_tokens(int(t)) for t in input_ids[b][target[b]]]
+    anchors = select_delta(delta, np.ones_like(delta, dtype=bool), cfg.selection.tau)
+    tokenizer = load_tokenizer(cfg.student.ref, trust_remote_code=cfg.student.trust_remote_code)
+    tokens, classes = [], []
+    for row_ids in np.split(first["tokens"], np.cumsum(first["lengths"])[:-1]):  # each trace's, in order
+        row = tokenizer.convert_ids_to_tokens(row_ids.tolist())
         tokens += row
         classes += token_classes(row, cfg.data.source, cfg.data.lab_phrases)
-        is_anchor += anchors[b][target[b]].tolist()
-        deltas += delta[b][target[b]].tolist()
     return {"steps": steps, "bottleneck_step": result["bottleneck_step"], "tau": cfg.selection.tau,
-            "anchor": np.stack([conf[s][anchors].numpy() for s in steps]),            # [steps, n_anchor]
-            "other": np.stack([conf[s][target & ~anchors].numpy() for s in steps]),   # [steps, n_other]
-            "tokens": tokens, "classes": classes, "is_anchor": is_anchor, "delta": deltas}
-
-
-def token_classes(tokens: list[str], source: str, phrases=None) -> list[str]:
-    """A class per response token: the lab's own classes (``lab.token_classes``: style, wrapper,
-    operand, result, borrow-fix, ...; ``phrases``: the inserted ones, default the lab's) for its
-    problems, else digit / punctuation / word / special."""
-    from .data import LAB_SOURCE
-
-    if source == LAB_SOURCE:
-        from .lab import PHRASES
-        from .lab import token_classes as lab_classes
-
-        return lab_classes(tokens, phrases or PHRASES)
-    out = []
-    for t in tokens:
-        text = t.lstrip("Ġ▁#").strip()
-        if t.startswith(("<", "[")) and t.endswith((">", "]")):
-            out.append("special")
-        elif text.isdigit():
-            out.append("digit")
-        elif not text or not any(ch.isalnum() for ch in text):
-            out.append("punctuation/space")
-        else:
-            out.append("word")
-    return out
+            "traces": len(first["ids"]),
+            "anchor": np.stack([conf[s][anchors] for s in steps]),     # [steps, n_anchor]
+            "other": np.stack([conf[s][~anchors] for s in steps]),     # [steps, n_other]
+            "tokens": tokens, "classes": classes, "is_anchor": anchors.tolist(), "delta": delta.tolist()}
 
 
 def anchor_classes(traj: dict[str, Any], top: int = 20) -> dict[str, Any]:
@@ -360,7 +319,6 @@ def load_scores(run_dir: Path) -> dict[str, dict[str, Any]]:
 def write_report(run_dir: str | Path) -> Path:
     """Write every figure the run has data for and ``report.md``; returns the page's path."""
     from . import config as config_mod
-    from .evaluate import format_paired, format_table
 
     run_dir = Path(run_dir)
     layout = RunLayout(run_dir)
@@ -371,7 +329,13 @@ def write_report(run_dir: str | Path) -> Path:
     out = layout.report
     out.mkdir(parents=True, exist_ok=True)
     figures: list[tuple[str, str]] = []
-    traj = confidence_trajectories(cfg, run_dir)
+    traj, unrecorded = None, None
+    if layout.probe.result.exists():
+        traj = confidence_trajectories(cfg, layout.probe)
+        if traj is None:
+            unrecorded = (f"Confidence trajectories: not drawn, the probe under {layout.probe.path} recorded no token "
+                          "confidences (it was trained before t3s_ray recorded them; `--restart probe` records them).")
+            print(f"[report] {unrecorded}", file=sys.stderr, flush=True)
     if traj is not None:
         plot_bifurcation(traj, out / "confidence_bifurcation.png")
         figures.append(("Confidence trajectories of anchors vs yet-to-learn tokens", "confidence_bifurcation.png"))
@@ -402,9 +366,9 @@ def write_report(run_dir: str | Path) -> Path:
         lines += [f"Bifurcation: over the probe, anchors' mean confidence went {traj['anchor'].mean(1)[0]:.3f} → "
                   f"{traj['anchor'].mean(1)[-1]:.3f}, yet-to-learn tokens' {traj['other'].mean(1)[0]:.3f} → "
                   f"{traj['other'].mean(1)[-1]:.3f} ({traj['anchor'].shape[1]} anchors, {traj['other'].shape[1]} "
-                  "others).", ""]
-    from .probe_diagnostics import diagnostics_lines, read_diagnostics
-
+                  f"others, in {traj['traces']} traces).", ""]
+    if unrecorded:
+        lines += [unrecorded, ""]
     diagnostics = read_diagnostics(layout.probe.path, cfg)
     if diagnostics:
         lines += diagnostics_lines(diagnostics)

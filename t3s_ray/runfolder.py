@@ -5,7 +5,8 @@ A run folder (``output_dir/name``)::
 
     config.yaml              the run's config (``t3s run``)
     traces/                  traces/ and samples/ shard pairs, errors.jsonl, manifest.json (TracesFolder)
-    probe/                   the static probe: a training (TrainFolder) plus result.json (θb)
+    probe/                   the static probe: a training (TrainFolder) plus result.json (θb) and
+                             confidences/ (a sample's token confidences at each saved model)
     train/                   the training (model/, models/step-N/, metrics.jsonl, summary.json, ...)
     methods/METHOD/          each method of ``t3s run``: a run folder of its own (traces/, probe/ link back)
     eval/LABEL/              an evaluation: scores.json, samples.jsonl
@@ -28,11 +29,11 @@ import hashlib
 import json
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, EngineConfig, RunConfig, flat_section
+from .config import ConfigError, EngineConfig, RunConfig, diffusion_training, flat_section, is_template_text
 from .errors import DataError
 from .protocols import PROTOCOLS
 
@@ -42,11 +43,15 @@ SETTINGS_FILE = "settings.json"
 # benchmarks (each is recorded with its scores) and how often a training saves a model to evaluate.
 _TRACES_OPERATIONAL = ("engine",)
 _ENDPOINT_KEEP = ("model",)  # of traces.endpoint: the rest is how the server is reached
-_EVAL_OPERATIONAL = ("engine", "benchmarks", "sources", "trajectory_every")
+# The endpoint too: how a served model is reached (its name is the evaluated model's ref).
+_EVAL_OPERATIONAL = ("engine", "endpoint", "benchmarks", "sources", "trajectory_every")
 RESTARTABLE = ("traces", "probe", "train", "eval")
 # Train settings that do not change what a run computes: a resumed run may change them.
 _OPERATIONAL_TRAIN_KEYS = ("num_workers", "checkpoint_every", "keep_last", "max_failures", "collective_timeout_s",
                            "diagnostics_every")
+# Student keys that only a block-diffusion (LLaDA2) student's training reads: recorded resolved for such a
+# student (``student_settings``), never for another one, whose folders written before the keys existed resume.
+_DIFFUSION_STUDENT_KEYS = ("dllm_attention", "block_size", "eos_fill")
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,6 +153,16 @@ class TrainFolder:
         """The probe's: the train accuracy of each saved model and θb."""
         return self.path / "result.json"
 
+    @property
+    def confidences(self) -> Path:
+        """The probe's: the per-token confidences of a bounded sample of its examples at θ0 and at each
+        saved model, one ``confidence_record`` per step, written by rank 0 of the training (the
+        report's bifurcation figure reads them instead of loading the models again)."""
+        return self.path / "confidences"
+
+    def confidence_record(self, step: int) -> Path:
+        return self.confidences / f"step-{step:06d}.npz"
+
 
 @dataclass(frozen=True)
 class EvalFolder:
@@ -233,6 +248,44 @@ class RunLayout:
         return self.root / "sweep"
 
 
+def read_probe_result(probe_dir: Path) -> dict[str, Any]:
+    """A finished probe's ``result.json``, its model paths under ``probe_dir`` as it is now: the run
+    folder may have been moved or copied since it was written (step 0 is θ0, the student's own ref)."""
+    probe = TrainFolder(Path(probe_dir).resolve())
+    result = json.loads(probe.result.read_text())
+
+    def here(a: dict[str, Any]) -> dict[str, Any]:
+        return {**a, "model": str(probe.saved_model(a["step"]))} if a["step"] > 0 else a
+
+    accuracies = [here(a) for a in result["accuracies"]]
+    best = next(a for a in accuracies if a["step"] == result["bottleneck_step"])
+    return {**result, "accuracies": accuracies, "bottleneck_model": best["model"]}
+
+
+def write_confidences(path: Path, example_ids: list[int], tokens: list, confidences: list) -> None:
+    """A ``TrainFolder.confidence_record``: per example its id, and over its target tokens their ids and
+    confidences ``log p(y_t | y_<t, x)``, flat (``lengths`` cuts them): 8 bytes a token (int32 ids,
+    float32 confidences), 6 MB for 48 traces of 16k tokens. Written whole or not at all."""
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, ids=np.asarray(example_ids, dtype=np.int64),
+                 lengths=np.asarray([len(t) for t in tokens], dtype=np.int64),
+                 tokens=np.concatenate([np.asarray(t, dtype=np.int32) for t in tokens]),
+                 confidences=np.concatenate([np.asarray(c, dtype=np.float32) for c in confidences]))
+    tmp.replace(path)
+
+
+def read_confidences(path: Path) -> dict[str, Any]:
+    """A record of :func:`write_confidences`: ``ids``, ``lengths``, ``tokens``, ``confidences`` (numpy)."""
+    import numpy as np
+
+    with np.load(path, allow_pickle=False) as record:
+        return {k: record[k] for k in ("ids", "lengths", "tokens", "confidences")}
+
+
 def flatten(prefix: str, value: Any) -> dict[str, Any]:
     if isinstance(value, dict) and value:
         out: dict[str, Any] = {}
@@ -251,12 +304,32 @@ def seeding(stage: str, engine: EngineConfig) -> dict[str, Any]:
     return {} if engine.backend != "vllm" or engine.seed_requests else {f"{stage}.seed_requests": False}
 
 
+def chat_settings(traces: dict[str, Any]) -> dict[str, Any]:
+    """``traces.chat_template`` and the mappings of the traces section as a fingerprint records them:
+    a template file as its path and content hash (an edit in place is another template), a mapping
+    as one JSON value (flattened into keys of its own, one dropped later would read as unchanged:
+    ``changed_keys`` ignores keys only the saved settings have), an empty one as None (as a folder
+    written before the key existed reads)."""
+    out = dict(traces)
+    template = out.get("chat_template")
+    if isinstance(template, str) and not is_template_text(template):
+        path = Path(template).expanduser()
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else "missing"
+        out["chat_template"] = f"{template} (sha256 {digest})"
+    for key in ("chat_template_kwargs", "message_roles"):
+        if key in out:
+            out[key] = json.dumps(out[key], sort_keys=True) if out[key] else None
+    return out
+
+
 def traces_settings(cfg: RunConfig) -> dict[str, Any]:
     """Teacher, prompt data, sampling, verifier and keep policy: what decides which traces are written."""
     d = cfg.to_dict()
     traces = flat_section("traces", {k: v for k, v in d["traces"].items() if k not in _TRACES_OPERATIONAL})
     traces["endpoint"] = {k: v for k, v in traces["endpoint"].items() if k in _ENDPOINT_KEEP}
-    data = {k: v for k, v in d["data"].items() if k != "max_seq_len"}  # a training setting
+    traces = chat_settings(traces)
+    # max_seq_len is a training setting; streaming reads the same rows as a download does.
+    data = {k: v for k, v in d["data"].items() if k not in ("max_seq_len", "streaming")}
     out = {**flatten("data", data), **flatten("traces", traces)}
     if cfg.traces.source == "generate":
         out.update(seeding("traces", cfg.engine("traces")))
@@ -268,16 +341,20 @@ def traces_settings(cfg: RunConfig) -> dict[str, Any]:
 def eval_settings(cfg: RunConfig, model_ref: str, model_dtype: str) -> dict[str, Any]:
     """The sampling settings and the model (its weights, or a hub id, and its dtype): what decides an
     evaluation's samples. Each benchmark's own definition is recorded with its scores."""
-    from .models import weights_fingerprint
+    from .models import endpoint_ref, weights_fingerprint
 
     ev = flat_section("eval", {k: v for k, v in cfg.to_dict()["eval"].items() if k not in _EVAL_OPERATIONAL})
     if ev["seed"] is None:
         ev["seed"] = cfg.seed
     # A local model is its weights, wherever its folder is (a run folder moved keeps its scores); a
-    # hub id is its name.
-    weights = weights_fingerprint(model_ref)
+    # hub id, or a model behind an endpoint (``openai:NAME``), is its name.
+    weights = model_ref if endpoint_ref(model_ref) else weights_fingerprint(model_ref)
     model = {"model": model_ref} if weights == model_ref else {"model.weights": weights}
-    return {**flatten("eval", ev), **seeding("eval", cfg.engine("eval")), **model, "model.dtype": model_dtype}
+    # The prompts as rendered (data.chat_options): the template and variables traces.* names, if any.
+    chat = chat_settings({k: cfg.to_dict()["traces"][k] for k in ("chat_template", "chat_template_kwargs")})
+    chat["chat_template"] = chat["chat_template"] if isinstance(chat["chat_template"], str) else None
+    return {**flatten("eval", ev), **seeding("eval", cfg.engine("eval")), **model, "model.dtype": model_dtype,
+            **{f"traces.{k}": v for k, v in chat.items()}}
 
 
 def run_settings(cfg: RunConfig) -> dict[str, Any]:
@@ -293,7 +370,7 @@ def run_settings(cfg: RunConfig) -> dict[str, Any]:
     # whether its samples are seeded is not, and probe_settings records it on its own.
     probe = flat_section("probe", {**{k: v for k, v in d["probe"].items() if k != "engine"},
                                    "engine": {"seed_requests": d["probe"]["engine"]["seed_requests"]}})
-    sections = [("student", d["student"]), ("train", train), ("selection", d["selection"]), ("probe", probe)]
+    sections = [("student", student_settings(cfg)), ("train", train), ("selection", d["selection"]), ("probe", probe)]
     if not PROTOCOLS[cfg.selection.protocol].selects:  # plain SFT reads neither tau & co. nor the probe's knobs
         sections = sections[:2] + [("selection", {"protocol": cfg.selection.protocol})]
     for section, values in sections:
@@ -303,6 +380,25 @@ def run_settings(cfg: RunConfig) -> dict[str, Any]:
     # they were in the order Ray Data wrote the shards is refused, not resumed with other examples.
     out["examples.order"] = "trace id, sample index"
     return out
+
+
+def student_settings(cfg: RunConfig) -> dict[str, Any]:
+    """The student section as a training's settings record it: the block-diffusion keys only for a LLaDA2
+    student, and resolved (``dllm_attention: auto`` recorded as what it means for that model), so that
+    writing out the default changes nothing. Resolving reads the student's config
+    (``models.declares_block_diffusion``), on the driver before any worker starts: a setting that cannot
+    apply to the model (``block_diffusion`` for another diffusion LM) is refused there, in one line."""
+    from .models import declares_block_diffusion
+
+    student = {k: v for k, v in asdict(cfg.student).items() if k not in _DIFFUSION_STUDENT_KEYS}
+    if cfg.student.kind != "dllm":
+        return student
+    spec = diffusion_training(cfg, block_model=declares_block_diffusion(cfg.student.ref,
+                                                                         revision=cfg.student.revision))
+    if spec is not None:
+        student.update(dllm_attention="block_diffusion" if spec.layout == "block" else "full",
+                       block_size=spec.block_size, eos_fill=spec.fill)
+    return student
 
 
 def probe_settings(cfg: RunConfig) -> dict[str, Any]:
@@ -355,15 +451,34 @@ def traces_folder(run_or_traces_dir: str | Path) -> Path:
     return TracesFolder.of(run_or_traces_dir).path
 
 
+def _shard(path: Path, read):
+    """``read(path)`` of one trace shard; a shard that is no readable parquet file (truncated by a full
+    disk, overwritten, unreadable) is a ``DataError`` naming it and the way out, not pyarrow's traceback."""
+    import pyarrow as pa
+
+    try:
+        return read(path)
+    except (OSError, pa.lib.ArrowException) as e:
+        problem = (str(e).splitlines() or [type(e).__name__])[0]
+        raise DataError(f"{path}: not a readable parquet shard ({problem}); delete it and rerun `t3s traces` with "
+                        "the same config to generate its prompts again (or --restart traces)") from None
+
+
+def read_shard(path: Path, columns: list[str] | None = None):
+    """One trace shard as a pyarrow table (``_shard``'s error when it cannot be read)."""
+    import pyarrow.parquet as pq
+
+    return _shard(path, lambda p: pq.read_table(p, columns=columns))
+
+
 def read_shards(folder: Path, columns: list[str] | None = None):
     """The ``part-*.parquet`` shards of ``folder`` as one pyarrow table, in shard order (None without any)."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     parts = sorted(folder.glob("part-*.parquet"))
     if not parts:
         return None
-    return pa.concat_tables([pq.read_table(p, columns=columns) for p in parts])
+    return pa.concat_tables([read_shard(p, columns) for p in parts])
 
 
 def shard_counts(folder: Path) -> dict[str, dict[str, int]]:
@@ -374,8 +489,68 @@ def shard_counts(folder: Path) -> dict[str, dict[str, int]]:
     out: dict[str, dict[str, int]] = {}
     for kind, shards in (("samples", folder.samples), ("traces", folder.kept)):
         for p in sorted(shards.glob("part-*.parquet")):
-            out.setdefault(p.name, {"samples": -1, "traces": -1})[kind] = pq.ParquetFile(p).metadata.num_rows
+            rows = _shard(p, lambda f: pq.ParquetFile(f).metadata.num_rows)
+            out.setdefault(p.name, {"samples": -1, "traces": -1})[kind] = rows
     return out
+
+
+def read_json(path: Path, what: str) -> Any:
+    """A JSON file the run folder keeps (``what`` it is, for the error): one a crash or an edit left
+    unreadable is a ``DataError`` naming it, not a traceback."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        problem = e.strerror if isinstance(e, OSError) else str(e)
+        raise DataError(f"{path}: the {what} cannot be read ({problem}); restore it, or redo the stage "
+                        "with --restart") from None
+
+
+def read_jsonl(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """``(line, record)`` of each line of a JSON-lines file the run folder appends to (``errors.jsonl``,
+    ``samples.jsonl``). A last line cut short by a crash mid-write is dropped (what it held is redone);
+    a bad line anywhere else is a ``DataError`` naming it."""
+    lines = path.read_text().splitlines(keepends=True)
+    out = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            out.append((line, json.loads(line)))
+        except json.JSONDecodeError as e:
+            if lineno == len(lines) and not line.endswith("\n"):
+                break
+            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); restore the file, or redo the stage "
+                            "with --restart") from None
+    return out
+
+
+def drop_torn_tail(path: Path) -> None:
+    """Cut a JSON-lines file back to its last whole line before appending to it again: a line a crash
+    cut short would otherwise run into the next one written."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        path.write_bytes(data[: data.rfind(b"\n") + 1])
+
+
+def check_output_dir(cfg: RunConfig) -> None:
+    """``output_dir`` (and the run folder in it) must be, or be creatable as, a writable folder: checked
+    by the ``t3s`` command before a stage starts, instead of an ``OSError`` from its first ``mkdir``."""
+    import os
+
+    run_dir = Path(cfg.run_dir).expanduser()
+    for path in (run_dir, *run_dir.parents):
+        if not path.exists():
+            if path.is_symlink():
+                raise ConfigError(f"output_dir {cfg.output_dir}: {path} is a broken link")
+            continue
+        if not path.is_dir():
+            raise ConfigError(f"output_dir {cfg.output_dir}: {path} is a file, not a folder (runs go to "
+                              "output_dir/name): point output_dir at a folder")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ConfigError(f"output_dir {cfg.output_dir}: {path} is not writable by this user")
+        return
 
 
 def checked_manifest(run_or_traces_dir: str | Path) -> dict[str, Any]:
@@ -389,7 +564,7 @@ def checked_manifest(run_or_traces_dir: str | Path) -> dict[str, Any]:
             raise DataError(f"{folder} has trace shards but no manifest.json: the traces stage did not finish; "
                             "rerun `t3s traces` with the same config")
         raise FileNotFoundError(f"no traces under {folder} (run `t3s traces` first)")
-    manifest = json.loads(path.read_text())
+    manifest = read_json(path, "traces manifest")
     listed, present = manifest.get("shards"), shard_counts(folder)
     if listed is None:  # written before shards were recorded
         return manifest
@@ -445,7 +620,7 @@ def claim(folder: Path, stage: str, settings: dict[str, Any], new_folder: str = 
     path = folder / SETTINGS_FILE
     settings = json.loads(json.dumps(settings, default=str))  # as it reads back
     if path.exists() and has_output(folder):
-        saved = json.loads(path.read_text())["settings"]
+        saved = read_json(path, f"{stage} stage's settings")["settings"]
         changed = changed_keys(saved, settings)
         if changed:
             shown = ", ".join(f"{k} ({saved.get(k)!r} -> {settings.get(k)!r})" for k in changed[:6])

@@ -11,13 +11,15 @@ samples that are correct), so:
   the between-problem variance: two models 2 points apart at 60 % on 500 problems are unresolvable
   unpaired (each stderr ~2.2 points) and often resolvable paired.
 
+``format_table`` and ``format_paired`` print them (the evaluation, ``t3s run``'s table, the report).
+
 Plain numpy: no Ray, no torch.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -61,3 +63,35 @@ def mean_sd(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (over seeds); sd 0 for a single value."""
     x = np.asarray(values, dtype=np.float64)
     return float(x.mean()), float(x.std(ddof=1)) if x.size > 1 else 0.0
+
+
+def format_table(scores_by_label: dict[str, dict[str, Any]], bench_names: list[str], metric: str = "avg@k") -> str:
+    """A method x benchmark table of one metric of evaluation scores (``scores.json``'s shape) (percent, ± the 95 % CI half-width for avg@k), with the
+    mean column, as in the paper."""
+    width = max([16] + [len(n) for n in bench_names])
+    head = f"{'model':<12}" + "".join(f"{n:>{width + 2}}" for n in bench_names) + f"{'mean':>8}"
+    lines = [f"{metric} (%)" + (", ± 95% CI over problems" if metric == "avg@k" else ""), head, "-" * len(head)]
+    for label, scores in scores_by_label.items():
+        cells = []
+        for n in bench_names:
+            b = scores["benchmarks"].get(n)
+            if b and metric == "avg@k" and "avg@k_ci95" in b:
+                half = 100 * (b["avg@k_ci95"][1] - b["avg@k_ci95"][0]) / 2
+                cells.append(f"{f'{100 * b[metric]:.1f} ± {half:.1f}':>{width + 2}}")
+            else:
+                cells.append(f"{100 * b[metric]:>{width + 2}.1f}" if b else f"{'-':>{width + 2}}")
+        mean = scores.get("mean", {}).get(metric)
+        lines.append(f"{label:<12}" + "".join(cells) + (f"{100 * mean:>8.1f}" if mean is not None else f"{'-':>8}"))
+    return "\n".join(lines)
+
+
+def format_paired(paired: dict[str, Any]) -> str:
+    """The paired differences of ``evaluate.paired_table`` as lines: model - reference, benchmark, points, CI, p."""
+    lines = ["paired difference in avg@k (points) [95% CI], p: each model minus the reference, same problems"]
+    for label, refs in paired.items():
+        for ref, benches in refs.items():
+            for n, d in benches.items():
+                lines.append(f"  {label:<10} - {ref[3:]:<6} {n:<16} {100 * d['diff']:+6.1f} "
+                             f"[{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}]  p={d['p']:.3g}  "
+                             f"(n={d['n']}, {d['wins']} better, {d['losses']} worse)")
+    return "\n".join(lines)

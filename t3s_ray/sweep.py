@@ -124,9 +124,10 @@ def run_sweep(cfg: RunConfig) -> list[dict[str, Any]]:
     from ray.tune import RunConfig as TuneRunConfig
 
     from .cluster import ray_session
-    from .evaluate import resolve_benchmarks
+    from .evaluate import check_local_backend, resolve_benchmarks
     from .traces import run_traces
 
+    check_local_backend(cfg, "sweep")
     sw = cfg.sweep
     if not sw.space:
         raise ConfigError("sweep.space is empty: list at least one key to sweep, e.g. "

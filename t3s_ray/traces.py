@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
 import sys
 import time
@@ -30,14 +29,17 @@ import pyarrow.parquet as pq
 
 from .cluster import ray_session
 from .config import ConfigError, RunConfig
-from .data import DataError, load_prompts
-from .generate import GenerationSpec, generate_and_verify
+from .data import Conversation, DataError, chat_options, load_prompts
+from .generate import GenerationSpec, generate_and_verify, generated_tokens
 from .runfolder import (  # noqa: F401  (the trace readers' old home)
     RunLayout,
     TracesFolder,
     checked_manifest,
     claim,
+    drop_torn_tail,
     load_traces,
+    read_jsonl,
+    read_shard,
     read_shards,
     shard_counts,
     stage_settings,
@@ -77,22 +79,16 @@ def generation_spec(cfg: RunConfig) -> GenerationSpec:
     if t.engine.backend == "openai":
         endpoint, api_key = dataclasses.asdict(t.endpoint), endpoint_key(cfg)
     return GenerationSpec(cfg.teacher, cfg.engine("traces"), cfg.sampling("traces"), topk_logprobs=t.topk_logprobs,
-                          chat_template=t.chat_template, system_prompt=cfg.data.system_prompt, endpoint=endpoint,
-                          api_key=api_key)
+                          logprobs=True, system_prompt=cfg.data.system_prompt, endpoint=endpoint, api_key=api_key,
+                          **chat_options(t))
 
 
 def endpoint_key(cfg: RunConfig):
-    """The API key of ``traces.endpoint`` from the variable ``api_key_env`` names (None without one),
-    as a Secret: its repr hides it."""
-    from .engines.openai import Secret
+    """The API key of ``traces.endpoint`` (``engines.openai.api_key``): None without one, a Secret
+    whose repr hides it."""
+    from .engines.openai import api_key
 
-    name = cfg.traces.endpoint.api_key_env
-    if not name:
-        return None
-    if not os.environ.get(name):
-        raise ConfigError(f"traces.endpoint.api_key_env names {name}, which is not set in this environment "
-                          f"(export {name}=... before running, or leave api_key_env empty for a server without keys)")
-    return Secret(os.environ[name])
+    return api_key(cfg.traces.endpoint, "traces.endpoint")
 
 
 def teacher_name(cfg: RunConfig) -> str:
@@ -101,11 +97,6 @@ def teacher_name(cfg: RunConfig) -> str:
     if t.source == "dataset":
         return f"dataset:{cfg.data.source}"
     return f"openai:{t.endpoint.model}" if t.engine.backend == "openai" else cfg.teacher.ref
-
-
-def _n_tokens(record: dict[str, Any]) -> int:
-    """Generated tokens of a sample: its token ids, or (an endpoint returns text) its log-probabilities."""
-    return len(record.get("token_ids") or []) or len(record.get("logprobs") or [])
 
 
 def choose_kept(samples: list[dict[str, Any]], policy: str, seed: int, prompt_id: str) -> set[int]:
@@ -169,9 +160,10 @@ def _finished_state(out: Path) -> tuple[set[str], set[str], int]:
             stale.unlink()
     for tmp in out.glob("*/.part-*.tmp"):
         tmp.unlink()
+    drop_torn_tail(folder.errors)  # the rerun appends to it
     done: set[str] = set()
     for p in sample_parts:
-        done.update(pq.read_table(p, columns=["id"]).column("id").to_pylist())
+        done.update(read_shard(p, columns=["id"]).column("id").to_pylist())
     final_errors = {e["id"] for e in _read_errors(out) if not e.get("retryable")}
     next_index = 1 + max((int(p.stem.split("-")[1]) for p in sample_parts), default=-1)
     return done, final_errors, next_index
@@ -181,7 +173,7 @@ def _read_errors(out: Path) -> list[dict[str, Any]]:
     path = TracesFolder(out).errors
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [record for _, record in read_jsonl(path)]
 
 
 def _sample_record(sample: dict[str, Any], row: dict[str, Any], teacher: str, verified: bool) -> dict[str, Any]:
@@ -199,27 +191,50 @@ def _sample_record(sample: dict[str, Any], row: dict[str, Any], teacher: str, ve
     }
 
 
+def conversation(cfg: RunConfig) -> Conversation | None:
+    """How ``traces.messages_field``'s conversations read (None without one)."""
+    t = cfg.traces
+    if not t.messages_field:
+        return None
+    return Conversation(t.messages_field, role_key=t.message_role_key, content_key=t.message_content_key,
+                        roles=t.message_roles, reasoning_key=t.reasoning_field)
+
+
+IMPORT_BATCH = 64  # imported traces verified per batch (one round trip to the math verifier's process)
+
+
 def _imported_samples(rows: list[dict[str, Any]], cfg: RunConfig):
     """``traces.source: dataset``: the dataset's own traces, verified where a gold answer exists. With
-    ``traces.reasoning_field`` the thinking goes first, as ``<think>\n...\n</think>\n\n`` (the
-    answer is verified on the whole trace, as a generated one would be)."""
+    ``traces.reasoning_field`` (or a conversation's reasoning) the thinking goes first, as
+    ``<think>\n...\n</think>\n\n`` (the answer is verified on the whole trace, as a generated one would
+    be)."""
     from .engines.openai import join_reasoning
 
-    check = get_verifier(cfg.traces.verifier)
-    for row in rows:
-        response = row.get("response")
-        if not isinstance(response, str) or not response.strip():
-            yield row["id"], None, {"id": row["id"], "reason": f"empty trace in column '{cfg.traces.response_field}'",
-                                    "retryable": False}
-            continue
-        if cfg.traces.reasoning_field:
-            response = join_reasoning(row.get("reasoning") if isinstance(row.get("reasoning"), str) else None, response)
-        verdict = check(response, row["answer"]) if row.get("answer") is not None else None
-        yield row["id"], [{"sample_index": 0, "response": response, "token_ids": [], "logprobs": [],
-                           "finish_reason": "imported", "error": None,
-                           "correct": verdict.correct if verdict else True,
-                           "extracted_answer": verdict.extracted if verdict else None,
-                           "verified": verdict is not None}], None
+    t = cfg.traces
+    check = get_verifier(t.verifier)
+    for start in range(0, len(rows), IMPORT_BATCH):
+        chunk, traces = rows[start:start + IMPORT_BATCH], {}
+        for row in chunk:
+            response = row.get("response")
+            if isinstance(response, str) and response.strip():
+                reasoning = row.get("reasoning")
+                traces[row["id"]] = join_reasoning(reasoning if isinstance(reasoning, str) else None, response)
+        golden = [row for row in chunk if row["id"] in traces and row.get("answer") is not None]
+        verdicts = dict(zip((row["id"] for row in golden),
+                            check.batch([(traces[row["id"]], row["answer"]) for row in golden])))
+        for row in chunk:
+            if row["id"] not in traces:
+                where = (f"no assistant turn with text in column '{t.messages_field}'" if t.messages_field
+                         else f"empty trace in column '{t.response_field}'")
+                yield row["id"], None, {"id": row["id"], "reason": where, "retryable": False}
+                continue
+            verdict = verdicts.get(row["id"])
+            yield row["id"], [{"sample_index": 0, "response": traces[row["id"]], "token_ids": [], "logprobs": [],
+                               "finish_reason": "imported", "error": None,
+                               "correct": verdict.correct if verdict else True,
+                               "extracted_answer": verdict.extracted if verdict else None,
+                               "verify_timed_out": bool(verdict and verdict.timed_out),
+                               "verified": verdict is not None}], None
 
 
 def run_traces(cfg: RunConfig, flush_every: int | None = None) -> dict[str, Any]:
@@ -230,9 +245,9 @@ def run_traces(cfg: RunConfig, flush_every: int | None = None) -> dict[str, Any]
         check_teacher(cfg)
     claim(out, "traces", stage_settings("traces", cfg))  # other settings than the folder's are refused, not mixed in
     extra = None
-    if t.source == "dataset":
+    if t.source == "dataset" and not t.messages_field:
         extra = {"response": t.response_field, **({"reasoning": t.reasoning_field} if t.reasoning_field else {})}
-    rows = load_prompts(cfg.data, extra_fields=extra, on_empty="keep")
+    rows = load_prompts(cfg.data, extra_fields=extra, on_empty="keep", conversation=conversation(cfg))
     done, final_errors, next_index = _finished_state(out)
     pending = [r for r in rows if r["id"] not in done and r["id"] not in final_errors]
     print(f"[traces] {len(rows)} prompts: {len(done)} already finished, {len(final_errors)} with final errors, "
@@ -241,7 +256,7 @@ def run_traces(cfg: RunConfig, flush_every: int | None = None) -> dict[str, Any]
     writer = ShardWriter(out, next_index)
     flush_every = flush_every or max(t.engine.batch_size * t.engine.concurrency // max(1, t.sampling.samples), 8)
     started = time.time()
-    run_stats = {"prompts": 0, "samples": 0, "tokens": 0, "errors": 0}
+    run_stats = {"prompts": 0, "samples": 0, "tokens": 0, "errors": 0, "verify_timeouts": 0}
     in_buffer = 0
     errors_file = open(TracesFolder(out).errors, "a")
     teacher = teacher_name(cfg)
@@ -262,7 +277,8 @@ def run_traces(cfg: RunConfig, flush_every: int | None = None) -> dict[str, Any]
             writer.add(records)
             run_stats["prompts"] += 1
             run_stats["samples"] += len(records)
-            run_stats["tokens"] += sum(_n_tokens(r) for r in records)
+            run_stats["tokens"] += sum(generated_tokens(r) for r in records)
+            run_stats["verify_timeouts"] += sum(bool(s.get("verify_timed_out")) for s in samples)
             in_buffer += 1
             if in_buffer >= flush_every:
                 writer.flush()
@@ -296,15 +312,17 @@ def _commonest_error(out: Path) -> str:
 
 
 def check_teacher(cfg: RunConfig) -> None:
-    """Refuse, before any work, a teacher that cannot generate the traces asked for: a masked LM
+    """Refuse, before any work, a teacher that cannot generate the traces asked for: a local folder
+    without weights, a masked LM
     (a diffusion denoiser) under a backend that samples causal LMs, or ``traces.engine.max_model_len``
     beyond the teacher's context (vLLM refuses it inside its engine actor; HF would run past the
     positions the model was trained on). An endpoint's model is the server's business."""
-    from .models import context_length, declares_masked_lm
+    from .models import check_local_weights, context_length, declares_masked_lm
 
     engine, ref = cfg.traces.engine, cfg.teacher.ref
     if engine.backend == "openai":
         return
+    check_local_weights(ref)
     if declares_masked_lm(ref):
         raise ConfigError(f"teacher.ref {ref} is a masked LM (a diffusion denoiser); "
                           f"{cfg.written_as('traces.engine.backend')} {engine.backend} samples causal LMs token by "
@@ -327,7 +345,7 @@ def write_manifest(cfg: RunConfig, out: Path, run_stats: dict[str, Any], elapsed
             n_samples += 1
             n_correct += bool(rec["correct"])
             n_kept += bool(rec["kept"])
-            tokens += _n_tokens(rec)
+            tokens += generated_tokens(rec)
             per_id[rec["id"]] = per_id.get(rec["id"], False) or bool(rec["correct"])
         no_correct = sorted(pid for pid, ok in per_id.items() if not ok)
     errors = _read_errors(out)
@@ -370,5 +388,7 @@ def print_summary(m: dict[str, Any]) -> None:
         ("generated tokens", m["generated_tokens"]),
         ("this run: tokens/s", m["this_run"]["tokens_per_s"]),
     ]
+    if m["this_run"].get("verify_timeouts"):  # scored wrong: a pathological answer, or a verifier too slow
+        rows.append(("this run: answers past the verifier's deadline (scored wrong)", m["this_run"]["verify_timeouts"]))
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"  {k:<{width}}  {v}" for k, v in rows))

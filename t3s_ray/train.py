@@ -25,13 +25,18 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, RunConfig
-from .data import DataError, tokenize_traces  # tokenize_traces lives in data.py (no pyarrow); re-exported
+from .data import DataError, chat_options, tokenize_traces  # tokenize_traces lives in data.py (no pyarrow); re-exported
 from .data import trace_prompt as _trace_prompt
 from .protocols import PROTOCOLS
-from .runfolder import RunLayout, TrainFolder, claim, load_traces, stage_settings
+from .runfolder import RunLayout, TrainFolder, claim, load_traces, read_probe_result, stage_settings
 from .tracking import TrackingSpec, open_run, tracking_spec
 from .training.sessions import RaySession  # its home is training/sessions.py; importable from here as before
 from .training.spec import SelectionPlan, WorkerSpec, worker_spec
+
+# The probe records the token confidences of this many examples (the first) at θ0 and at each saved
+# model, on its ranks: the report's bifurcation figure draws them (a few MB per saved model at 8k tokens
+# a trace) instead of reloading every probe model on the driver.
+PROBE_CONFIDENCE_SAMPLE = 48
 
 # --------------------------------------------------------------------------------------------
 # The Ray side of one rank
@@ -145,6 +150,20 @@ def train_prompts(traces: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def probe_spec(cfg: RunConfig, scoring_ref: str) -> WorkerSpec:
+    """The probe's training: SFT from θ0 (``scoring_ref``) for ``probe.steps``, a model every
+    ``probe.eval_every`` steps, and the confidences of ``PROBE_CONFIDENCE_SAMPLE`` examples recorded at
+    θ0 and at each of them (the report's figure)."""
+    p = cfg.probe
+    return worker_spec(cfg, SelectionPlan.for_protocol(cfg, "sft"),
+                       out_dir=str(RunLayout(cfg.run_dir).probe.path.resolve()), model_ref=scoring_ref,
+                       model_kind="ar", scoring_ref=scoring_ref, anchor_model=None, max_steps=p.steps,
+                       store_name=f"t3s-store-{cfg.name}-probe", model_every=p.eval_every,
+                       confidence_sample=PROBE_CONFIDENCE_SAMPLE,
+                       tracking=tracking_spec(cfg, "probe", RunLayout(cfg.run_dir).probe.path,
+                                              tags={"method": "probe", "protocol": "sft"}))
+
+
 def run_probe(cfg: RunConfig, examples, prompts, scoring_ref: str, tokenizer_ref: str) -> dict[str, Any]:
     """The static protocol's probe: SFT from θ0, saving a model every ``probe.eval_every`` steps,
     train accuracy of each, θb = argmin (earliest on ties). Resumable; returns the probe result."""
@@ -165,11 +184,8 @@ def run_probe(cfg: RunConfig, examples, prompts, scoring_ref: str, tokenizer_ref
                 diagnostics_path(probe_dir, cfg).write_text(json.dumps(record, indent=2) + "\n")
         return result
     p = cfg.probe
-    # The probe's training and its train accuracies (below, on the driver) are one tracked run.
-    tracked = tracking_spec(cfg, "probe", probe_dir, tags={"method": "probe", "protocol": "sft"})
-    spec = worker_spec(cfg, SelectionPlan.for_protocol(cfg, "sft"), out_dir=str(probe_dir), model_ref=scoring_ref,
-                       model_kind="ar", scoring_ref=scoring_ref, anchor_model=None, max_steps=p.steps,
-                       store_name=f"t3s-store-{cfg.name}-probe", model_every=p.eval_every, tracking=tracked)
+    spec = probe_spec(cfg, scoring_ref)
+    tracked = spec.tracking  # the probe's training and its train accuracies (below) are one tracked run
     print(f"[probe] SFT from θ0 for {p.steps} steps, a model every {p.eval_every}", file=sys.stderr, flush=True)
     with ray_session(cfg.ray):
         fit(cfg, spec, examples)
@@ -180,7 +196,7 @@ def run_probe(cfg: RunConfig, examples, prompts, scoring_ref: str, tokenizer_ref
         engine = dataclasses.replace(engine, concurrency=max(1, min(engine.concurrency, len(rows))))
         for step, ref in candidates:
             spec = GenerationSpec(cfg.student.with_weights(ref), engine, cfg.sampling("probe"),
-                                  system_prompt=cfg.data.system_prompt)
+                                  system_prompt=cfg.data.system_prompt, **chat_options(cfg.traces))
             # Train accuracy is avg@k over the train prompts, scored as the evaluation stage scores.
             counts = [(len(samples), sum(s["correct"] for s in samples)) if samples else (p.sampling.samples, 0)
                       for _, samples, _err in generate_and_verify(rows, spec, cfg.traces.verifier,
@@ -215,20 +231,6 @@ def track_probe(tracked: TrackingSpec, result: dict[str, Any]) -> None:
                          "probe/bottleneck_accuracy": best["accuracy"], "probe/bottleneck_model": best["model"]})
 
 
-def read_probe_result(probe_dir: Path) -> dict[str, Any]:
-    """A finished probe's ``result.json``, its model paths under ``probe_dir`` as it is now: the run
-    folder may have been moved or copied since it was written (step 0 is θ0, the student's own ref)."""
-    probe = TrainFolder(Path(probe_dir).resolve())
-    result = json.loads(probe.result.read_text())
-
-    def here(a: dict[str, Any]) -> dict[str, Any]:
-        return {**a, "model": str(probe.saved_model(a["step"]))} if a["step"] > 0 else a
-
-    accuracies = [here(a) for a in result["accuracies"]]
-    best = next(a for a in accuracies if a["step"] == result["bottleneck_step"])
-    return {**result, "accuracies": accuracies, "bottleneck_model": best["model"]}
-
-
 def choose_bottleneck(accuracies: list[dict[str, Any]]) -> dict[str, Any]:
     """θb = the saved probe model with the lowest train accuracy, earliest on ties (θ0 excluded)."""
     candidates = [a for a in accuracies if a["step"] > 0]
@@ -253,7 +255,7 @@ def training_inputs(cfg: RunConfig) -> tuple[list[dict[str, Any]], dict[str, lis
         fetch_weights(ref, revision=revision)
     tokenizer = load_tokenizer(cfg.student.ref, trust_remote_code=cfg.student.trust_remote_code)
     examples, skipped = tokenize_traces(traces, tokenizer, system_prompt=cfg.data.system_prompt,
-                                        chat_template=cfg.traces.chat_template, max_seq_len=cfg.data.max_seq_len)
+                                        max_seq_len=cfg.data.max_seq_len, **chat_options(cfg.traces))
     if len(examples) < cfg.train.batch_size:
         raise DataError(f"only {len(examples)} usable traces under {RunLayout(cfg.run_dir).traces.path} but "
                         f"train.batch_size is {cfg.train.batch_size}: lower the batch size or generate more traces")

@@ -92,6 +92,8 @@ def test_override_without_equals_is_an_error():
     ("traces.samples_per_prompt=0", "traces.samples_per_prompt must be >= 1"),
     ("train.batch_size=6", "train.batch_size must be a multiple of micro_batch_size * num_workers (4)"),
     ("student.kind=dllm", "student.selector_ref is required when kind is 'dllm'"),
+    ("student.block_size=0", "student.block_size must be >= 1"),
+    ("student.dllm_attention=block_diffusion", "student.dllm_attention is 'block_diffusion', but kind is 'ar'"),
     ("traces.source=dataset", "traces.response_field is required when source is 'dataset'"),
     ("eval.pass_k=[8]", "eval.pass_k every k must be in [1, samples=4]"),
     ("sweep.space={selection.tau: {between: [0, 1]}}", "sweep.space.selection.tau must be one of"),
@@ -247,3 +249,45 @@ def test_flash_attention_in_float32_and_a_shard_size_that_does_not_divide_are_re
         from_dict({"train": {"strategy": "ddp", "num_workers": 2, "fsdp_shard_size": 1}})
     assert from_dict({"train": {"strategy": "fsdp", "num_workers": 16, "batch_size": 64, "micro_batch_size": 1,
                                 "fsdp_shard_size": 8}}).train.fsdp_shard_size == 8
+
+
+def test_block_diffusion_with_flash_attention_is_refused_at_load():
+    dllm = {"kind": "dllm", "selector_ref": "builtin:tiny-llama", "dllm_attention": "block_diffusion"}
+    with pytest.raises(ConfigError, match=r"student.attn_implementation flash_attention_2 cannot take block "
+                                          r"diffusion's 4-D boolean mask: use sdpa"):
+        config.from_dict({"student": {**dllm, "attn_implementation": "flash_attention_2"},
+                          "train": {"dtype": "bfloat16"}})
+    assert config.from_dict({"student": dllm}).student.dllm_attention == "block_diffusion"
+
+
+def test_diffusion_training_resolves_auto_by_the_model_and_refuses_what_cannot_apply():
+    import inspect
+
+    from t3s_ray.config import DiffusionTraining, diffusion_training
+    from t3s_ray.t3s.diffusion import diffusion_batch
+
+    def cfg(**student):
+        return config.from_dict({"student": {"kind": "dllm", "selector_ref": "builtin:tiny-llama",
+                                             "ref": "org/some-dllm", **student},
+                                 "selection": {"mask_lo": 0.2, "mask_hi": 0.7}, "train": {"dtype": "bfloat16"}})
+
+    # An AR student, and a diffusion LM that is not trained by blocks (LLaDA, BERT-style): nothing to resolve.
+    assert diffusion_training(config.from_dict({}), block_model=True) is None
+    assert diffusion_training(cfg(), block_model=False) is None
+    assert diffusion_training(cfg(dllm_attention="full"), block_model=False) is None
+    with pytest.raises(ConfigError, match="block_diffusion is LLaDA2's training regime, but student.ref "
+                                          "org/some-dllm is not a LLaDA2 model"):
+        diffusion_training(cfg(dllm_attention="block_diffusion"), block_model=False)
+    # A LLaDA2 student: auto is block diffusion; the selection's masking rates come along.
+    assert diffusion_training(cfg(), block_model=True) == DiffusionTraining("block", 32, True, 0.2, 0.7)
+    assert diffusion_training(cfg(dllm_attention="block_diffusion"), block_model=True) == \
+        diffusion_training(cfg(), block_model=True)
+    assert diffusion_training(cfg(dllm_attention="full", block_size=16, eos_fill=False), block_model=True) == \
+        DiffusionTraining("full", 16, False, 0.2, 0.7)
+    with pytest.raises(ConfigError, match="flash_attention_3: the LLaDA2 student org/some-dllm attends under "
+                                          "explicit 4-D masks"):
+        diffusion_training(cfg(attn_implementation="flash_attention_3"), block_model=True)
+    # The spec's fields are diffusion_batch's keyword arguments: the worker passes it as it is.
+    spec = diffusion_training(cfg(), block_model=True)
+    keywords = {name for name, p in inspect.signature(diffusion_batch).parameters.items() if p.kind == p.KEYWORD_ONLY}
+    assert set(dataclasses.asdict(spec)) == keywords - {"mask_id", "fill_id", "generator"}

@@ -80,6 +80,7 @@ def _checks(ranks, model_dir: Path, out: Path) -> None:
     assert total.item() == 3.0
     assert distributed.all_reduce_numbers({"a": rank, "b": 10 * rank}, "max") == {"a": 1.0, "b": 10.0}
     assert distributed.broadcast_object({"from": rank}) == {"from": 0}
+    assert distributed.gather_objects({"from": rank}) == [{"from": 0}, {"from": 1}]
 
     reference = full_state(str(model_dir), dtype="float32")
     x = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1))

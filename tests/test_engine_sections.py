@@ -147,7 +147,7 @@ def old_traces_spec(cfg):
                           seed=t.seed, topk_logprobs=t.topk_logprobs, chat_template=t.chat_template,
                           system_prompt=cfg.data.system_prompt, dtype=cfg.teacher.dtype,
                           trust_remote_code=cfg.teacher.trust_remote_code, revision=cfg.teacher.revision,
-                          endpoint=endpoint)
+                          endpoint=endpoint, logprobs=True)  # (issue 26: the traces are the stage that keeps them)
 
 
 def old_probe_spec(cfg, ref, engine):
@@ -210,12 +210,21 @@ def test_the_hash_a_manifest_records_is_the_one_of_before():
     """``config_hash`` of the defaults and of a vLLM teacher, as the code before the sections computed them."""
     assert config.from_dict({}).hash("teacher", "data", "traces") == "09748414c96e"
     # The whole config's hash (no stage records it) moved when eval gained diffusion_threshold and
-    # diffusion_steps_per_block (issue 24), and again with report_to and tracking (issue 26); traces'
-    # config_hash above, the one a manifest records, did not.
-    assert config.from_dict({}).hash() == "a6110ea23e93"
+    # diffusion_steps_per_block (issue 24); traces' config_hash above, the one a manifest records, did not.
+    assert config.from_dict({}).hash() == "be9904a20099"
     cfg = config.from_dict({"traces": {"engine": {"backend": "vllm", "engine_kwargs": {"tensor_parallel_size": 2},
                                                   "num_gpus_per_actor": 2}, "sampling": {"samples": 3}}})
-    assert (cfg.hash("teacher", "data", "traces"), cfg.hash()) == ("806eead9f473", "a57a2b86e0ff")
+    assert (cfg.hash("teacher", "data", "traces"), cfg.hash()) == ("806eead9f473", "6834072a50bf")
+    # The data and traces keys of issue 26 (config.HASH_OMITS_AT_DEFAULT) count once set, not before.
+    assert config.from_dict({"data": {"revision": "v2"}}).hash("teacher", "data", "traces") != "09748414c96e"
+    assert config.from_dict({"traces": {"chat_template_kwargs": {"enable_thinking": False}}}).hash() != "be9904a20099"
+    # The student keys of issue 24 likewise.
+    assert config.from_dict({"student": {"block_size": 16}}).hash() != "be9904a20099"
+    # eval.endpoint (issue 26) likewise.
+    assert config.from_dict({"eval": {"endpoint": {"model": "r1"}}}).hash() != "be9904a20099"
+    # report_to and tracking (issue 26), top-level keys, likewise.
+    assert config.from_dict({"report_to": []}).hash() != "be9904a20099"
+    assert config.from_dict({"tracking": {"project": "p"}}).hash() != "be9904a20099"
 
 
 def test_one_rule_for_the_gpus_of_an_engine():

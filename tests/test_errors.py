@@ -122,8 +122,9 @@ def test_too_few_usable_traces_is_one_line(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_a_teacher_folder_without_weights_and_no_finished_prompt_are_errors(ray_local, tmp_path, capsys):
-    """Raised inside Ray Data's engine actors: the user still gets the project's one line, and a
-    stage that finishes no prompt exits non-zero with the commonest reason."""
+    """A teacher without weights is one line (found on the driver since; what an engine actor raises
+    still reaches the user as one line: test_ray_wrapped_errors_are_unwrapped_to_the_projects_message),
+    and a stage that finishes no prompt exits non-zero with the commonest reason."""
     import shutil
 
     from t3s_ray.models import resolve
@@ -136,7 +137,7 @@ def test_a_teacher_folder_without_weights_and_no_finished_prompt_are_errors(ray_
            "max_model_len": 256, "samples_per_prompt": 1}
     code, err = run_cli(capsys, "traces", write_config(tmp_path, teacher={"ref": str(folder)}, traces=gen,
                                                        data={"builtin_size": 3}))
-    assert code == 2 and "could not load model" in one_error_line(err) and str(folder) in err
+    assert code == 2 and f"model folder {folder} holds no weights" in one_error_line(err)  # on the driver now
 
     rows = [{"id": f"long-{i}", "prompt": "apples " * 400, "answer": "1"} for i in range(3)]
     src = tmp_path / "long.jsonl"
@@ -328,3 +329,99 @@ def test_a_student_folder_without_weights_is_one_line_before_any_worker_starts(t
     monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray was started before the student was checked"))
     code, err = run_cli(capsys, "train", cfg, "--set", f"student.ref={folder}")
     assert code == 2 and f"model folder {folder} holds no weights" in one_error_line(err)
+
+
+def test_block_diffusion_for_a_student_that_is_not_llada2_is_one_line_before_any_worker_starts(tmp_path, capsys,
+                                                                                                monkeypatch):
+    """The model-dependent check of ``student.dllm_attention`` runs where the training claims its folder,
+    on the driver: a LLaDA-style denoiser asked to train by blocks never reaches a Ray worker."""
+    import ray
+
+    cfg = write_config(tmp_path, student={"ref": "builtin:tiny-dllm", "kind": "dllm",
+                                          "selector_ref": "builtin:tiny-llama", "dllm_attention": "block_diffusion"},
+                       selection={"protocol": "sft"})
+    assert run_cli(capsys, "traces", cfg)[0] == 0
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray was started before the student was checked"))
+    code, err = run_cli(capsys, "train", cfg)
+    assert code == 2 and "student.dllm_attention: block_diffusion is LLaDA2's training regime, but student.ref " \
+        "builtin:tiny-dllm is not a LLaDA2 model" in one_error_line(err)
+    assert not (tmp_path / "runs" / "bad" / "train").exists()
+
+
+# ------------------------------------------------------------------ errors that used to surface where no one reads them
+
+
+def test_an_output_dir_that_is_a_file_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+    import ray
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray was started before output_dir was checked"))
+    a_file = tmp_path / "runs.txt"
+    a_file.write_text("notes")
+    for output_dir, culprit in ((a_file, a_file), (a_file / "sub", a_file)):
+        cfg = write_config(tmp_path, output_dir=str(output_dir))
+        for stage in ("traces", "train", "eval", "run"):
+            code, err = run_cli(capsys, stage, cfg)
+            line = one_error_line(err)
+            assert code == 2 and f"output_dir {output_dir}: {culprit} is a file, not a folder" in line, line
+
+
+def test_a_corrupt_or_unreadable_trace_shard_is_one_line_naming_it(tmp_path, capsys):
+    cfg = write_config(tmp_path, data={"builtin_size": 12})
+    assert run_cli(capsys, "traces", cfg)[0] == 0
+    folder = tmp_path / "runs" / "bad" / "traces"
+    shard = folder / "traces" / "part-00000.parquet"
+    good = shard.read_bytes()
+    shard.write_bytes(b"PAR1 this is no parquet file")
+    code, err = run_cli(capsys, "train", cfg)
+    line = one_error_line(err)
+    assert code == 2 and f"{shard}: not a readable parquet shard" in line and "rerun `t3s traces`" in line
+    shard.write_bytes(good)
+    samples = folder / "samples" / "part-00000.parquet"
+    samples.write_bytes(good[: len(good) // 2])  # truncated, as a full disk leaves it
+    code, err = run_cli(capsys, "traces", cfg)
+    assert code == 2 and f"{samples}: not a readable parquet shard" in one_error_line(err)
+    samples.unlink()  # the way out the message names: the pair's prompts are imported again
+    shard.unlink()
+    code, err = run_cli(capsys, "traces", cfg)
+    assert code == 0 and json.loads((folder / "manifest.json").read_text())["accepted_traces"] == 12
+    (folder / "manifest.json").write_text('{"shards": {')  # a crash mid-write
+    code, err = run_cli(capsys, "train", cfg)
+    assert code == 2 and f"{folder / 'manifest.json'}: the traces manifest cannot be read" in one_error_line(err)
+
+
+def test_a_model_folder_without_weights_is_one_line_before_any_engine_starts(tmp_path, capsys, monkeypatch):
+    """The teacher of generated traces and a model `t3s eval` scores: checked on the driver
+    (``models.check_local_weights``), where they used to fail inside a Ray Data engine actor."""
+    import shutil
+
+    import ray
+
+    from t3s_ray.models import resolve
+
+    folder = tmp_path / "no-weights"
+    shutil.copytree(resolve("builtin:tiny-llama"), folder)
+    for f in folder.glob("*.safetensors"):
+        f.unlink()
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray was started before the model was checked"))
+    gen = {"source": "generate", "backend": "hf", "max_tokens": 4, "max_model_len": 256}
+    code, err = run_cli(capsys, "traces", write_config(tmp_path, teacher={"ref": str(folder)}, traces=gen))
+    assert code == 2 and f"model folder {folder} holds no weights" in one_error_line(err)
+    code, err = run_cli(capsys, "eval", write_config(tmp_path), "--model", folder)
+    assert code == 2 and f"model folder {folder} holds no weights" in one_error_line(err)
+
+
+def test_a_torn_last_line_of_errors_jsonl_is_redone_and_a_bad_one_elsewhere_named(tmp_path, capsys):
+    rows = [{"id": "a", "prompt": "1+1?", "answer": "2", "trace": "The answer is 2."},
+            {"id": "b", "prompt": "2+2?", "answer": "4", "trace": ""}]
+    src = tmp_path / "t.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = write_config(tmp_path, data={"source": str(src)}, traces={"response_field": "trace"})
+    assert run_cli(capsys, "traces", cfg)[0] == 0
+    errors = tmp_path / "runs" / "bad" / "traces" / "errors.jsonl"
+    line = errors.read_text()
+    errors.write_text(line[: len(line) // 2])  # killed mid-write: prompt b's final error is lost, so b is redone
+    code, err = run_cli(capsys, "traces", cfg)
+    assert code == 0 and "1 to import" in err, err
+    errors.write_text("{oops\n" + errors.read_text())
+    code, err = run_cli(capsys, "traces", cfg)
+    assert code == 2 and f"{errors}:1: not valid JSON" in one_error_line(err)

@@ -52,3 +52,33 @@ def test_hf_generation_keeps_no_step_logits():
     logprobs, _, _ = recorder.finish(generated)
     assert logprobs.shape == (1, 6) and all(seen) and recorder.previous is None
     assert all(t.dim() == 1 for t in recorder.sampled)  # one value per row and step, no vocabulary axis
+
+
+def test_recorded_logprobs_are_those_of_every_steps_logits_and_plain_generation_draws_the_same_tokens():
+    """The recorder (score - logsumexp, step by step) against the path it replaced: ``generate`` with
+    ``output_logits`` and a log-softmax of every step's logits, gathered at the drawn tokens. Without
+    log-probabilities (what evaluation and the probe ask: ``GenerationSpec.logprobs`` False) the same
+    seed draws the same tokens."""
+    from t3s_ray.generate import GenerationSpec
+
+    gen = HFGenerator("builtin:tiny-llama", temperature=0.9, top_p=0.95, topk_logprobs=0, dtype="float32", device="cpu")
+    prompts = ["What is 12 + 30?", "Tom has 3 apples."]
+    recorded = gen._generate(prompts, 10, seed=3)
+    enc = gen.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    torch.manual_seed(3)
+    with torch.inference_mode():
+        out = gen.model.generate(**enc, max_new_tokens=10, do_sample=True, temperature=0.9, top_p=0.95, top_k=0,
+                                 return_dict_in_generate=True, output_logits=True,
+                                 pad_token_id=gen.tokenizer.pad_token_id, eos_token_id=sorted(gen.eos_ids))
+    generated = out.sequences[:, enc["input_ids"].shape[1]:]
+    every_step = torch.stack(out.logits, dim=1).float().log_softmax(-1).gather(-1, generated[..., None])[..., 0]
+    for b, res in enumerate(recorded):
+        n = len(res["token_ids"])
+        assert n > 0 and res["token_ids"] == generated[b, :n].tolist()
+        torch.testing.assert_close(torch.tensor(res["logprobs"]), every_step[b, :n], atol=1e-6, rtol=0)
+    gen.record_logprobs = False
+    plain = gen._generate(prompts, 10, seed=3)
+    assert [p["token_ids"] for p in plain] == [r["token_ids"] for r in recorded]
+    assert all(p["logprobs"] == [] for p in plain)
+    assert GenerationSpec(model_ref="m").logprobs is False  # a stage asks for them (the traces do)
+    assert HFGenerator.from_model(gen.model, gen.tokenizer, 1.0, 1.0, topk_logprobs=2, logprobs=False).record_logprobs

@@ -286,3 +286,29 @@ def test_unsupported_configs_are_refused():
         LLaDA2MoeConfig(**{**SMALL, "score_function": "softmax"})
     with pytest.raises(ValueError, match="rope_scaling"):
         LLaDA2MoeConfig(**{**SMALL, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+
+
+def test_the_memory_plan_counts_the_parameters_of_the_native_llada2_mini():
+    """``bench/memory_plan.py --llada2`` (the README's arithmetic) has LLaDA2.0-mini's shape: its parameter
+    count, and a MoE layer's, equal those of the native class built (on the meta device) from the config
+    defaults, which are LLaDA2.0-mini's."""
+    import sys
+    from pathlib import Path
+
+    from accelerate import init_empty_weights
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.memory_plan import LLADA2_MINI
+
+    config = LLaDA2MoeConfig(pad_token_id=156892, eos_token_id=156892)
+    with init_empty_weights():
+        model = LLaDA2MoeModelLM(config)
+    shape = LLADA2_MINI
+    assert (shape.hidden, shape.intermediate, shape.layers, shape.heads, shape.kv_heads, shape.head_dim, shape.vocab,
+            shape.experts, shape.expert_intermediate, shape.top_k, shape.shared, shape.first_dense) == (
+        config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.num_attention_heads,
+        config.num_key_value_heads, config.head_dim, config.vocab_size, config.num_experts,
+        config.moe_intermediate_size, config.num_experts_per_tok, config.num_shared_experts,
+        config.first_k_dense_replace)
+    assert shape.params == sum(p.numel() for p in model.parameters()) == 16_255_638_528
+    assert shape.moe_layer_params == sum(p.numel() for p in model.model.layers[1].parameters())

@@ -96,8 +96,10 @@ def test_the_rehearsal_keeps_what_the_real_run_does(name, vllm):
     assert r.sweep.gpus_per_trial == 0
     # Builtin tiny models of the same kind: the dLLM keeps an AR selector with its tokenizer.
     assert r.teacher.ref == "builtin:tiny-llama"
-    if real.student.kind == "dllm":
-        assert (r.student.ref, r.student.selector_ref) == ("builtin:tiny-dllm", "builtin:tiny-llama")
+    if real.student.kind == "dllm":  # the shipped dLLM configs train LLaDA2: a tiny LLaDA2, trained by blocks
+        assert (r.student.ref, r.student.selector_ref) == ("builtin:tiny-llada2", "builtin:tiny-llama")
+        assert (r.student.dllm_attention, r.student.eos_fill) == (real.student.dllm_attention, real.student.eos_fill)
+        assert r.student.block_size == r.eval.diffusion_block_length < r.eval.max_tokens  # several blocks an answer
     else:
         assert r.student.ref == ("builtin:tiny-qwen3" if "Qwen3" in real.student.ref else "builtin:tiny-llama")
     # Enough traces for a step's batch: each prompt keeps one trace, or all of its samples.
@@ -118,6 +120,44 @@ def test_nothing_in_a_rehearsal_refers_to_the_real_run_folder(name, tmp_path):
     assert {r.teacher.ref, r.student.ref, r.student.selector_ref} - {None} <= set(TINY)
     assert r.data.source == "builtin:arith"
     assert set(r.eval.sources.values()) == set(reh.files)
+
+
+def test_a_llada2_student_is_rehearsed_as_tiny_llada2_by_its_config_or_else_its_name(tmp_path, monkeypatch):
+    import shutil
+
+    from t3s_ray.models import resolve
+    from t3s_ray.rehearse import tiny_dllm
+
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))  # none of these ids cached
+    # Hub ids that are not at hand: by name.
+    for ref in ("inclusionAI/LLaDA2.0-mini", "inclusionAI/LLaDA2.0-mini-preview", "inclusionAI/LLaDA2.0-flash",
+                "someone/llada-2-finetune"):
+        assert tiny_dllm(ref) == "builtin:tiny-llada2", ref
+    for ref in ("GSAI-ML/LLaDA-8B-Instruct", "inclusionAI/LLaDA-MoE-7B-A1B-Instruct", "org/bert-denoiser"):
+        assert tiny_dllm(ref) == "builtin:tiny-dllm", ref
+    # Hub ids whose config is in the Hugging Face cache: by their config, whatever their name.
+    for repo, model_type in (("org/renamed", "llada2_moe"), ("org/LLaDA2-named-bert", "bert")):
+        folder = tmp_path / "hub" / f"models--{repo.replace('/', '--')}"
+        (folder / "refs").mkdir(parents=True)
+        (folder / "refs" / "main").write_text("0" * 40)
+        (folder / "snapshots" / ("0" * 40)).mkdir(parents=True)
+        (folder / "snapshots" / ("0" * 40) / "config.json").write_text(json.dumps({"model_type": model_type}))
+    assert (tiny_dllm("org/renamed"), tiny_dllm("org/LLaDA2-named-bert")) == ("builtin:tiny-llada2",
+                                                                              "builtin:tiny-dllm")
+    # Local folders: by their config, whatever their name.
+    llada2, other = tmp_path / "checkpoint" / "model", tmp_path / "llada2-looking-name"
+    shutil.copytree(resolve("builtin:tiny-llada2"), llada2)
+    shutil.copytree(resolve("builtin:tiny-dllm"), other)
+    assert (tiny_dllm(str(llada2)), tiny_dllm(str(other))) == ("builtin:tiny-llada2", "builtin:tiny-dllm")
+    assert (tiny_dllm("builtin:tiny-llada2"), tiny_dllm("builtin:tiny-dllm")) == ("builtin:tiny-llada2",
+                                                                                   "builtin:tiny-dllm")
+    # A whole config: the LLaDA2 student, its AR selector, and the block-diffusion keys as the config says.
+    real = load("llada2-mini-dllm.yaml", f"student.ref={llada2}", "student.dllm_attention=full")
+    r = rehearsal_config(real).config
+    assert (r.student.ref, r.student.selector_ref, r.student.dllm_attention) == (
+        "builtin:tiny-llada2", "builtin:tiny-llama", "full")
+    r = rehearsal_config(load("llada2-mini-dllm.yaml", f"student.ref={other}", "student.dllm_attention=auto")).config
+    assert (r.student.ref, r.student.block_size) == ("builtin:tiny-dllm", real.student.block_size)
 
 
 def test_worker_variables_pointing_into_the_real_run_folder_are_left_out():
@@ -200,6 +240,19 @@ def test_imported_traces_from_the_hub_become_builtin_worked_solutions():
     # The reasoning column is still joined in front of the answer, as s1K's R1 thinking is.
     assert (r.traces.response_field, r.traces.reasoning_field) == ("solution", "solution")
     assert r.traces.keep == real.traces.keep == "all_correct"
+
+
+def test_imported_conversations_from_hub_files_become_builtin_worked_solutions():
+    import dataclasses
+
+    real = load("qwen3-8b-s1k200.yaml")
+    real.data = dataclasses.replace(real.data, source="open-thoughts/OpenThoughts-114k", revision="main",
+                                    data_files=["data/train-00000-of-00006.parquet"])
+    real.traces = dataclasses.replace(real.traces, response_field=None, reasoning_field=None,
+                                      messages_field="conversations", message_roles={"human": "user", "gpt": "assistant"})
+    r = rehearsal_config(real).config
+    assert (r.data.source, r.data.data_files, r.data.revision) == ("builtin:arith", None, None)
+    assert (r.traces.response_field, r.traces.messages_field, r.traces.message_roles) == ("solution", None, None)
 
 
 def test_benchmarks_from_the_hub_read_builtin_problems_in_their_own_columns(tmp_path):

@@ -141,3 +141,86 @@ def test_the_probe_engine_is_operational(tmp_path):
 
     assert settings() == settings(concurrency=3, batch_size=7, engine_kwargs={"enforce_eager": True})
     assert settings(backend="vllm")["probe"] != settings(backend="vllm", seed_requests=False)["probe"]
+
+
+def test_block_diffusion_keys_are_recorded_resolved_for_a_llada2_student_only(tmp_path):
+    """``student.dllm_attention``, ``block_size`` and ``eos_fill`` enter a training's settings only where
+    they are read, by a LLaDA2 student's training, and as what they mean for it: an AR student's or
+    another diffusion LM's folders (written before the keys existed) resume whatever they say, and
+    spelling out LLaDA2's default is the default."""
+    def settings(ref: str, kind: str = "dllm", **student):
+        dllm = {"kind": "dllm", "selector_ref": "builtin:tiny-llama"} if kind == "dllm" else {}
+        cfg = config.from_dict(tiny_run_data(tmp_path, "bd", student={"ref": ref, **dllm, **student}))
+        write_traces(cfg.run_dir)
+        return {stage: stage_settings(stage, cfg) for stage in ("train", "probe")}
+
+    keys = ("student.dllm_attention", "student.block_size", "student.eos_fill")
+    ar = settings("builtin:tiny-llama", kind="ar")
+    assert ar == settings("builtin:tiny-llama", kind="ar", block_size=8, eos_fill=False)
+    assert not any(k in ar["train"] for k in keys)
+    other = settings("builtin:tiny-dllm")  # LLaDA's objective: reads none of them
+    assert other == settings("builtin:tiny-dllm", dllm_attention="full", block_size=8)
+    assert not any(k in other["train"] for k in keys)
+    llada2 = settings("builtin:tiny-llada2")
+    assert [llada2["train"][k] for k in keys] == ["block_diffusion", 32, True]
+    assert llada2 == settings("builtin:tiny-llada2", dllm_attention="block_diffusion", block_size=32)
+    assert changed_keys(llada2["train"], settings("builtin:tiny-llada2", dllm_attention="full", block_size=16,
+                                                  eos_fill=False)["train"]) == sorted(keys)
+    assert list(llada2["train"])[:11] == [f"student.{k}" for k in (  # after the student's keys of before
+        "ref", "revision", "dtype", "trust_remote_code", "kind", "selector_ref", "mask_token", "attn_implementation",
+        "dllm_attention", "block_size", "eos_fill")]
+    # block_diffusion for a diffusion LM that is not LLaDA2 is refused where the settings are taken: on the
+    # driver, when the stage claims its folder (before any worker).
+    with pytest.raises(config.ConfigError, match="student.ref builtin:tiny-dllm is not a LLaDA2 model"):
+        settings("builtin:tiny-dllm", dllm_attention="block_diffusion")
+
+
+def test_the_new_data_and_template_keys_enter_the_fingerprints_only_when_set(tmp_path):
+    """Keys added since (``data.data_files``, ``data.revision``, ``traces.messages_field``, ...,
+    ``traces.chat_template_kwargs``) read None at their defaults, as a folder written before they
+    existed reads them: such folders resume. Set, they refuse another value, and dropping them again
+    is a change too (a mapping is one value, not keys of its own that ``changed_keys`` would skip)."""
+    template = tmp_path / "t.jinja"
+    template.write_text("{{ messages[0]['content'] }}")
+
+    def settings(stage="traces", **sections):
+        cfg = config.from_dict(tiny_run_data(tmp_path, "keys", **sections))
+        write_traces(cfg.run_dir)
+        model = {"model_ref": "org/model", "model_dtype": "bfloat16"} if stage == "eval" else {}
+        return json.loads(json.dumps(stage_settings(stage, cfg, **model), default=str))
+
+    base = settings()
+    before = {k: v for k, v in base.items() if not k.startswith(("data.data_files", "data.revision", "traces.messag",
+                                                                   "traces.chat_template_kwargs"))}
+    assert changed_keys(before, base) == []  # a folder written without the keys resumes
+    assert "data.streaming" not in base  # the same rows either way
+    assert changed_keys(base, settings(data={"streaming": True})) == []
+    kwargs = settings(traces={"chat_template_kwargs": {"enable_thinking": False}})
+    assert changed_keys(base, kwargs) == ["traces.chat_template_kwargs"]
+    assert changed_keys(kwargs, base) == ["traces.chat_template_kwargs"]  # dropped again: a change too
+    assert changed_keys(base, settings(data={"revision": "v2", "data_files": ["a.parquet"], "source": "parquet"})) \
+        == ["data.data_files", "data.revision", "data.source"]
+    roles = settings(traces={"response_field": None, "messages_field": "c", "message_roles": {"Q": "user"}})
+    assert changed_keys(base, roles) == ["traces.message_roles", "traces.messages_field", "traces.response_field"]
+    own = settings(traces={"chat_template": str(template)})
+    assert own["traces.chat_template"].startswith(f"{template} (sha256 ")
+    template.write_text("{{ messages[-1]['content'] }}")  # edited in place: another template
+    assert changed_keys(own, settings(traces={"chat_template": str(template)})) == ["traces.chat_template"]
+    # The evaluation records what renders its prompts.
+    ev = settings("eval")
+    assert ev["traces.chat_template"] is None and ev["traces.chat_template_kwargs"] is None
+    assert changed_keys(ev, settings("eval", traces={"chat_template_kwargs": {"enable_thinking": False}})) == \
+        ["traces.chat_template_kwargs"]
+
+
+def test_an_unreadable_settings_file_is_named(tmp_path):
+    from t3s_ray.errors import DataError
+    from t3s_ray.runfolder import claim
+
+    folder = tmp_path / "traces"
+    claim(folder, "traces", {"a": 1})
+    (folder / "traces").mkdir()
+    (folder / "traces" / "part-00000.parquet").write_bytes(b"")  # output: the settings are checked
+    (folder / "settings.json").write_text('{"stage": "traces", "settings": {"a": ')
+    with pytest.raises(DataError, match=r"settings.json: the traces stage's settings cannot be read"):
+        claim(folder, "traces", {"a": 1})

@@ -129,6 +129,69 @@ def test_import_traces_from_dataset(tmp_path):
     assert kept["id"] == "a" and kept["verified"] and kept["teacher"].startswith("dataset:")
 
 
+@pytest.mark.parametrize("shape", ["sharegpt-jsonl", "openai-parquet"])
+def test_import_traces_from_conversations(tmp_path, shape):
+    """OpenThoughts / Bespoke-Stratos (ShareGPT ``conversations`` with ``from`` / ``value``) and
+    Mixture-of-Thoughts (OpenAI ``messages``, here with a ``reasoning_content``), as they come: the last
+    assistant turn is the trace, its reasoning joined in front, verified against the gold answer."""
+    import pyarrow as pa
+
+    from t3s_ray.data import tokenize_traces
+    from t3s_ray.models import load_tokenizer
+
+    if shape == "sharegpt-jsonl":
+        def conv(q, a):
+            return [{"from": "system", "value": "Think first."}, {"from": "human", "value": q},
+                    {"from": "gpt", "value": a}]
+        rows = [{"id": "a", "answer": "42", "conversations": conv("17 + 25?", "<think>17 + 25 = 42</think>\\boxed{42}")},
+                {"id": "b", "answer": "5", "conversations": conv("9 - 4?", "\\boxed{6}")},
+                {"id": "c", "answer": "1", "conversations": conv("0 + 1?", "")}]
+        src = tmp_path / "stratos.jsonl"
+        src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        field, want_a = "conversations", "<think>17 + 25 = 42</think>\\boxed{42}"
+    else:
+        def conv(q, a, why):
+            return [{"role": "user", "content": q}, {"role": "assistant", "content": a, "reasoning_content": why}]
+        rows = [{"id": "a", "answer": "42", "messages": conv("17 + 25?", "\\boxed{42}", "17 + 25 = 42")},
+                {"id": "b", "answer": "5", "messages": conv("9 - 4?", "\\boxed{6}", "9 - 4 = 6?")},
+                {"id": "c", "answer": "1", "messages": [{"role": "user", "content": "0 + 1?"}]}]
+        src = tmp_path / "mot.parquet"
+        pq.write_table(pa.Table.from_pylist(rows), src)  # messages: a list of structs, every key in every message
+        field, want_a = "messages", "<think>\n17 + 25 = 42\n</think>\n\n\\boxed{42}"
+    cfg = config.load(tiny_config(tmp_path, student={"ref": "builtin:tiny-qwen3"}, data={"source": str(src)},
+                                  traces={"source": "dataset", "messages_field": field, "keep": "all_correct"}))
+    m = run_traces(cfg)
+    assert m["samples"] == 2 and m["accepted_traces"] == 1 and m["error_ids"] == ["c"]
+    (kept,) = load_traces(cfg.run_dir)
+    assert kept["id"] == "a" and kept["verified"] and kept["response"] == want_a
+    assert kept["prompt_format"] == "messages"
+    prompt = json.loads(kept["prompt"])
+    assert prompt[-1] == {"role": "user", "content": "17 + 25?"} and all(m["role"] != "assistant" for m in prompt)
+    errors = [json.loads(line) for line in (cfg.run_dir / "traces" / "errors.jsonl").read_text().splitlines()]
+    assert errors[0]["id"] == "c" and f"no assistant turn with text in column '{field}'" in errors[0]["reason"]
+    # Trained on as a generated trace would be: the conversation's turns are context, the answer the target.
+    (example,), _ = tokenize_traces([kept], load_tokenizer("builtin:tiny-qwen3"), system_prompt=None,
+                                    chat_template=True, max_seq_len=512)
+    tok = load_tokenizer("builtin:tiny-qwen3")
+    target = tok.decode([t for t, keep in zip(example["input_ids"], example["target_mask"]) if keep])
+    assert target == "<think>\n17 + 25 = 42\n</think>\n\n\\boxed{42}<|im_end|>\n"
+
+
+def test_an_imported_trace_that_hangs_the_math_verifier_is_counted_not_waited_for(tmp_path, monkeypatch):
+    from t3s_ray import verify
+
+    monkeypatch.setattr(verify, "MATH_TIMEOUT_S", 1.0)
+    rows = [{"id": "a", "prompt": "1+1?", "answer": "2", "trace": "The answer is 2."},
+            {"id": "b", "prompt": "huge?", "answer": "1", "trace": "\\boxed{9^{9^{9^{9}}}}"}]
+    src = tmp_path / "t.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = config.load(tiny_config(tmp_path, data={"source": str(src)},
+                                  traces={"source": "dataset", "response_field": "trace", "keep": "all"}))
+    m = run_traces(cfg)
+    assert m["this_run"]["verify_timeouts"] == 1 and m["correct_samples"] == 1 and m["accepted_traces"] == 2
+    assert {t["id"]: t["correct"] for t in load_traces(cfg.run_dir)} == {"a": True, "b": False}
+
+
 def test_s1k_style_import_joins_thinking_and_attempt_and_trains_on_both(tmp_path):
     """The columns of simplescaling/s1K-1.1 (as configs/qwen3-8b-s1k200.yaml reads them), in a local
     parquet file: R1's thinking trajectory and attempt become one trace in Qwen3's thinking layout,

@@ -562,3 +562,28 @@ def test_ray_checkpoints_are_written_straight_into_the_runs_storage(tmp_path, mo
     assert metrics == {"loss": 1.0} and kw["checkpoint"].path == str(written[0])
     assert kw["checkpoint_dir_name"] == "checkpoint_step-000004"
     assert kw["checkpoint_upload_mode"] == ray.train.CheckpointUploadMode.NO_UPLOAD
+
+
+def test_the_training_pairs_and_the_probe_render_with_the_configured_template_and_kwargs(tmp_path):
+    """``traces.chat_template`` / ``chat_template_kwargs`` reach the training pairs
+    (``training_inputs``) as they reach the teacher's prompts: with Qwen3's ``enable_thinking: false``
+    the empty think block is prompt, not target."""
+    from t3s_ray.train import training_inputs
+
+    switch = ("{%- set off = enable_thinking is defined and not enable_thinking -%}"
+              "{%- for m in messages -%}{{- '<|im_start|>' + m['role'] + '\\n' -}}"
+              "{%- if m['role'] == 'assistant' and off -%}{{- '<think>\\n\\n</think>\\n\\n' -}}{%- endif -%}"
+              "{{- m['content'] + '<|im_end|>\\n' -}}{%- endfor -%}"
+              "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}"
+              "{%- if off -%}{{- '<think>\\n\\n</think>\\n\\n' -}}{%- endif -%}{%- endif -%}")
+    from conftest import tiny_run_data
+
+    cfg = config.from_dict(tiny_run_data(tmp_path, "tpl", traces={"chat_template": switch,
+                                                                   "chat_template_kwargs": {"enable_thinking": False}}))
+    run_traces(cfg)
+    examples, _, _, _ = training_inputs(cfg)
+    from t3s_ray.models import load_tokenizer
+
+    tok = load_tokenizer("builtin:tiny-llama")
+    context = tok.decode([t for t, m in zip(examples[0]["input_ids"], examples[0]["target_mask"]) if not m])
+    assert context.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")

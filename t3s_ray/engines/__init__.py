@@ -2,7 +2,8 @@
 
 * ``hf`` (:mod:`.hf`): transformers ``generate`` with left padding in a Ray Data actor pool;
 * ``vllm`` (:mod:`.vllm`): ``ray.data.llm`` engine actors;
-* ``openai`` (:mod:`.openai`): requests to an OpenAI-compatible server (traces only).
+* ``openai`` (:mod:`.openai`): requests to an OpenAI-compatible server (traces, and evaluation of a
+  served model).
 
 Each engine's ``generate_dataset(ds, spec, actors, placement_groups)`` maps a Ray Dataset of
 requests (one row per sample, built by ``t3s_ray.generate.prepare_requests``) to a Dataset of

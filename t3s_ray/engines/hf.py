@@ -2,9 +2,11 @@
 
 Each actor loads the model once (:class:`HFGenerator`) and generates a batch of requests at a time,
 recording each sampled token's log-probability step by step (:class:`SampledLogprobs`) instead of
-every step's logits. Masked-diffusion models (dLLM students) are sampled here too, by iterative
-unmasking (``t3s_ray/t3s/diffusion.py``): LLaDA2 block by block under a block-causal mask
-(``block_diffusion_generate``), the others by LLaDA's sampler (``diffusion_generate``).
+every step's logits, and only when the stage uses them (``GenerationSpec.logprobs``: the traces
+keep them; evaluation and the probe only verify answers). Masked-diffusion models (dLLM students)
+are sampled here too, by iterative unmasking (``t3s_ray/t3s/diffusion.py``): LLaDA2 block by block
+under a block-causal mask (``block_diffusion_generate``), the others by LLaDA's sampler
+(``diffusion_generate``).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ class HFGenerator:
                  trust_remote_code: bool = False, revision: str | None = None, device: str | None = None,
                  sampler: str = "ar", diffusion_steps: int = 0, diffusion_block_length: int = 32,
                  mask_token: str = "", diffusion_threshold: float | None = None,
-                 diffusion_steps_per_block: int | None = None):
+                 diffusion_steps_per_block: int | None = None, logprobs: bool = True):
         import torch
 
         from ..models import load_model, load_tokenizer, mask_token_id
@@ -37,7 +39,8 @@ class HFGenerator:
         self.tokenizer = load_tokenizer(model_ref, revision=revision, trust_remote_code=trust_remote_code)
         model = load_model(model_ref, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code,
                            device=self.device).eval()
-        self.__dict__.update(vars(HFGenerator.from_model(model, self.tokenizer, temperature, top_p, topk_logprobs)))
+        self.__dict__.update(vars(HFGenerator.from_model(model, self.tokenizer, temperature, top_p, topk_logprobs,
+                                                         logprobs=logprobs)))
         if sampler == "diffusion":
             if topk_logprobs:
                 raise ValueError("top-k logprobs are not available from the diffusion sampler")
@@ -46,13 +49,17 @@ class HFGenerator:
                               "steps_per_block": diffusion_steps_per_block}
 
     @classmethod
-    def from_model(cls, model, tokenizer, temperature: float, top_p: float, topk_logprobs: int = 0) -> "HFGenerator":
-        """Wrap a model already in memory (a training worker measuring its own train accuracy)."""
+    def from_model(cls, model, tokenizer, temperature: float, top_p: float, topk_logprobs: int = 0,
+                   logprobs: bool = True) -> "HFGenerator":
+        """Wrap a model already in memory (a training worker measuring its own train accuracy).
+        ``logprobs``: record the sampled tokens' log-probabilities (with top-k > 0 they are always
+        recorded); without, a sample's ``logprobs`` is empty and generation is plain ``generate``."""
         self = cls.__new__(cls)
         self.device = next(model.parameters()).device
         self.model, self.tokenizer = model, tokenizer
         self.tokenizer.padding_side = "left"
         self.temperature, self.top_p, self.topk = temperature, top_p, topk_logprobs
+        self.record_logprobs = bool(logprobs or topk_logprobs)
         self.diffusion = None  # set by __init__ for a masked-diffusion model
         gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)  # none on masked LMs
         eos = gen_eos if gen_eos is not None else tokenizer.eos_token_id
@@ -69,22 +76,22 @@ class HFGenerator:
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         torch.manual_seed(seed)
         do_sample = self.temperature > 0
-        recorder = SampledLogprobs(self.topk)
+        recorder = SampledLogprobs(self.topk) if self.record_logprobs else None
         with torch.inference_mode():
             sequences = self.model.generate(
                 **enc, max_new_tokens=max_tokens, do_sample=do_sample,
                 temperature=self.temperature if do_sample else None, top_p=self.top_p if do_sample else None,
-                top_k=0 if do_sample else None, logits_processor=LogitsProcessorList([recorder]),
+                top_k=0 if do_sample else None, logits_processor=LogitsProcessorList([recorder] if recorder else []),
                 pad_token_id=self.tokenizer.pad_token_id, eos_token_id=sorted(self.eos_ids))
             gen = sequences[:, enc["input_ids"].shape[1]:]
-            logprobs, top_ids, top_lps = recorder.finish(gen)
+            logprobs, top_ids, top_lps = recorder.finish(gen) if recorder else (None, None, None)
         results = []
         for b in range(gen.shape[0]):
             ids = gen[b].tolist()
             length = next((i + 1 for i, t in enumerate(ids) if t in self.eos_ids), None)
             finish = "stop" if length is not None else "length"
             length = length or len(ids)
-            res = self._result(ids[:length], logprobs[b, :length].tolist(), finish)
+            res = self._result(ids[:length], logprobs[b, :length].tolist() if recorder else [], finish)
             if self.topk:
                 res["topk_ids"] = top_ids[b, :length].tolist()
                 res["topk_logprobs"] = top_lps[b, :length].tolist()
@@ -154,14 +161,18 @@ class SampledLogprobs:
 
     ``generate`` calls it with step t's logits before the sampling warpers (temperature, top-p):
     the model's own distribution, which is what vLLM reports by default. The token drawn from it
-    is known one call later (the last column of ``input_ids``), so one ``[B, V]`` fp32 log-softmax
-    is kept between calls: memory O(B·V) instead of O(B·steps·V) (at Qwen3's vocabulary, 0.6 MB a
-    token, 10 GB for a 16k-token sample, with ``output_logits``).
+    is known one call later (the last column of ``input_ids``), so between calls it keeps step t's
+    scores (the fp32 copy ``generate`` makes of the logits each step, which the warpers after it do
+    not change in place) and their log-normaliser ``logsumexp`` (``[B]``): the log-probability is
+    ``score[token] - logsumexp``, the same number ``log_softmax(...).gather(token)`` gives without
+    writing a ``[B, V]`` log-softmax every step. Memory O(B·V) instead of O(B·steps·V) (at Qwen3's
+    vocabulary, 0.6 MB a token, 10 GB for a 16k-token sample, with ``output_logits``).
     """
 
     def __init__(self, topk: int = 0):
         self.topk = topk
-        self.previous = None
+        self.previous = None       # step t's scores [B, V]
+        self.normaliser = None     # their logsumexp [B]
         self.sampled: list = []
         self.top_ids: list = []
         self.top_lps: list = []
@@ -169,16 +180,19 @@ class SampledLogprobs:
     def __call__(self, input_ids, scores):
         if self.previous is not None:
             self._take(input_ids[:, -1])
-        self.previous = scores.float().log_softmax(-1)
+        self.previous = scores
+        self.normaliser = scores.float().logsumexp(-1)
         return scores
 
     def _take(self, tokens) -> None:
-        self.sampled.append(self.previous.gather(-1, tokens[:, None].to(self.previous.device))[:, 0])
+        scores, normaliser = self.previous, self.normaliser
+        picked = scores.gather(-1, tokens[:, None].to(scores.device))[:, 0].float()
+        self.sampled.append(picked - normaliser)
         if self.topk:
-            top = self.previous.topk(self.topk, dim=-1)
+            top = scores.topk(self.topk, dim=-1)
             self.top_ids.append(top.indices)
-            self.top_lps.append(top.values)
-        self.previous = None
+            self.top_lps.append(top.values.float() - normaliser[:, None])
+        self.previous = self.normaliser = None
 
     def finish(self, generated):
         """``[B, steps]`` log-probabilities of ``generated`` (and ``[B, steps, k]`` top-k ids / values)."""
@@ -198,7 +212,6 @@ class SampledLogprobs:
         return logprobs, torch.stack(self.top_ids, dim=1).cpu(), torch.stack(self.top_lps, dim=1).cpu()
 
 
-
 def generate_dataset(ds, spec, actors: int, placement_groups: list):
     """``ds`` (one request per row) mapped by ``actors`` :class:`HFGenerator` actors on ``spec``'s model
     and sampling settings; lazy. (HF actors make no placement groups: ``placement_groups`` is unused.)"""
@@ -216,4 +229,4 @@ def generate_dataset(ds, spec, actors: int, placement_groups: list):
                                "diffusion_block_length": spec.diffusion_block_length,
                                "diffusion_threshold": spec.diffusion_threshold,
                                "diffusion_steps_per_block": spec.diffusion_steps_per_block,
-                               "mask_token": spec.mask_token})
+                               "mask_token": spec.mask_token, "logprobs": spec.logprobs})

@@ -8,8 +8,9 @@ resume) is the engine backends', unchanged.
 
 Per request (one per sample, so each sample has its own seed and a server without ``n`` works):
 ``model``, ``messages`` (the prompt, after ``data.system_prompt``), ``temperature``, ``top_p``,
-``max_tokens``, ``seed`` (``endpoint.send_seed``), and ``logprobs`` / ``top_logprobs``
-(``endpoint.request_logprobs``; DeepSeek's reasoner API refuses them).
+``max_tokens``, ``seed`` (``endpoint.send_seed``), ``logprobs`` / ``top_logprobs``
+(``endpoint.request_logprobs``; DeepSeek's reasoner API refuses them), and ``chat_template_kwargs``
+(``traces.chat_template_kwargs``, only when set: vLLM and SGLang pass them to the template).
 
 The response becomes a sample: ``response`` is the message content, with a DeepSeek-R1-style
 ``reasoning_content`` (or vLLM's ``reasoning``) joined in front as
@@ -22,7 +23,12 @@ Failures: 429, 5xx, timeouts and broken connections are retried ``endpoint.max_r
 exponential backoff (``Retry-After`` honoured); then the sample fails with a retryable error, so a
 rerun of the stage asks again. Any other 4xx fails the sample at once, not retryable, with the
 server's message (it goes to ``errors.jsonl``). The API key is read on the driver from the variable
-``endpoint.api_key_env`` names and travels to the actors as a :class:`Secret`, whose ``repr`` hides it.
+``endpoint.api_key_env`` names (:func:`api_key`) and travels to the actors as a :class:`Secret`, whose
+``repr`` hides it.
+
+Evaluation uses the same engine (``eval.endpoint``, or ``traces.endpoint`` for ``t3s run``'s API
+teacher): the samples are verified and scored as any engine's; ``token_ids`` stay empty, so generated
+tokens are counted by the returned log-probabilities.
 """
 
 from __future__ import annotations
@@ -47,6 +53,23 @@ class Secret(str):
 
     def __repr__(self) -> str:
         return "'***'"
+
+
+def api_key(endpoint, section: str) -> Secret | None:
+    """The API key of an endpoint section (``section``: ``traces.endpoint``, ``eval.endpoint``) from
+    the variable its ``api_key_env`` names, as a :class:`Secret`; None when it names none. Read on
+    the driver, so that an unset variable is one config error before any request is sent."""
+    import os
+
+    from ..config import ConfigError
+
+    name = endpoint.api_key_env
+    if not name:
+        return None
+    if not os.environ.get(name):
+        raise ConfigError(f"{section}.api_key_env names {name}, which is not set in this environment "
+                          f"(export {name}=... before running, or leave api_key_env empty for a server without keys)")
+    return Secret(os.environ[name])
 
 
 def join_reasoning(reasoning: str | None, content: str | None) -> str:
@@ -81,11 +104,13 @@ class OpenAIRequester:
 
     def __init__(self, *, base_url: str, model: str, api_key: str | None, temperature: float, top_p: float,
                  topk_logprobs: int, threads: int, qps: float, max_retries: int, timeout_s: float,
-                 backoff_s: float, request_logprobs: bool, send_seed: bool):
+                 backoff_s: float, request_logprobs: bool, send_seed: bool,
+                 chat_template_kwargs: dict[str, Any] | None = None):
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.temperature, self.top_p, self.topk = model, temperature, top_p, topk_logprobs
         self.threads, self.max_retries, self.timeout_s, self.backoff_s = threads, max_retries, timeout_s, backoff_s
         self.request_logprobs, self.send_seed = request_logprobs, send_seed
+        self.chat_template_kwargs = chat_template_kwargs
         self.headers = {"Content-Type": "application/json"}
         if api_key:
             self.headers["Authorization"] = f"Bearer {api_key}"
@@ -109,6 +134,8 @@ class OpenAIRequester:
             body["logprobs"] = True
             if self.topk:
                 body["top_logprobs"] = int(self.topk)
+        if self.chat_template_kwargs:  # vLLM's and SGLang's extension; sent only when configured
+            body["chat_template_kwargs"] = self.chat_template_kwargs
         return body
 
     def request(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -182,7 +209,8 @@ def parse_choice(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def openai_generate(ds, *, endpoint: dict[str, Any], api_key: str | None, temperature: float, top_p: float,
-                    topk_logprobs: int, concurrency: int, batch_size: int):
+                    topk_logprobs: int, concurrency: int, batch_size: int,
+                    chat_template_kwargs: dict[str, Any] | None = None):
     """Sample one completion per input row (``messages`` as JSON, ``max_tokens``, ``seed``) from the
     endpoint; lazy, like the engine backends. ``concurrency`` request actors share the endpoint's
     ``max_concurrency`` and ``qps``."""
@@ -198,11 +226,12 @@ def openai_generate(ds, *, endpoint: dict[str, Any], api_key: str | None, temper
             "topk_logprobs": topk_logprobs, "threads": threads, "qps": float(endpoint["qps"]) / concurrency,
             "max_retries": int(endpoint["max_retries"]), "timeout_s": float(endpoint["timeout_s"]),
             "backoff_s": float(endpoint["backoff_s"]), "request_logprobs": bool(endpoint["request_logprobs"]),
-            "send_seed": bool(endpoint["send_seed"])})
+            "send_seed": bool(endpoint["send_seed"]), "chat_template_kwargs": chat_template_kwargs})
 
 
 def generate_dataset(ds, spec, actors: int, placement_groups: list):
     """:func:`openai_generate` on ``spec``'s endpoint and sampling settings, ``actors`` request actors."""
     return openai_generate(ds, endpoint=spec.endpoint or {}, api_key=spec.api_key,
                            temperature=spec.sampling.temperature, top_p=spec.sampling.top_p,
-                           topk_logprobs=spec.topk_logprobs, concurrency=actors, batch_size=spec.engine.batch_size)
+                           topk_logprobs=spec.topk_logprobs, concurrency=actors, batch_size=spec.engine.batch_size,
+                           chat_template_kwargs=spec.chat_template_kwargs)

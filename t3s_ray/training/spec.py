@@ -183,6 +183,9 @@ class WorkerSpec:
         settings: What the run computes with (``runfolder.run_settings``), recorded in each checkpoint
             and checked on resume.
         online: The bottleneck switch; None unless the protocol is online with ``switch: bottleneck``.
+        confidence_sample: Record the token confidences of the first this many examples (at least one
+            per rank) at θ0 and at each saved model (``model_every``) into
+            ``TrainFolder.confidence_record`` (the probe's, for the report's bifurcation figure; 0: none).
         tracking: The tracked run rank 0 logs every step to (``report_to``'s trackers); None: TensorBoard
             only, in ``out_dir/tensorboard``.
     """
@@ -202,6 +205,7 @@ class WorkerSpec:
     model_every: int
     settings: dict[str, Any]
     online: OnlineSwitch | None
+    confidence_sample: int = 0
     tracking: TrackingSpec | None = None
 
 
@@ -216,11 +220,12 @@ def selection_rule(selection: SelectionConfig, is_dllm: bool) -> dict[str, Any]:
 def online_switch(cfg: RunConfig, model_ref: str, prompts: list[dict[str, Any]]) -> OnlineSwitch:
     """The bottleneck switch of ``cfg``'s online protocol: a rank samples the model in training (``model_ref``)
     on the hf backend in its own process, so only the probe's length budget is taken from its engine."""
+    from ..data import chat_options
     from ..generate import GenerationSpec
 
     p = cfg.probe
     generation = GenerationSpec(ModelConfig(ref=model_ref), EngineConfig(max_model_len=cfg.engine("probe").max_model_len),
-                                cfg.sampling("probe"), system_prompt=cfg.data.system_prompt)
+                                cfg.sampling("probe"), system_prompt=cfg.data.system_prompt, **chat_options(cfg.traces))
     return OnlineSwitch(generation, cfg.traces.verifier, tuple(prompts[: p.max_prompts] if p.max_prompts else prompts),
                         p.patience, cfg.selection.rewind)
 
@@ -229,10 +234,11 @@ def worker_spec(cfg: RunConfig, plan: SelectionPlan, *, out_dir: str, model_ref:
                 scoring_ref: str, anchor_model: str | None, max_steps: int, store_name: str,
                 stop_at: int | None = None, model_every: int = 0,
                 prompts: list[dict[str, Any]] | tuple[dict[str, Any], ...] = (),
-                tracking: TrackingSpec | None = None) -> WorkerSpec:
+                confidence_sample: int = 0, tracking: TrackingSpec | None = None) -> WorkerSpec:
     """The one place a ``WorkerSpec`` is made: ``cfg`` and what the driver decided for this training
-    (``plan``: its protocol's phases; the refs, the horizon, the store's name, the train prompts; the
-    tracked run, by default the training's own: ``NAME/METHOD`` kept in ``out_dir``)."""
+    (``plan``: its protocol's phases; the refs, the horizon, the store's name, the train prompts, the
+    sample whose confidences are recorded; the tracked run, by default the training's own:
+    ``NAME/METHOD`` kept in ``out_dir``)."""
     s = cfg.selection
     bottleneck = plan.online and plan.switch == "bottleneck"
     return WorkerSpec(
@@ -243,7 +249,7 @@ def worker_spec(cfg: RunConfig, plan: SelectionPlan, *, out_dir: str, model_ref:
         out_dir=out_dir, model_ref=model_ref, model_kind=model_kind, scoring_ref=scoring_ref,
         anchor_model=anchor_model, max_steps=max_steps, stop_at=stop_at, model_every=model_every,
         settings=run_settings(cfg), online=online_switch(cfg, model_ref, list(prompts)) if bottleneck else None,
-        tracking=tracking or tracking_spec(cfg, training_part(cfg), out_dir))
+        confidence_sample=confidence_sample, tracking=tracking or tracking_spec(cfg, training_part(cfg), out_dir))
 
 
 @dataclass

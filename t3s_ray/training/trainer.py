@@ -119,6 +119,7 @@ class StudentTrainer:
         with self.session.latest_checkpoint() as checkpoint:
             if checkpoint is None:
                 self._initial_scoring()
+                self._record_confidences(0)
             else:
                 self._load_checkpoint(checkpoint)
         self.forward = self.module
@@ -215,6 +216,26 @@ class StudentTrainer:
                   f"{stats['anchor_frac']:.3f}", file=sys.stderr, flush=True)
         dist_utils.barrier()
 
+    def _record_confidences(self, step: int) -> None:
+        """The confidences of the first ``confidence_sample`` examples under the current weights, a
+        scoring pass as the selection's, written by rank 0 (``TrainFolder.confidence_record``): the
+        probe's trajectories, which the report draws without loading a model. A collective (under
+        FSDP every forward is one); a resumed run rewrites what it replays."""
+        from ..runfolder import write_confidences
+
+        if not self.cfg.confidence_sample or self.is_dllm:  # a denoiser's forward gives no causal confidences
+            return
+        # At least one example per rank: a rank without any would have no batch to repeat.
+        n = min(max(self.cfg.confidence_sample, self.world), self.n_examples)
+        mine = score_examples(self.module, self._collate, n, self.ranks, self.cfg.train.micro_batch_size,
+                              self._autocast)
+        scores = {i: c for part in dist_utils.gather_objects(mine) for i, c in part.items()}
+        if self.ranks.is_main:
+            ids = sorted(scores)
+            tokens = [np.asarray(self.examples[i]["input_ids"])[np.asarray(self.examples[i]["target_mask"], dtype=bool)]
+                      for i in ids]
+            write_confidences(TrainFolder(self.out_dir).confidence_record(step), ids, tokens, [scores[i] for i in ids])
+
     # ---------------------------------------------------------------- the loop
     def train(self) -> None:
         t = self.cfg.train
@@ -257,6 +278,7 @@ class StudentTrainer:
                 metrics.update(self._diagnostics(mine, anchors))
             if self.cfg.model_every and (step + 1) % self.cfg.model_every == 0:
                 self._save_hf(TrainFolder(self.out_dir).saved_model(step + 1))
+                self._record_confidences(step + 1)
             checkpoint_now = (step + 1) % t.checkpoint_every == 0 or step + 1 == last
             if checkpoint_now:
                 self.store.wait(pushes)
