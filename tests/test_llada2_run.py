@@ -65,7 +65,7 @@ def test_a_tiny_llada2_run_trains_by_blocks_resumes_exports_and_evaluates(ray_lo
     assert resumed.keys() == uninterrupted.keys()
     for key in resumed:
         torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=1e-4, atol=1e-5)
-    theta0 = weights(models.resolve("builtin:tiny-llada2"))
+    theta0 = weights(Path(models.resolve("builtin:tiny-llada2")))
     assert any(not torch.equal(resumed[k].float(), theta0[k].float()) for k in theta0)  # it trained
 
     # The export: the Hub's key names, the generation config (the sampler's EOS ids), loadable without
