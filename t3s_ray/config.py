@@ -1421,6 +1421,10 @@ def diffusion_training(cfg: RunConfig, *, block_model: bool) -> DiffusionTrainin
         raise ConfigError(f"student.attn_implementation {s.attn_implementation}: the LLaDA2 student {s.ref} attends "
                           "under explicit 4-D masks (block diffusion's, or a row's padding), which flash attention "
                           "cannot take: use sdpa")
+    if cfg.selection.dllm_weighting != "none":
+        raise ConfigError(f"selection.dllm_weighting {cfg.selection.dllm_weighting}: the LLaDA2 student {s.ref} is "
+                          "trained by the mean CE over its masked tokens, without 1/σ weighting (dFactory's loss): "
+                          "set dllm_weighting: none")
     return DiffusionTraining(layout="full" if s.dllm_attention == "full" else "block", block_size=s.block_size,
                              fill=s.eos_fill, mask_lo=cfg.selection.mask_lo, mask_hi=cfg.selection.mask_hi)
 

@@ -407,6 +407,10 @@ def test_every_gpu_config_rehearses_on_two_cpu_cores(name, tmp_path):
                 assert (folder / "models" / f"step-{r.train.max_steps:06d}" / "config.json").exists()
             else:
                 assert json.loads((folder / "summary.json").read_text())["step"] == r.train.max_steps
+            if r.student.kind == "dllm":  # which loss each step ran (LLaDA2: dFactory's block diffusion)
+                objectives = {json.loads(x)["objective"] for x in (folder / "metrics.jsonl").read_text().splitlines()}
+                block = r.student.ref == "builtin:tiny-llada2" and r.student.dllm_attention != "full"
+                assert objectives == {"block_diffusion" if block else "masked_diffusion"}, (method, objectives)
         if real.selection.protocol == "t3s_static":
             probe = json.loads((run_dir / "probe" / "result.json").read_text())
             assert probe["backend"] == r.engine("probe").backend

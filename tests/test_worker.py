@@ -276,3 +276,73 @@ def test_the_dllm_selectors_sharded_scorer_is_freed_before_training(tmp_path, mo
         gc.enable()
         dist.destroy_process_group()
         os.environ.pop("MASTER_PORT", None)
+
+
+def test_a_llada2_student_trains_by_the_block_diffusion_loss(tmp_path, monkeypatch):
+    """One step of builtin:tiny-llada2 in process: its loss is exactly the no-shift block-diffusion CE
+    (recomputed here from θ0 with full logits, on the layout ``diffusion_batch`` gives for the same
+    seed), the forced tokens are the anchors of the response, masked in the noisy half; LLaDA's
+    objective (``dllm_loss``) never runs; the export keeps the generation config (``complete_export``)."""
+    import numpy as np
+
+    import t3s_ray.t3s as core
+    import t3s_ray.t3s.diffusion as diffusion
+    from t3s_ray.batching import build_micro_batch, global_batch, rank_share
+    from t3s_ray.config import DiffusionTraining
+    from t3s_ray.models import load_model
+    from t3s_ray.training import steps
+    from t3s_ray.training.steps import stable_seed
+
+    tok = load_tokenizer("builtin:tiny-llada2")
+    rows = [{"id": str(i), "sample_index": 0, "prompt": f"What is {i} + {i + 3}?",
+             "response": f"{i} + {i + 3} = {2 * i + 3}. " + "Check. " * i + f"The answer is {2 * i + 3}."}
+            for i in range(4)]
+    examples = tokenize_traces(rows, tok, system_prompt=None, chat_template=True, max_seq_len=256)[0]
+    # Anchors (the store's forced tokens): every third response token of each example.
+    anchors = {i: np.arange(int(np.sum(ex["target_mask"]))) % 3 == 0 for i, ex in enumerate(examples)}
+    monkeypatch.setattr(steps.MaskPrefetcher, "get", lambda self, step: (
+        1, [anchors[i] for i in rank_share(global_batch(step, len(examples), 4, 0), 0, 1)]))
+    calls = []
+    real_batch = diffusion.diffusion_batch
+    monkeypatch.setattr(diffusion, "diffusion_batch", lambda *a, **k: calls.append((a, k)) or real_batch(*a, **k))
+
+    def llada_loss(*a, **k):
+        raise AssertionError("LLaDA's objective ran for a LLaDA2 student")
+
+    monkeypatch.setattr(core, "dllm_loss", llada_loss)
+    job = make_job(tmp_path, model_ref="builtin:tiny-llada2", train={"max_steps": 1, "lr": 1e-3},
+                   student={"kind": "dllm", "selector_ref": "builtin:tiny-llama", "block_size": 8},
+                   selection={"protocol": "t3s_static"})
+    job = dataclasses.replace(job, model_kind="dllm", scoring_ref="builtin:tiny-llama")
+    spec = job.spec()
+    assert spec.diffusion == DiffusionTraining(layout="block", block_size=8, fill=True, mask_lo=0.3, mask_hi=0.8)
+    train_standalone(spec, examples, Ranks())
+    metrics = [json.loads(x) for x in (tmp_path / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["objective"] for m in metrics] == ["block_diffusion"]
+
+    # The same micro-batch, noised again from the trainer's seed, by an independent computation.
+    assert len(calls) == 1
+    mine = rank_share(global_batch(0, len(examples), 4, 0), 0, 1)
+    batch = build_micro_batch(examples, mine, tok.pad_token_id or 0, torch.device("cpu"))
+    forced = batch.to_positions([anchors[i] for i in mine])
+    args, kwargs = calls[0]
+    assert torch.equal(args[0], batch.input_ids) and torch.equal(args[3], forced) and forced.any()
+    assert {k: kwargs[k] for k in ("block_size", "layout", "fill", "mask_lo", "mask_hi")} == {
+        "block_size": 8, "layout": "block", "fill": True, "mask_lo": 0.3, "mask_hi": 0.8}
+    model = load_model("builtin:tiny-llada2", dtype="float32")
+    config = model.config
+    noisy = real_batch(batch.input_ids, batch.attention_mask, batch.target_mask, forced,
+                       mask_id=tok.convert_tokens_to_ids("<|mask|>"), fill_id=config.pad_token_id, block_size=8,
+                       generator=torch.Generator().manual_seed(stable_seed(0, "dllm", 0, *mine)))
+    length = noisy.length
+    assert (noisy.input_ids[:, :length][forced.nonzero(as_tuple=True)] == kwargs["mask_id"]).all()
+    assert noisy.masked.sum() > forced.sum()
+    with torch.no_grad():
+        logits = model(input_ids=noisy.input_ids, attention_mask=noisy.attention_mask,
+                       position_ids=noisy.position_ids).logits[:, :length].float()
+    ce = torch.nn.functional.cross_entropy(logits[noisy.masked], noisy.targets[noisy.masked])  # no shift
+    assert metrics[0]["loss"] == pytest.approx(float(ce), rel=1e-5)
+    # LLaDA's loss on a shifted, unmasked-layout forward is another number altogether.
+    shifted = torch.nn.functional.cross_entropy(logits[:, :-1][noisy.masked[:, 1:]], noisy.targets[:, 1:][noisy.masked[:, 1:]])
+    assert abs(float(shifted) - float(ce)) > 1e-3
+    assert (tmp_path / "train" / "model" / "generation_config.json").exists()

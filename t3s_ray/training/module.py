@@ -16,22 +16,30 @@ from .. import distributed as dist_utils
 from ..batching import micro_batches
 from ..distributed import Ranks
 from ..t3s import token_confidence, token_loss_and_confidence
+from ..t3s.diffusion import denoiser_loss
 
 
 class LogprobModule(torch.nn.Module):
-    """Forward = per-token log-probabilities (AR), the weighted training loss with them, or logits
-    (dLLM denoiser), so that DDP/FSDP wrap the whole computation, chunked lm head included, and
-    synchronise its gradients."""
+    """Forward = per-token log-probabilities (AR), the weighted training loss with them, logits (a
+    LLaDA-style denoiser), or a block-diffusion denoiser's loss (LLaDA2), so that DDP/FSDP wrap the
+    whole computation, chunked lm head included, and synchronise its gradients."""
 
     def __init__(self, model, chunk_size: int):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
 
-    def forward(self, input_ids, attention_mask, target_mask, logits_only: bool = False, loss_weights=None,
-                position_ids=None, cu_seq_lens=None, max_seq_len=None):
-        """``logits_only``: the logits. ``loss_weights`` (``[B, T]``): ``(Σ w·CE, confidences detached)``
-        with the lm head's backward done in the forward pass. Else: differentiable log-probabilities."""
+    def forward(self, input_ids=None, attention_mask=None, target_mask=None, logits_only: bool = False,
+                loss_weights=None, position_ids=None, cu_seq_lens=None, max_seq_len=None, denoise=None):
+        """``denoise`` (a ``t3s.diffusion.DenoiserBatch``): ``denoiser_loss``'s ``(loss, logprobs)`` on it
+        (no shift, masked noisy positions; ``loss_weights`` ``[B, L]`` or None for the mean over them),
+        the other tensors unused. ``logits_only``: the logits. ``loss_weights`` (``[B, T]``):
+        ``(Σ w·CE, confidences detached)`` with the lm head's backward done in the forward pass. Else:
+        differentiable log-probabilities."""
+        if denoise is not None:
+            # Here rather than in the trainer: the root FSDP unit holds the lm head and the final norm,
+            # which the chunked loss reads directly, so they are gathered only inside the root's forward.
+            return denoiser_loss(self.model, denoise, loss_weights, self.chunk_size)
         if logits_only:
             return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
         if loss_weights is not None:

@@ -14,7 +14,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..config import EngineConfig, ModelConfig, RunConfig, SelectionConfig, StudentConfig, TrainConfig, from_dict
+from ..config import (
+    DiffusionTraining,
+    EngineConfig,
+    ModelConfig,
+    RunConfig,
+    SelectionConfig,
+    StudentConfig,
+    TrainConfig,
+    diffusion_training,
+    from_dict,
+)
 from ..protocols import PROTOCOLS, Protocol
 from ..runfolder import run_settings
 from ..tracking import TrackingSpec, tracking_spec, training_part
@@ -188,6 +198,10 @@ class WorkerSpec:
             ``TrainFolder.confidence_record`` (the probe's, for the report's bifurcation figure; 0: none).
         tracking: The tracked run rank 0 logs every step to (``report_to``'s trackers); None: TensorBoard
             only, in ``out_dir/tensorboard``.
+        diffusion: A block-diffusion student's (LLaDA2) training layout, resolved on the driver from the
+            student's config (``config.diffusion_training``): the keyword arguments of
+            ``t3s.diffusion.diffusion_batch``. None for an AR training (the probe of a dLLM included)
+            and for a LLaDA-style denoiser, which trains by LLaDA's objective.
     """
 
     student: StudentConfig
@@ -207,6 +221,7 @@ class WorkerSpec:
     online: OnlineSwitch | None
     confidence_sample: int = 0
     tracking: TrackingSpec | None = None
+    diffusion: DiffusionTraining | None = None
 
 
 def selection_rule(selection: SelectionConfig, is_dllm: bool) -> dict[str, Any]:
@@ -241,6 +256,14 @@ def worker_spec(cfg: RunConfig, plan: SelectionPlan, *, out_dir: str, model_ref:
     ``NAME/METHOD`` kept in ``out_dir``)."""
     s = cfg.selection
     bottleneck = plan.online and plan.switch == "bottleneck"
+    diffusion = None
+    if model_kind == "dllm" and cfg.student.kind == "dllm":
+        from ..models import declares_block_diffusion
+
+        # The student's own config says whether it trains by blocks (LLaDA2): read here, once, so that
+        # every rank runs the same objective and a missing config is an error before any rank starts.
+        revision = cfg.student.revision if model_ref == cfg.student.ref else None
+        diffusion = diffusion_training(cfg, block_model=declares_block_diffusion(model_ref, revision=revision))
     return WorkerSpec(
         student=cfg.student, train=cfg.train, plan=plan,
         selection=SelectionSpec(selection_rule(s, model_kind == "dllm"), s.refresh_source, s.mask_lo, s.mask_hi,
@@ -249,7 +272,8 @@ def worker_spec(cfg: RunConfig, plan: SelectionPlan, *, out_dir: str, model_ref:
         out_dir=out_dir, model_ref=model_ref, model_kind=model_kind, scoring_ref=scoring_ref,
         anchor_model=anchor_model, max_steps=max_steps, stop_at=stop_at, model_every=model_every,
         settings=run_settings(cfg), online=online_switch(cfg, model_ref, list(prompts)) if bottleneck else None,
-        confidence_sample=confidence_sample, tracking=tracking or tracking_spec(cfg, training_part(cfg), out_dir))
+        confidence_sample=confidence_sample, tracking=tracking or tracking_spec(cfg, training_part(cfg), out_dir),
+        diffusion=diffusion)
 
 
 @dataclass

@@ -95,7 +95,14 @@ class StudentTrainer:
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
-        from ..models import is_masked_lm, load_tokenizer, mask_token_id, saved_dtype
+        from ..models import (
+            fill_token_id,
+            is_masked_lm,
+            load_tokenizer,
+            mask_token_id,
+            saved_dtype,
+            uses_block_diffusion,
+        )
 
         t, st = self.cfg.train, self.cfg.student
         torch.manual_seed(t.seed)
@@ -112,8 +119,18 @@ class StudentTrainer:
         self.model = self.module.model
         if is_masked_lm(self.model) and not self.is_dllm:
             raise ValueError(f"{self.cfg.model_ref} is a masked LM (a diffusion denoiser): set student.kind: dllm")
+        self.diffusion = self.cfg.diffusion if self.is_dllm else None
         if self.is_dllm:
             self.mask_id = mask_token_id(self.tokenizer, st.mask_token, self.cfg.model_ref)
+            if uses_block_diffusion(self.model) and self.diffusion is None:
+                # LLaDA's objective would run a LLaDA2 student in the wrong regime (see docs/llada2.md).
+                raise ValueError(f"{self.cfg.model_ref} is a block-diffusion LM (LLaDA2) but the worker spec has no "
+                                 "diffusion layout: build the spec with training.spec.worker_spec")
+            if self.diffusion is not None:
+                self.fill_id = fill_token_id(self.model, self.tokenizer)
+        # Which loss the steps compute, recorded in every metrics line (the rehearsal checks it).
+        self.objective = ("ar" if not self.is_dllm else "masked_diffusion" if self.diffusion is None
+                          else {"block": "block_diffusion", "full": "full_diffusion"}[self.diffusion.layout])
         self.state = TrainerState(masking_on=self.plan.masking_from_start(), settings=dict(self.cfg.settings))
         self._build_optimizer()
         with self.session.latest_checkpoint() as checkpoint:
@@ -335,6 +352,7 @@ class StudentTrainer:
 
     def _train_step(self, step: int, mine: list[int], anchors: list[np.ndarray], pushes: list) -> dict[str, Any]:
         from ..t3s import dllm_forced_mask, dllm_loss, keep_mask, token_loss_weights
+        from ..t3s.diffusion import diffusion_batch
 
         t, s = self.cfg.train, self.cfg.selection
         method = self.plan.keep_method if self.state.masking_on else KEEP_ALL
@@ -361,10 +379,19 @@ class StudentTrainer:
                 if self.is_dllm:
                     generator = torch.Generator().manual_seed(stable_seed(t.seed, "dllm", step, *ids))
                     forced = anchor_mask if self.state.masking_on else torch.zeros_like(anchor_mask)
-                    noised, masked, _ = dllm_forced_mask(batch.input_ids, batch.target_mask, forced, self.mask_id,
-                                                         s.mask_lo, s.mask_hi, generator=generator)
-                    logits = self.forward(noised, batch.attention_mask, batch.target_mask, logits_only=True)
-                    loss = dllm_loss(logits, batch.input_ids, masked, weighting=s.dllm_weighting)
+                    if self.diffusion is not None:
+                        # LLaDA2 (dFactory's regime): [noisy ; clean] under the block-diffusion mask (or
+                        # the noisy row alone, layout full), forced tokens masked in the noisy half only;
+                        # the mean no-shift CE over this micro-batch's masked tokens.
+                        noisy = diffusion_batch(batch.input_ids, batch.attention_mask, batch.target_mask, forced,
+                                                mask_id=self.mask_id, fill_id=self.fill_id, generator=generator,
+                                                **asdict(self.diffusion))
+                        loss, _ = self.forward(denoise=noisy)
+                    else:
+                        noised, masked, _ = dllm_forced_mask(batch.input_ids, batch.target_mask, forced, self.mask_id,
+                                                             s.mask_lo, s.mask_hi, generator=generator)
+                        logits = self.forward(noised, batch.attention_mask, batch.target_mask, logits_only=True)
+                        loss = dllm_loss(logits, batch.input_ids, masked, weighting=s.dllm_weighting)
                     scaled, logprobs = loss / len(parts) * (0.0 if padding else 1.0), None
                 else:
                     # Σ w·CE over this micro-batch is its share of the step's loss; × world because
@@ -396,7 +423,7 @@ class StudentTrainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {**step_metrics(dist_utils.all_reduce_numbers(totals)), "grad_norm": grad_norm,
-                "micro_batches": len(parts)}
+                "micro_batches": len(parts), "objective": self.objective}
 
     def _diagnostics(self, mine: list[int], anchors: list[np.ndarray]) -> dict[str, float]:
         """The paper's gradient-conflict measurement on this rank's first micro-batch (not under FSDP)."""
@@ -447,6 +474,13 @@ class StudentTrainer:
     def _save_hf(self, folder: Path) -> None:
         """A Hugging Face folder in ``student.dtype``: every rank takes part in the gather, rank 0 writes."""
         export_hf_model(self.module, self.tokenizer, self.export_dtype, folder)
+        if self.is_dllm and self.ranks.is_main:
+            from ..models import complete_export
+
+            # A LLaDA2 export keeps the source's auto_map and its own modeling files (dInfer, SGLang and
+            # the official code load it) and its generation config (the block sampler's EOS ids).
+            st = self.cfg.student
+            complete_export(self.cfg.model_ref, folder, revision=st.revision if self.cfg.model_ref == st.ref else None)
 
     def save_checkpoint(self, metrics: dict[str, Any]) -> None:
         """Every rank writes its shard of the model and the optimizer and its RNG state, rank 0 the
