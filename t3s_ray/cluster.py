@@ -87,18 +87,23 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def _driver_env(env: dict[str, str]) -> Iterator[None]:
-    """``env`` set in the driver's own environment for the block, the values of before restored after."""
-    before = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+def environment(updates: dict[str, str | None]) -> Iterator[None]:
+    """Set (or, with None, remove) environment variables in this process for the block; the values of
+    before restored after (the driver's own Ray settings; the rehearsal's offline switches)."""
+    before = {k: os.environ.get(k) for k in updates}
+    _set_environment(updates)
     try:
         yield
     finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _set_environment(before)
+
+
+def _set_environment(values: dict[str, str | None]) -> None:
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @contextlib.contextmanager
@@ -162,7 +167,7 @@ def ray_session(cfg: RayConfig) -> Iterator[dict[str, Any]]:
         ray.init(namespace=cfg.namespace, runtime_env={"env_vars": env}, log_to_driver=True, **kwargs)
     # (After the init: a RAY_ADDRESS seen by ray.init() would make its join an explicit address.)
     try:
-        with _driver_env(own):
+        with environment(own):
             yield {"address": address if address != "local" else None, "started": True, "joined": joined}
     finally:
         ray.shutdown()

@@ -29,11 +29,12 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from .cluster import environment
 from .config import ConfigError, RunConfig, engine_gpus, from_dict, load_benchmark, moved_key
 from .protocols import PROTOCOLS
 
@@ -602,25 +603,6 @@ def _say(line: str) -> None:
     print(f"[rehearse] {line}", file=sys.stderr, flush=True)
 
 
-@contextlib.contextmanager
-def _environment(updates: dict[str, str | None]) -> Iterator[None]:
-    """Set (or, with None, remove) environment variables for the block; restore them after."""
-    before = {k: os.environ.get(k) for k in updates}
-    for k, v in updates.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    try:
-        yield
-    finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def _failed_trials(run_dir: Path) -> list[str]:
     """A sweep goes on when a trial fails (its error is in the table); a rehearsal must not pass then.
     A trial that ASHA stopped early (``STOPPED``) ran as it should."""
@@ -640,7 +622,7 @@ def rehearse(cfg: RunConfig, args, run: Callable[[RunConfig, Any], None]) -> int
     GPUs and offline, and ``run(config, args)`` (the stage, with ``--restart`` handled as usual)."""
     # Offline before anything reads a Hugging Face setting (the transform looks into the hub's cache):
     # a ref the rehearsal failed to swap fails loudly instead of downloading 16 GB.
-    with _environment({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}):
+    with environment({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}):
         return _rehearse(cfg, args, run)
 
 
@@ -681,7 +663,7 @@ def _rehearse(cfg: RunConfig, args, run: Callable[[RunConfig, Any], None]) -> in
             endpoint = dataclasses.replace(rcfg.traces.endpoint, base_url=server.base_url)
             rcfg = dataclasses.replace(rcfg, traces=dataclasses.replace(rcfg.traces, endpoint=endpoint))
             _say(f"traces.endpoint.base_url -> {server.base_url} (a stand-in server, stopped after the rehearsal)")
-        stack.enter_context(_environment(env))
+        stack.enter_context(environment(env))
         run(rcfg, args)
     if command == "sweep":
         failed = _failed_trials(rcfg.run_dir)
