@@ -13,6 +13,7 @@ import os
 import struct
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -91,9 +92,25 @@ def wandb_folders(spec: TrackingSpec) -> list[str]:
     return sorted(folders + glob.glob(f"{spec.wandb_dir}/wandb/offline-run-*-{spec.run_id}-*"))
 
 
-def wandb_records(spec: TrackingSpec) -> list:
-    """Every record of the offline run's ``.wandb`` files (W&B's LevelDB-style log: 32 KiB blocks of
-    chunks with a 7-byte header, records as ``wandb_internal_pb2.Record``), all of its resumes."""
+def wandb_records(spec: TrackingSpec, wait_s: float = 60.0) -> list:
+    """Every record of the offline run's ``.wandb`` files, all of its resumes, once each file holds its
+    run's ``exit`` record: ``run.finish()`` can return before W&B's service process has written the last
+    records (seen with two runs open at once on a loaded machine), so the reader waits for them."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        out = _wandb_file_records(spec)
+        files = [p for folder in wandb_folders(spec) for p in glob.glob(f"{folder}/*.wandb")]
+        exits = sum(r.WhichOneof("record_type") == "exit" for r in out)
+        if (files and exits >= len(files)) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert out, f"no offline W&B run {spec.run_id} under {spec.wandb_dir}"
+    return out
+
+
+def _wandb_file_records(spec: TrackingSpec) -> list:
+    """The records of the ``.wandb`` files as they are now (W&B's LevelDB-style log: 32 KiB blocks of
+    chunks with a 7-byte header, records as ``wandb_internal_pb2.Record``)."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     out = []
@@ -114,7 +131,6 @@ def wandb_records(spec: TrackingSpec) -> list:
                 record.ParseFromString(chunk)
                 out.append(record)
                 chunk = b""
-    assert out, f"no offline W&B run {spec.run_id} under {spec.wandb_dir}"
     return out
 
 
