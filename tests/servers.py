@@ -1,10 +1,27 @@
-"""A real ``vllm serve`` as a local teacher endpoint, for the tests (``test_openai_backend.py``) and
-``bench/openai_throughput.py``: not part of the package. (Scripted OpenAI-compatible servers answer
-through ``t3s_ray.rehearse.JSONHandler``, the rehearsal's stand-in's handler.)"""
+"""Processes the tests start beside the test session: a real ``vllm serve`` as a local teacher endpoint
+(``test_openai_backend.py`` and ``bench/openai_throughput.py``) and the environment of a ``ray``
+command aimed at a cluster of its own. Not part of the package. (Scripted OpenAI-compatible servers
+answer through ``t3s_ray.rehearse.JSONHandler``, the rehearsal's stand-in's handler.)"""
 
 from __future__ import annotations
 
+import os
 import time
+
+# What the test session's embedded ``ray.init`` leaves in ``os.environ``, which a process meant for
+# another cluster must not inherit. Ray's job CLI sends its requests to ``RAY_API_SERVER_ADDRESS``
+# even when given ``--address`` (ray/dashboard/utils.py), so with it inherited ``ray job list
+# --address <the test's cluster>`` asked the session's own Ray, which wants a token: CI's failure
+# "the cluster's job server did not come up" (only when an earlier test had started the session's Ray).
+EMBEDDED_RAY_VARS = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", "RAY_CLIENT_MODE", "PYTHONBREAKPOINT")
+
+
+def separate_ray_env(**extra: str) -> dict[str, str]:
+    """``os.environ`` without the session's Ray (``EMBEDDED_RAY_VARS``), token auth off and usage stats
+    off (a local test cluster), plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k not in EMBEDDED_RAY_VARS}
+    env.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled", **extra)
+    return env
 
 
 def launch_vllm_server(model_dir: str, port: int, log_path, *, served_name: str = "teacher", max_model_len: int = 1024,

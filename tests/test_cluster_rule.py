@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+from servers import separate_ray_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,10 +79,7 @@ def _free_port() -> int:
 
 
 def _env(tmpdir: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-    env.update(RAY_TMPDIR=tmpdir, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled", T3S_ROOT=str(ROOT),
-               OMP_NUM_THREADS="1")
-    return env
+    return separate_ray_env(RAY_TMPDIR=tmpdir, T3S_ROOT=str(ROOT), OMP_NUM_THREADS="1")
 
 
 def _command(env: dict[str, str], **args) -> subprocess.Popen:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from servers import separate_ray_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,10 +27,17 @@ def _ray(*args: str, env: dict, timeout: float = 120) -> subprocess.CompletedPro
     return subprocess.run([ray, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def _ray_logs(temp_dir: str, tail: int = 1500) -> str:
+    """The tails of the head's own logs (gcs, raylet, dashboard), for a failure message."""
+    logs = Path(temp_dir, "session_latest", "logs")
+    wanted = [logs / name for name in ("gcs_server.out", "raylet.out", "dashboard.log", "dashboard.err")
+              if (logs / name).is_file()]
+    return "\n".join(f"--- {f.name} ---\n{f.read_text(errors='replace')[-tail:]}" for f in wanted)
+
+
 @pytest.mark.slow
 def test_ray_job_submit_runs_the_pipeline_on_a_local_cluster(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update({"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}:{env.get('PATH', '')}"})
+    env = separate_ray_env(PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths have a length limit
     port, dashboard = _free_port(), _free_port()
     # Every port this cluster listens on is its own: the test session's embedded Ray already holds
@@ -48,10 +56,11 @@ def test_ray_job_submit_runs_the_pipeline_on_a_local_cluster(tmp_path):
     address = f"http://127.0.0.1:{dashboard}"
     out_dir = tmp_path / "job-runs"
     try:
-        deadline = time.time() + 120
-        while _ray("job", "list", "--address", address, env=env, timeout=60).returncode != 0:
-            assert head.poll() is None, "ray start --head exited"
-            assert time.time() < deadline, "the cluster's job server did not come up"
+        deadline = time.time() + 180
+        while (listed := _ray("job", "list", "--address", address, env=env, timeout=60)).returncode != 0:
+            assert head.poll() is None, "ray start --head exited\n" + _ray_logs(temp_dir)
+            assert time.time() < deadline, ("the cluster's job server did not come up in 180 s; last answer:\n"
+                                            + listed.stderr[-2000:] + "\n" + _ray_logs(temp_dir))
             time.sleep(2)
         overrides = ["name=job", f"output_dir={out_dir}", "teacher.ref=builtin:tiny-llama",
                      "student.ref=builtin:tiny-llama", "data.source=builtin:arith", "data.builtin_size=4",

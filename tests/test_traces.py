@@ -232,27 +232,31 @@ def test_s1k_style_import_joins_thinking_and_attempt_and_trains_on_both(tmp_path
 
 @pytest.mark.slow
 def test_killed_run_resumes_with_every_prompt_exactly_once(ray_local, tmp_path):
-    cfg_path = tiny_config(tmp_path, data={"builtin_size": 16}, traces={"concurrency": 1, "batch_size": 2})
+    # 64 prompts, 16 tokens each, killed at the first written part: with 16 prompts of 6 tokens the whole
+    # run once finished between two polls (0.2 s apart), so the kill landed after the end.
+    n = 64
+    cfg_path = tiny_config(tmp_path, data={"builtin_size": n},
+                           traces={"concurrency": 1, "batch_size": 2, "max_tokens": 16})
     script = ("import sys; from t3s_ray import config; from t3s_ray.traces import run_traces; "
               f"run_traces(config.load({str(cfg_path)!r}), flush_every=2)")
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
     samples_dir = tmp_path / "runs" / "tiny" / "traces" / "samples"
     deadline = time.time() + 240
-    while time.time() < deadline and len(list(samples_dir.glob("part-*.parquet"))) < 2:
+    while time.time() < deadline and not list(samples_dir.glob("part-*.parquet")):
         assert proc.poll() is None, "the run ended before it could be killed"
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, mid-run
     proc.wait()
     run_dir = tmp_path / "runs" / "tiny"
     before = sample_ids(run_dir)
-    assert 0 < len(set(before)) < 16, "kill was meant to land mid-run"
+    assert 0 < len(set(before)) < n, "kill was meant to land mid-run"
     m = run_traces(config.load(cfg_path))
     after = sample_ids(run_dir)
-    assert m["prompts_finished"] == 16
-    assert sorted(set(after)) == sorted(f"arith-train-{i:05d}" for i in range(16))
-    assert len(after) == 16 * 2  # every prompt's two samples exactly once
-    assert len(load_traces(run_dir)) == 32
+    assert m["prompts_finished"] == n
+    assert sorted(set(after)) == sorted(f"arith-train-{i:05d}" for i in range(n))
+    assert len(after) == n * 2  # every prompt's two samples exactly once
+    assert len(load_traces(run_dir)) == n * 2
 
 
 def test_cli_traces_reports_bad_config(tmp_path, capsys):
