@@ -23,6 +23,7 @@ import hashlib
 import importlib.util
 import json
 import math
+import os
 import re
 import sys
 import types
@@ -1191,6 +1192,29 @@ class WandbConfig:
     def check(self) -> list[tuple[str, str]]:
         return []
 
+    def login_problem(self) -> str | None:
+        """Why an online W&B run cannot start here, if it cannot: no API key in ``WANDB_API_KEY``, no
+        ``WANDB_IDENTITY_TOKEN_FILE`` and no entry for W&B's host in the netrc file that ``wandb login``
+        writes. Checked on the driver when the config loads, so that a run is refused in one line
+        rather than failing (or waiting at a login prompt) after its traces and probe."""
+        import netrc
+        from urllib.parse import urlparse
+
+        if (self.mode or os.environ.get("WANDB_MODE") or "online") != "online":
+            return None
+        if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+            return None
+        host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
+        path = Path(os.environ.get("NETRC") or Path.home() / ".netrc").expanduser()
+        try:
+            if path.is_file() and netrc.netrc(str(path)).authenticators(host):
+                return None
+        except (netrc.NetrcParseError, OSError):
+            pass  # an unreadable netrc holds no key W&B could use either
+        return (f"is online (this key, else WANDB_MODE, else W&B's default) but no W&B API key for {host} is set here: "
+                "run `wandb login` or set WANDB_API_KEY (and give rank 0's node the same), or set "
+                "tracking.wandb.mode: offline")
+
 
 @dataclass
 class TrackingConfig:
@@ -1282,6 +1306,8 @@ class RunConfig:
         missing = [t for t in self.report_to if importlib.util.find_spec(TRACKER_MODULES[t]) is None]
         if missing:  # here, on the driver, before any worker would fail to import it
             errs.append(("report_to", f"names {missing[0]}, which is not installed: pip install 't3s_ray[trackers]'"))
+        elif "wandb" in self.report_to and (problem := self.tracking.wandb.login_problem()):
+            errs.append(("tracking.wandb.mode", problem))
         if not self.name.strip() or not re.fullmatch(r"[A-Za-z0-9._-]+", self.name):
             errs.append(("name", "must be non-empty and use only letters, digits, '.', '_' or '-'"))
         if self.student.kind == "dllm" and not PROTOCOLS[self.selection.protocol].dllm:

@@ -525,6 +525,42 @@ def test_a_tracker_not_installed_is_one_error_line_before_anything_runs(tmp_path
     assert not (tmp_path / "x").exists()
 
 
+def test_online_wandb_without_an_api_key_is_one_error_line_and_each_way_of_logging_in_passes(
+        tmp_path, monkeypatch, capsys):
+    from t3s_ray import cli
+
+    monkeypatch.delenv("WANDB_MODE")  # online, W&B's default
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.delenv("NETRC", raising=False)
+    path = tmp_path / "run.yaml"
+    path.write_text(f"name: x\noutput_dir: {tmp_path}\nreport_to: [tensorboard, wandb]\n")
+    assert cli.main(["train", str(path)]) == 2
+    assert capsys.readouterr().err == (
+        "t3s: error: tracking.wandb.mode is online (this key, else WANDB_MODE, else W&B's default) but no W&B API "
+        "key for api.wandb.ai is set here: run `wandb login` or set WANDB_API_KEY (and give rank 0's node the "
+        "same), or set tracking.wandb.mode: offline in run.yaml\n")
+    assert not (tmp_path / "x").exists()
+    online = {"report_to": ["wandb"]}
+    # Offline or disabled, by the config or by W&B's own variable: no key needed.
+    config.from_dict({**online, "tracking": {"wandb": {"mode": "offline"}}})
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    config.from_dict(online)
+    monkeypatch.delenv("WANDB_MODE")
+    # A netrc entry for another host is not W&B's; one for its host (what `wandb login` writes) is.
+    (tmp_path / ".netrc").write_text("machine example.org login user password secret\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    with pytest.raises(ConfigError, match="no W&B API key for api.wandb.ai"):
+        config.from_dict(online)
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai login user password k" + "0" * 39 + "\n")
+    config.from_dict(online)
+    # A self-hosted server: its host, from WANDB_BASE_URL.
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org")
+    with pytest.raises(ConfigError, match="no W&B API key for wandb.example.org"):
+        config.from_dict(online)
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    config.from_dict(online)
+
+
 def test_the_trackers_change_no_stage_settings(tmp_path, mlflow_uri):
     plain = config.from_dict({"name": "demo"})
     tracked = run_config(tmp_path, mlflow_uri, tracking={"run_name": "r", "group": "g", "tags": {"a": "b"}})
