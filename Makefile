@@ -1,7 +1,7 @@
 # Set-up and the two commands the README gives. Each target creates .venv on first use.
 #   make demo   run the embedded default: the imitation-shock lab, small (local Ray, offline models)
 #   make lab    the imitation-shock lab in the paper's regime, seeds 0, 1, 2 (<= 30 min a seed on 2 cores);
-#               make lab-controls: its controls (lab-minority*, lab-no-style, lab-unknown-content), seed 0
+#               make lab-controls: its controls (lab-minority*, lab-no-style, lab-unknown-content, lab-uniform), seed 0
 #   make test   run the whole test suite (CI runs exactly this)
 #   make rehearse CONFIG=configs/qwen3-8b-boba200.yaml   a config's whole pipeline on this machine at
 #               toy scale (tiny models, 2 steps, no GPU) before it meets a cluster; `t3s sweep` for sweep configs
@@ -38,7 +38,7 @@ lab: setup
 	$(VENV)/bin/t3s run configs/lab.yaml --seeds 0,1,2
 
 lab-controls: setup
-	for c in lab-minority lab-minority-tau1 lab-no-style lab-unknown-content; do \
+	for c in lab-minority lab-minority-tau1 lab-no-style lab-unknown-content lab-uniform; do \
 		$(VENV)/bin/t3s run configs/$$c.yaml || exit 1; done
 
 CONFIG ?= configs/qwen3-8b-boba200.yaml

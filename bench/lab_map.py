@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from t3s_ray.config import load  # noqa: E402
 from t3s_ray.probe_diagnostics import read_diagnostics, verdict  # noqa: E402
 
-CONFIGS = ["lab", "lab-tau2", "lab-minority", "lab-minority-tau1", "lab-no-style", "lab-unknown-content"]
+CONFIGS = ["lab", "lab-tau2", "lab-minority", "lab-minority-tau1", "lab-no-style", "lab-unknown-content", "lab-uniform"]
 METHODS = ["base", "sft", "t3s", "inverse", "random", "t3s_online"]
 
 

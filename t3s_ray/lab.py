@@ -248,6 +248,8 @@ def build_lab_tokenizer():
 # held-out problems is 70.5 % (the product of p(b) over each problem's borrowing steps); a constant
 # 0.45 gives 70.0 % (0.4: 67.5, 0.5: 72.5). The mean of p(b) over b = 2..9 (0.55) would be higher:
 # borrowing steps are weighted towards large b, where pair is weak.
+# Measured (README, lab-uniform): 66-67 % avg@4 at T = 0.6 and 55.8 % greedy, below pair's 67.5-69.9 and
+# 67.2: the benchmarks sample below T = 1, which sharpens a p under 0.5 downwards.
 UNIFORM_P = 0.45
 LAB_MODELS = {
     # name: (skill, seed, steps)
